@@ -1,0 +1,5 @@
+import sys
+
+from ddfm.cli import main
+
+sys.exit(main())

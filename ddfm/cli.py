@@ -1,0 +1,90 @@
+"""The ``ddfm`` command: one table of subcommands, each a stage function and its config.
+
+    ddfm prepare mix --out data/mix
+    ddfm embed data/mix/train.jsonl --encoder efficientnet-lite0 --out runs/embed
+    ddfm partition data/mix/train.jsonl --features runs/embed --k 2 --out runs/partition
+
+Each entry names ``module:Config:function``; the module is imported only when its
+subcommand runs, so ``ddfm --help`` stays fast and a stage's heavy imports (torch,
+transformers, fastapi) cost nothing to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ddfm.config import add_arguments, from_namespace
+
+# name -> ("module:ConfigClass:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("ddfm.prepare:PrepareConfig:prepare",
+                "turn a real offline source into canonical JSON Lines records"),
+    "embed": ("ddfm.embed:EmbedConfig:embed",
+              "features of every unique image (or text) with a registered encoder"),
+    "partition": ("ddfm.partition:PartitionConfig:partition",
+                  "balanced k-means into K shards + router file + report"),
+    "init": ("ddfm.models:InitConfig:init",
+             "write the initial checkpoint (tokenizer + model) from a preset"),
+    "train": ("ddfm.train:TrainConfig:train",
+              "train the dense baseline or one expert on one shard"),
+    "generate": ("ddfm.ensemble:GenerateConfig:generate_cli",
+                 "generate with K experts + router as one model"),
+    "eval": ("ddfm.evaluate:EvalConfig:evaluate_cli",
+             "accuracy and perplexity of a model or an ensemble on a test file"),
+    "demo": ("ddfm.demo:DemoConfig:demo",
+             "the whole method on the embedded real data, with REPORT.md"),
+    "ablate": ("ddfm.ablate:AblateConfig:ablate",
+               "the paper's ablations (K, encoder, clustering, routing) in one table"),
+    "serve": ("ddfm.serve:ServeConfig:serve",
+              "OpenAI-compatible HTTP API over the ensemble"),
+    "theory": ("ddfm.theory:TheoryConfig:theory_cli",
+               "check the paper's identities exactly and print the residuals"),
+}
+
+
+class UsageError(Exception):
+    """Bad input detected by a stage; printed as ``ddfm <cmd>: error: ...`` with exit 2."""
+
+
+def _resolve(spec: str):
+    module_name, config_name, fn_name = spec.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, fn_name)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddfm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, (spec, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # import only the module that runs
+            config_cls, _ = _resolve(spec)
+            add_arguments(p, config_cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser(argv)
+    ns = parser.parse_args(argv)
+    config_cls, fn = _resolve(COMMANDS[ns.command][0])
+    try:
+        cfg = from_namespace(config_cls, ns)
+        fn(cfg)
+    except (ValueError, FileNotFoundError, UsageError) as err:
+        print(f"ddfm {ns.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddfm {ns.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

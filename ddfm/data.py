@@ -1,0 +1,267 @@
+"""The canonical sample format: LLaVA-style conversation records.
+
+One record per line in JSON Lines (``.jsonl``), or LLaVA's own JSON list files
+(``.json`` holding ``[{...}, ...]``) loaded as they are::
+
+    {"id": "fmnist-train-00042-name",
+     "image": "images/fmnist/train/00042.png",      # relative to the file, or null
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A sneaker."}],
+     "source": "fashion-mnist", "task": "name"}      # optional extra fields, kept
+
+Rules checked for every record (each violation names file, line and field):
+
+* ``id``: a non-empty string (integers are accepted and turned into strings), unique
+  within the file;
+* ``image``: a string path or null/absent; an absolute path is used as is, a relative
+  one is resolved against the file's directory;
+* ``conversations``: a non-empty list of ``{"from", "value"}`` turns, ``from`` one of
+  ``human``/``gpt``/``system``, ``value`` a string; at least one ``gpt`` turn;
+* the ``<image>`` placeholder appears at most once, and only when ``image`` is set (a
+  record with an image and no placeholder gets one prepended to its first human turn,
+  which is what LLaVA's own preprocessing does).
+
+A record whose image file is missing is *not* an error of the file: it is reported,
+counted in :attr:`LoadResult.missing_images` and left out, so one lost file does not
+stop a run over a million records. Unreadable image bytes are caught later, when the
+image is decoded (:func:`open_image`), and handled the same way by the embed stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ddfm.io import write_jsonl
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+ROLES = ("human", "gpt", "system")
+MAX_REPORTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """One or more records of a data file are invalid; the message lists them."""
+
+    def __init__(self, path: Path, errors: list["RecordError"]):
+        self.path, self.errors = path, errors
+        shown = "\n".join(f"  {e}" for e in errors[:MAX_REPORTED_ERRORS])
+        more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        super().__init__(f"{path}: {len(errors)} invalid record(s):\n{shown}{more}")
+
+
+@dataclass(frozen=True)
+class RecordError:
+    """Where a record is wrong: file, 1-based line (or list index for JSON lists), field."""
+
+    path: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: field '{self.field}': {self.message}"
+
+
+@dataclass
+class Record:
+    """One training or test sample.
+
+    ``image`` is the path as written in the file; ``image_path`` is it resolved
+    against the file's directory (``None`` for text-only records). ``extra`` keeps
+    any other keys (``source``, ``task``, ``label``, ...) so a round trip loses nothing.
+    """
+
+    id: str
+    conversations: list[dict[str, str]]
+    image: str | None = None
+    image_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return str(self.extra.get("source", "unknown"))
+
+    @property
+    def task(self) -> str:
+        return str(self.extra.get("task", "unknown"))
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    def prompt(self) -> str:
+        """The first human turn (with its ``<image>`` placeholder, if any)."""
+        return next(t["value"] for t in self.conversations if t["from"] == "human")
+
+    def answer(self) -> str:
+        """The first assistant (``gpt``) turn: the reference answer."""
+        return next(t["value"] for t in self.conversations if t["from"] == "gpt")
+
+    def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """The record as written to a file in directory ``relative_to``.
+
+        The image path is rewritten relative to that directory so a shard written
+        elsewhere still points at the same image file.
+        """
+        image = self.image
+        if self.image_path is not None and relative_to is not None:
+            image = os.path.relpath(self.image_path, relative_to)
+        return {"id": self.id, "image": image, "conversations": self.conversations, **self.extra}
+
+
+@dataclass
+class LoadResult:
+    """Records that passed validation, plus what was left out and why."""
+
+    path: Path
+    records: list[Record]
+    errors: list[RecordError] = field(default_factory=list)
+    missing_images: list[RecordError] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _iter_raw(path: Path) -> Iterable[tuple[int, Any, str | None]]:
+    """Yield ``(line_or_index, object, parse_error)`` for JSONL or a JSON list file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # LLaVA's own format: one JSON list
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield err.lineno, None, f"invalid JSON: {err.msg} (column {err.colno})"
+            return
+        for i, item in enumerate(items, start=1):
+            yield i, item, None
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line), None
+        except json.JSONDecodeError as err:
+            yield lineno, None, f"invalid JSON: {err.msg} (column {err.colno})"
+
+
+def _validate(raw: Any, path: Path, line: int) -> tuple[Record | None, list[RecordError]]:
+    def err(fld: str, msg: str) -> RecordError:
+        return RecordError(str(path), line, fld, msg)
+
+    if not isinstance(raw, dict):
+        return None, [err("<record>", f"expected a JSON object, got {type(raw).__name__}")]
+    errors: list[RecordError] = []
+    rid = raw.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if not isinstance(rid, str) or not rid:
+        errors.append(err("id", "missing or not a non-empty string"))
+    image = raw.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        errors.append(err("image", "must be a non-empty string path or null"))
+        image = None
+    convs = raw.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        errors.append(err("conversations", "missing or not a non-empty list"))
+        return None, errors
+    turns: list[dict[str, str]] = []
+    n_placeholders = 0
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict):
+            errors.append(err(f"conversations[{i}]", "expected an object with 'from' and 'value'"))
+            continue
+        role, value = turn.get("from"), turn.get("value")
+        if role not in ROLES:
+            errors.append(err(f"conversations[{i}].from", f"must be one of {', '.join(ROLES)}, got {role!r}"))
+        if not isinstance(value, str):
+            errors.append(err(f"conversations[{i}].value", "missing or not a string"))
+            continue
+        n_placeholders += value.count(IMAGE_TOKEN)
+        turns.append({"from": role, "value": value})
+    if not errors and not any(t["from"] == "gpt" for t in turns):
+        errors.append(err("conversations", "has no 'gpt' (assistant) turn to learn from"))
+    if not errors and not any(t["from"] == "human" for t in turns):
+        errors.append(err("conversations", "has no 'human' turn"))
+    if n_placeholders > 1:
+        errors.append(err("conversations", f"'{IMAGE_TOKEN}' appears {n_placeholders} times; at most once"))
+    if image is None and n_placeholders:
+        errors.append(err("conversations", f"'{IMAGE_TOKEN}' placeholder in a record without an image"))
+    if errors:
+        return None, errors
+    if image is not None and n_placeholders == 0:  # LLaVA prepends the placeholder
+        first = next(i for i, t in enumerate(turns) if t["from"] == "human")
+        turns[first] = {"from": "human", "value": f"{IMAGE_TOKEN}\n{turns[first]['value']}"}
+    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
+    image_path = None
+    if image is not None:
+        image_path = Path(image) if os.path.isabs(image) else (path.parent / image)
+    return Record(id=rid, conversations=turns, image=image, image_path=image_path, extra=extra), []
+
+
+def load_records(path: str | os.PathLike, *, strict: bool = True, check_images: bool = True) -> LoadResult:
+    """Load and validate every record of a JSONL or JSON-list file.
+
+    Parameters
+    ----------
+    path : the data file.
+    strict : if True (default) any invalid record raises :class:`DataError` listing
+        every bad record with its line and field; if False they are skipped, logged
+        and returned in ``LoadResult.errors``.
+    check_images : check that each image file exists; records whose image is missing
+        are left out, logged and counted in ``LoadResult.missing_images`` (never fatal).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    records: list[Record] = []
+    errors: list[RecordError] = []
+    missing: list[RecordError] = []
+    seen: dict[str, int] = {}
+    for line, raw, parse_error in _iter_raw(path):
+        if parse_error is not None:
+            errors.append(RecordError(str(path), line, "<line>", parse_error))
+            continue
+        record, errs = _validate(raw, path, line)
+        if errs:
+            errors.extend(errs)
+            continue
+        assert record is not None
+        if record.id in seen:
+            errors.append(RecordError(str(path), line, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})"))
+            continue
+        seen[record.id] = line
+        if check_images and record.image_path is not None and not record.image_path.is_file():
+            missing.append(RecordError(str(path), line, "image", f"image file not found: {record.image_path}"))
+            continue
+        records.append(record)
+    if errors and strict:
+        raise DataError(path, errors)
+    for e in errors:
+        log.warning("skipping invalid record: %s", e)
+    if missing:
+        log.warning("%s: %d record(s) left out because their image is missing (first: %s)",
+                    path, len(missing), missing[0])
+    return LoadResult(path=path, records=records, errors=errors, missing_images=missing)
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    """Write records as JSON Lines, atomically; image paths relative to ``path``'s directory."""
+    path = Path(path).resolve()
+    write_jsonl(path, [r.to_json(relative_to=path.parent) for r in records])
+
+
+def open_image(path: str | os.PathLike):
+    """Decode an image file to an RGB ``PIL.Image``; raises ``ValueError`` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"unreadable image {path}: {err}") from None
