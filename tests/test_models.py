@@ -1,0 +1,137 @@
+"""Presets, tokenizer, `ddfm init`, load_model and the one prompt format, on real images.
+
+The tiny data file is built from real Fashion-MNIST and scikit-learn digits images (the
+offline sources of ASSETS.md) plus a few text-only records.
+"""
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddfm.data import load_records, open_image
+from ddfm.models import (PRESETS, InitConfig, encode_conversation, init, load_model, num_image_tokens,
+                         render_prompt, to_chat_messages)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FM_NAMES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def make_data(out: Path, n_fashion: int = 40, n_digits: int = 20, n_text: int = 10,
+              offset: int = 0, name: str = "train.jsonl") -> Path:
+    """A small canonical JSONL file of real images (Fashion-MNIST, digits) + text records."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    digits = load_digits()
+    rows = []
+    for i in range(offset, offset + n_fashion):
+        path = f"images/f{i}.png"
+        Image.fromarray(images[i]).save(out / path)
+        rows.append({"id": f"f{i}", "image": path, "source": "fashion-mnist", "task": "name",
+                     "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
+                                       {"from": "gpt", "value": f"A {FM_NAMES[labels[i]]}."}]})
+    for i in range(offset, offset + n_digits):
+        path = f"images/d{i}.png"
+        pixels = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).resize((28, 28)).save(out / path)
+        rows.append({"id": f"d{i}", "image": path, "source": "digits", "task": "digit",
+                     "conversations": [{"from": "human", "value": "<image>\nWhich digit is this?"},
+                                       {"from": "gpt", "value": DIGITS[digits.target[i]]}]})
+    for i in range(offset, offset + n_text):
+        a, b = i % 7, (i * 3) % 5
+        rows.append({"id": f"t{i}", "image": None, "source": "arithmetic", "task": "sum",
+                     "conversations": [{"from": "human", "value": f"What is {a} plus {b}?"},
+                                       {"from": "gpt", "value": f"{a + b}"}]})
+    path = out / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def llava_dir(data, tmp_path_factory):
+    return init(InitConfig(preset="tiny-llava", data=str(data), out=str(tmp_path_factory.mktemp("m") / "init")))
+
+
+def test_presets_are_data():
+    for name, preset in PRESETS.items():
+        assert preset["kind"] in ("llava", "lm"), name
+        assert preset["text"]["max_position_embeddings"] >= 128
+
+
+def test_init_loads_with_plain_transformers(llava_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir)
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert "Pil" in type(processor.image_processor).__name__  # works without torchvision
+    assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1e6 < n_params < 2e7
+    meta = json.loads((llava_dir / "ddfm.json").read_text())
+    assert meta["preset"] == "tiny-llava" and meta["stage"] == "init"
+
+
+def test_image_expansion_matches_processor(llava_dir, data):
+    model, processor = load_model(llava_dir)
+    assert not model.training
+    n = num_image_tokens(processor)
+    assert n == (28 // 7) ** 2  # 16 patches, CLS dropped
+    record = load_records(data).records[0]
+    ids, mask = encode_conversation(processor, record.conversations, n)
+    messages = to_chat_messages(record.conversations)
+    prompt = render_prompt(processor, messages[:1], add_generation_prompt=True)
+    enc = processor(text=prompt, images=[open_image(record.image_path)], return_tensors="pt")
+    prompt_ids = enc["input_ids"][0].tolist()
+    assert ids[: len(prompt_ids)] == prompt_ids  # training ids == inference ids
+    assert not any(mask[: len(prompt_ids)]) and all(mask[len(prompt_ids):])
+    answer = processor.tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert answer.startswith(record.answer()) and processor.tokenizer.eos_token in answer
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == len(prompt_ids) + 3
+
+
+def test_to_chat_messages_and_render():
+    conv = [{"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": "A bag."}]
+    msgs = to_chat_messages(conv)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[1]["content"] == [{"type": "image"}, {"type": "text", "text": "What is this?"}]
+    assert to_chat_messages(msgs) == msgs  # HF messages pass through
+
+
+def test_tiny_lm_init_and_text_only(data, tmp_path):
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text("".join(l + "\n" for l in data.read_text().splitlines() if '"image": null' in l))
+    out = init(InitConfig(preset="tiny-lm", data=str(text_only), out=str(tmp_path / "lm")))
+    model, tok = load_model(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    conv = [{"from": "human", "value": "What is 1 plus 2?"}, {"from": "gpt", "value": "3"}]
+    ids, mask = encode_conversation(tok, conv)
+    assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith("3")
+    with pytest.raises(ValueError, match="text-only"):
+        render_prompt(tok, to_chat_messages([{"from": "human", "value": "<image>\nhi"}]))
+
+
+def test_init_rejects_images_for_text_preset(data, tmp_path):
+    with pytest.raises(ValueError, match="text-only"):
+        init(InitConfig(preset="tiny-lm", data=str(data), out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="preset"):
+        InitConfig(preset="nope")
