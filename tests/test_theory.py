@@ -100,3 +100,93 @@ def test_bad_inputs_are_named():
         th.mask_coupling(th.StateSpace(2, 2), np.full(4, 0.25), 3)
     with pytest.raises(ValueError, match="PMF"):
         th.mask_coupling(th.StateSpace(2, 2), np.full(4, 0.3), 0)
+
+
+# ---- n-gram experts: the identity on text -------------------------------------------
+
+@st.composite
+def corpora(draw):
+    """Random documents over a few byte values, random cluster labels, order, add-k."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    k = draw(st.integers(1, 3))
+    n_docs = draw(st.integers(k, 8))
+    alphabet = b"ab\n" if draw(st.booleans()) else b"abcde"
+    docs = [bytes(rng.choice(list(alphabet), size=rng.integers(0, 30))).decode() for _ in range(n_docs)]
+    labels = np.concatenate([np.arange(k), rng.integers(0, k, n_docs - k)])
+    return docs, labels, k, draw(st.integers(1, 3)), draw(st.sampled_from([1e-3, 0.1, 2.0]))
+
+
+def _context_posterior_mixture(central, experts, shares, contexts):
+    probs, log_ctx = zip(*(e.next_token_probs(contexts) for e in experts))
+    log_w = np.log(shares) + np.stack(log_ctx, 1)                            # prior x P_k(h)
+    w = np.exp(log_w - log_w.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    return np.einsum("hk,khv->hv", w, np.stack(probs)), central.next_token_probs(contexts)[0]
+
+
+@FAST
+@given(corpora())
+def test_share_split_smoothing_makes_the_ngram_mixture_exact(corpus):
+    docs, labels, k, order, add_k = corpus
+    central, experts, shares = th.ngram_experts([th.encode(d, order) for d in docs], labels, k, order, add_k)
+    assert shares.sum() == pytest.approx(1.0)
+    # every context seen in training, plus unseen ones (zero counts everywhere)
+    seen = np.unique(central.counts.codes // th.VOCAB)
+    contexts = np.concatenate([seen, [0, 3 * th.VOCAB ** max(order - 2, 0) + 7]]) if order > 1 else seen
+    mixed, p_central = _context_posterior_mixture(central, experts, shares, contexts)
+    np.testing.assert_allclose(mixed, p_central, rtol=0, atol=TOL)
+    np.testing.assert_allclose(p_central.sum(1), 1.0, atol=TOL)
+
+
+def test_full_smoothing_in_every_expert_breaks_the_identity():
+    docs = ["abab", "aaab", "bbba", "ba"]
+    labels = np.array([0, 0, 1, 1])
+    tokens = [th.encode(d, 2) for d in docs]
+    central, experts, shares = th.ngram_experts(tokens, labels, 2, 2, 0.5, split="full")
+    mixed, p_central = _context_posterior_mixture(central, experts, shares, np.array([ord("a")]))
+    assert np.abs(mixed - p_central).max() > 1e-3
+
+
+def test_counts_table_matches_brute_force():
+    docs = ["hello world", "hold", ""]
+    counts = th.NGramCounts([th.encode(d, 3) for d in docs], 3)
+    context = ord("h") * th.VOCAB + ord("e")     # "he" is followed once by "l"
+    row = counts.table(np.array([context]))[0]
+    assert row[ord("l")] == 1 and row.sum() == 1
+    start = th.BOUNDARY * th.VOCAB + th.BOUNDARY   # document start: h, h, (empty doc ends at once)
+    row = counts.table(np.array([start]))[0]
+    assert row[ord("h")] == 2 and row[th.BOUNDARY] == 1
+    assert counts.total == sum(len(d) + 1 for d in docs)
+
+
+@pytest.fixture(scope="module")
+def text_result():
+    pytest.importorskip("ddfm.mixture")
+    return th.text_equivalence(k=2, order=3, add_k=0.01, prompt_bytes=256, eval_bytes=1024,
+                               temperature=20.0, features="tfidf", seed=0, max_docs=48)
+
+
+def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result):
+    r = text_result["routers"]
+    assert text_result["setup"]["test_documents"] >= 3 and r["central"]["tokens"] > 2000
+    assert r["context-posterior"]["max_abs_diff"] < TOL
+    assert r["context-posterior"]["gap"] == pytest.approx(0.0, abs=1e-9)
+    # the departures the paper makes are measured, not exact
+    for name in ("naive-smoothing", "prefix-posterior", "centroid", "centroid-top1", "prior"):
+        assert r[name]["max_abs_diff"] > 1e-3, name
+        assert math.isfinite(r[name]["ppl"]) and r[name]["ppl"] > 1
+    assert sum(text_result["setup"]["documents_per_cluster"]) == text_result["setup"]["train_documents"]
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, capsys):
+    from ddfm.cli import main
+    from ddfm.io import read_json
+    out = tmp_path / "theory.json"
+    assert main(["theory", "--no-text", "--vocab", "2", "--length", "3", "--seeds", "0", "1",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "decomposition" in printed and "posterior/K" in printed
+    data = read_json(out)
+    assert data["finite"]["decomposition"] < TOL and data["routers"]["posterior/K"]["tv"] > 0.5
+    assert main(["theory", "--no-text", "--prompt", "4", "--length", "3"]) == 2
+    assert "--prompt" in capsys.readouterr().err
