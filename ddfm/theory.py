@@ -345,6 +345,21 @@ def generate(problem: ARProblem, router: str = "posterior") -> np.ndarray:
     return p
 
 
+def sample(problem: ARProblem, n_samples: int, rng: np.random.Generator,
+           router: str = "posterior") -> np.ndarray:
+    """Draw sequences with the sampling rule itself (eq. 13): X_0 from the coupling, then at
+    every step each position independently from δ_{X_t}(·) + u_t^i(·, X_t) with the velocity
+    of ``router``. Returns (n_samples,) final state indices."""
+    c, sp = problem.coupling, problem.space
+    x = c.x0[rng.choice(len(c.pi), size=n_samples, p=c.pi)]                      # (B, N)
+    for t in range(problem.n_steps):
+        u = decomposed_velocity(ROUTERS[router][0](problem, t), problem.expert_velocities(t))
+        step = sp.one_hot(x) + u[sp.index(x)]                                     # (B, N, d+1)
+        cdf = np.cumsum(step, -1)
+        x = (rng.random(x.shape)[..., None] > cdf).sum(-1).clip(max=sp.d)         # inverse CDF
+    return sp.index(x)
+
+
 def router_error(problem: ARProblem, router: str) -> dict[str, float]:
     """How far generation with ``router`` lands from q: TV and KL(q ‖ generated) of the final
     PMF, and the largest velocity error Σ_k w_k u_k − u at states with mass."""
@@ -839,12 +854,23 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _finite_json(obj):
+    """JSON has no infinity: write an infinite KL as the string "inf"."""
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
+    return obj
+
+
 def theory_cli(cfg: TheoryConfig) -> dict:
     """``ddfm theory``: print the tables; write JSON when ``--out`` is given."""
     result = theory(cfg)
     print(format_report(result))
     if cfg.out:
         from ddfm.io import write_json
-        write_json(cfg.out, result)
+        write_json(cfg.out, _finite_json(result))
         print(f"\nwrote {cfg.out}")
     return result

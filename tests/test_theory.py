@@ -190,3 +190,15 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert data["finite"]["decomposition"] < TOL and data["routers"]["posterior/K"]["tv"] > 0.5
     assert main(["theory", "--no-text", "--prompt", "4", "--length", "3"]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_drawn_samples_follow_the_computed_pmf():
+    # the sampler draws tokens position by position (eq. 13); its histogram must match the
+    # exact PMF that generate() computes, for the exact router and for a wrong one
+    problem = th.random_problem(np.random.default_rng(1), 2, 3, 1, 2)
+    rng = np.random.default_rng(0)
+    for router in ("posterior", "prompt"):
+        drawn = np.bincount(th.sample(problem, 40_000, rng, router), minlength=problem.space.size) / 40_000
+        assert th.total_variation(drawn, th.generate(problem, router)) < 0.02
+    exact = np.bincount(th.sample(problem, 40_000, rng), minlength=problem.space.size) / 40_000
+    assert th.total_variation(exact, problem.space.embed_target(problem.q)) < 0.02
