@@ -691,6 +691,21 @@ def score_document(doc: DocumentEval, central: SmoothedNGram, experts: dict[str,
     return out
 
 
+def centroid_router(features: np.ndarray, centroids: np.ndarray, temperature: float) -> np.ndarray:
+    """Eq. 29: softmax_k(τ · cos(f(prompt), c_k)) for unit rows; (Q, D), (K, D) -> (Q, K) float64."""
+    logits = temperature * (features.astype(np.float64) @ centroids.T.astype(np.float64))
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    return weights / weights.sum(1, keepdims=True)
+
+
+def _add_perplexities(totals: dict[str, dict[str, float]]) -> None:
+    """ppl = exp(NLL / tokens) and gap = ppl / ppl_central − 1 for every model, in place."""
+    ppl_central = math.exp(totals["central"]["nll"] / totals["central"]["tokens"])
+    for acc in totals.values():
+        acc["ppl"] = math.exp(acc["nll"] / acc["tokens"])
+        acc["gap"] = acc["ppl"] / ppl_central - 1
+
+
 def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, prompt_bytes: int = 512,
                      eval_bytes: int = 4096, temperature: float = 20.0, features: str = "tfidf",
                      seed: int = 0, max_docs: int | None = None) -> dict:
@@ -715,9 +730,7 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, prompt_byt
              len(train), k, algorithm, features, len(test))
     central, experts, shares = ngram_experts([encode(t, order) for t in train], labels, k, order, add_k)
     naive = [SmoothedNGram(e.counts, central.pseudo_count) for e in experts]
-    logits = temperature * (f_prompt.astype(np.float64) @ centroids.T.astype(np.float64))   # (Q, K)
-    weights = np.exp(logits - logits.max(1, keepdims=True))
-    weights /= weights.sum(1, keepdims=True)
+    weights = centroid_router(f_prompt, centroids, temperature)
     totals: dict[str, dict[str, float]] = {}
     for i, (text, w) in enumerate(zip(test, weights)):
         doc = DocumentEval(encode(text, order)[:prompt_bytes + eval_bytes + order - 1], prompt_bytes, w)
@@ -728,10 +741,7 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, prompt_byt
             acc["max_abs_diff"] = max(acc["max_abs_diff"], r["max_abs_diff"])
         if (i + 1) % 10 == 0 or i + 1 == len(test):
             log.info("theory: scored %d/%d test documents", i + 1, len(test))
-    ppl_central = math.exp(totals["central"]["nll"] / totals["central"]["tokens"])
-    for acc in totals.values():
-        acc["ppl"] = math.exp(acc["nll"] / acc["tokens"])
-        acc["gap"] = acc["ppl"] / ppl_central - 1
+    _add_perplexities(totals)
     setup = {"source": "python-docs", "order": order, "add_k": add_k, "k": k, "algorithm": algorithm,
              "features": features, "temperature": temperature, "prompt_bytes": prompt_bytes,
              "eval_bytes": eval_bytes, "train_documents": len(train), "test_documents": len(test),
