@@ -221,27 +221,27 @@ def init(cfg: InitConfig) -> Path:
 def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None = None) -> Path:
     """Save model (safetensors) + processor/tokenizer as a HF directory, then ``ddfm.json``.
 
-    Written into a temporary sibling directory and renamed into place, so a crash never
-    leaves a half-written checkpoint at ``out``.
+    Files are written into a temporary sibling directory and each moved into ``out`` with
+    an atomic rename; ``ddfm.json`` comes last, so its presence marks a complete
+    checkpoint. Other files in ``out`` (a training log, the resume state) are kept.
     """
     import shutil
     import tempfile
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        (out / "ddfm.json").unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.chmod(f, 0o644)
+            os.replace(f, out / f.name)
         if meta is not None:
-            write_json(tmp / "ddfm.json", meta)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            write_json(out / "ddfm.json", meta)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,0 +1,476 @@
+"""Train the dense baseline or one expert on one shard (paper §4.1, §5.1–5.2).
+
+    ddfm train --init runs/init --data data/mix/train.jsonl --out runs/dense --steps 400 --batch-size 32
+    ddfm train --init runs/init --data runs/partition/shard-01.jsonl --out runs/expert-01 \\
+        --match dense:400,32,4            # expert: the dense run's 400 steps at batch 32/4 = 8
+    torchrun --nproc_per_node=2 -m ddfm train ...     # one expert data-parallel (DDP)
+
+Every expert is an ordinary, independent training job started from the same initial
+checkpoint as the dense baseline. ``--train`` picks what learns: the ``llava`` recipe
+(projector + language model, vision tower frozen), ``internvl`` (everything) or any
+comma list of ``vision``, ``projector``, ``language``. Only assistant tokens are in the
+loss (LLaVA convention); the loss of a step is the mean over the assistant tokens of the
+whole global batch, whatever the split into ranks and micro-batches.
+
+The data order is a pure function of ``(seed, step)``: epoch e visits the shard in the
+order ``randperm(N, seed + e)`` and step s takes global samples ``[s·B, (s+1)·B)``. A
+checkpoint every ``--save-every`` steps (model, optimizer, scheduler, RNG, step, counters)
+lets ``--resume`` continue bit for bit where a killed job stopped.
+
+Output directory: the final Hugging Face checkpoint (``config.json``, ``model.safetensors``,
+processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint, compute, seed,
+versions) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest resume state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddfm.config import arg, to_dict
+from ddfm.data import load_records, open_image
+from ddfm.io import atomic_path, read_json
+from ddfm.models import (encode_conversation, get_tokenizer, image_token, is_vision_language,
+                         load_model, num_image_tokens, save_checkpoint, versions)
+
+log = logging.getLogger(__name__)
+
+# parameter-name fragments of each trainable part (first match wins; the rest is "language")
+PARTS: dict[str, tuple[str, ...]] = {
+    "vision": ("vision_tower", "vision_model", "visual."),
+    "projector": ("multi_modal_projector", "mm_projector", "connector", "mlp1"),
+    "language": ("language_model", "lm_head", "embed_tokens"),
+}
+# named recipes: LLaVA trains projector + LM with a frozen vision tower, InternVL everything,
+# "align" is LLaVA's first stage (projector only).
+RECIPES: dict[str, tuple[str, ...]] = {
+    "llava": ("projector", "language"),
+    "internvl": ("vision", "projector", "language"),
+    "align": ("projector",),
+}
+IGNORE = -100  # label of tokens outside the loss
+STATE_FILE = "resume/state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """``ddfm train``: one training job (dense baseline or one expert) on one shard."""
+
+    init: str = arg("initial checkpoint directory (ddfm init, or any local HF VLM / causal LM)")
+    data: str = arg("training shard (JSONL / LLaVA JSON)")
+    out: str = arg("output directory (final HF checkpoint + ddfm.json + log.jsonl)")
+    steps: int = arg("optimisation steps", default=200)
+    batch_size: int = arg("global batch: samples per optimisation step, over all ranks", default=16)
+    grad_accum: int = arg("micro-batches per step and rank (micro-batch = batch / (accum * ranks))", default=1)
+    lr: float = arg("peak learning rate (AdamW)", default=1e-3)
+    warmup: int = arg("linear warm-up steps before the cosine decay", default=10)
+    min_lr_ratio: float = arg("final learning rate as a fraction of --lr", default=0.1)
+    weight_decay: float = arg("AdamW weight decay", default=0.0)
+    grad_clip: float = arg("clip the global gradient norm (0: off)", default=1.0)
+    train: str = arg("what learns: recipe (llava, internvl, align) or comma list of vision,projector,language",
+                     default="llava")
+    match: str | None = arg("compute-match a dense run: dense:STEPS,BATCH,K -> STEPS steps at BATCH/K",
+                            default=None)
+    cluster: int | None = arg("cluster id of the shard (default: from a shard-XX file name)", default=None)
+    save_every: int = arg("write the resume state every N steps (0: only at the end)", default=50)
+    resume: bool = arg("continue from OUT/resume/state.pt if present", default=False)
+    seed: int = arg("seed of the data order and RNG", default=0)
+    bf16: bool = arg("bf16 autocast", default=False)
+    compile: bool = arg("torch.compile the model", default=False)
+    device: str = arg("cpu, cuda or auto", default="auto")
+    log_every: int = arg("log a plain line every N steps when not on a terminal", default=10)
+    parts: tuple[str, ...] = field(default=(), init=False)
+    matched: dict | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.parts = parse_parts(self.train)
+        if self.match:
+            self.matched = parse_match(self.match)
+            self.steps, self.batch_size = self.matched["steps"], self.matched["batch_size"]
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.save_every < 0:
+            raise ValueError("--warmup and --save-every must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+
+
+def parse_parts(spec: str) -> tuple[str, ...]:
+    """``"llava"`` -> ``("projector", "language")``; ``"vision,language"`` -> as given."""
+    if spec in RECIPES:
+        return RECIPES[spec]
+    parts = tuple(p.strip() for p in spec.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"--train: unknown part(s) {unknown or [spec]}; use a recipe "
+                         f"({', '.join(RECIPES)}) or a comma list of {', '.join(PARTS)}")
+    return parts
+
+
+def parse_match(spec: str) -> dict:
+    """``"dense:STEPS,BATCH,K"`` -> the expert's compute: STEPS steps at batch BATCH/K."""
+    m = re.fullmatch(r"dense:(\d+),(\d+),(\d+)", spec.strip())
+    if not m:
+        raise ValueError(f"--match: expected dense:STEPS,BATCH,K (e.g. dense:400,32,4), got {spec!r}")
+    steps, batch, k = map(int, m.groups())
+    if k < 1 or batch % k:
+        raise ValueError(f"--match: the dense batch {batch} must be divisible by K={k}")
+    return {"dense_steps": steps, "dense_batch_size": batch, "k": k, "steps": steps, "batch_size": batch // k}
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+@dataclass
+class Example:
+    """One encoded record: ``input_ids`` (T,), ``labels`` (T,) with IGNORE outside answers."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    image: str | None
+    n_loss: int  # tokens in the loss: labels[1:] that are not IGNORE (the first is never predicted)
+
+
+def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any]]:
+    """Load, encode and check a shard against the init checkpoint; raise before training.
+
+    Returns the examples and a dict of decoded images' ``pixel_values`` keyed by path
+    (each ``(3, H, W)`` float32). Errors (ValueError, naming the file and records): empty
+    shard, images for a text-only checkpoint, a tokenizer that does not fit the model,
+    special-token text inside the data, a sequence longer than the model's context.
+    """
+    records = load_records(path).records
+    if not records:
+        raise ValueError(f"{path}: the shard is empty (no usable records)")
+    tokenizer = get_tokenizer(processor)
+    placeholder = image_token(processor)
+    with_images = [r for r in records if r.has_image]
+    if with_images and placeholder is None:
+        raise ValueError(f"{path}: {len(with_images)} record(s) have images (first: {with_images[0].id}) "
+                         "but the init checkpoint is text-only (no image token / processor)")
+    _check_special_text(path, records, tokenizer)
+    n_image = num_image_tokens(processor) if placeholder is not None else None
+    config = model.config
+    vocab = config.get_text_config().vocab_size
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    examples, too_long, pixels = [], [], {}
+    for r in records:
+        ids, mask = encode_conversation(processor, r.conversations, n_image)
+        if max(ids) >= vocab:
+            raise ValueError(f"{path}: record {r.id}: token id {max(ids)} >= the model's vocabulary "
+                             f"{vocab}: the checkpoint's tokenizer does not match its model")
+        if context and len(ids) > context:
+            too_long.append(f"{r.id} ({len(ids)} tokens)")
+        labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+        key = str(r.image_path) if r.has_image else None
+        if key is not None and key not in pixels:
+            pixels[key] = processor.image_processor(images=[open_image(r.image_path)],
+                                                    return_tensors="pt")["pixel_values"][0]
+        examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:])))
+    if too_long:
+        raise ValueError(f"{path}: {len(too_long)} record(s) longer than the model's context of {context} "
+                         f"tokens: {', '.join(too_long[:5])}")
+    return examples, pixels
+
+
+def _check_special_text(path, records, tokenizer) -> None:
+    # text that spells a special token would be read as that token: the data were made
+    # for another tokenizer (or need escaping) -- refuse instead of training on it.
+    specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) if t]
+    specials += [t for t in getattr(tokenizer, "additional_special_tokens", []) or [] if t]
+    for r in records:
+        for turn in r.conversations:
+            hit = next((s for s in specials if s in turn["value"]), None)
+            if hit:
+                raise ValueError(f"{path}: record {r.id}: its text contains {hit!r}, a special token of the "
+                                 "init checkpoint's tokenizer; the shard does not match this tokenizer")
+
+
+def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices of global samples ``[start, start + count)``: epoch e is ``randperm(n, seed + e)``."""
+    import torch
+
+    out, pos = [], start
+    while len(out) < count:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        take = perm[offset: offset + count - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
+    """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` (B, T) int64 and
+    ``pixel_values`` (n_images, 3, H, W) of the examples with an image, in order."""
+    import torch
+
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attn[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    images = [pixels[e.image] for e in examples if e.image is not None]
+    if images:
+        batch["pixel_values"] = torch.stack(images)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------
+# model, optimizer, schedule, distributed
+
+def set_trainable(model, parts: tuple[str, ...]) -> dict[str, int]:
+    """Freeze everything but ``parts``; return the parameter count of each part."""
+    counts = {p: 0 for p in PARTS}
+    for name, param in model.named_parameters():
+        part = next((p for p, keys in PARTS.items() if any(k in name for k in keys)), "language")
+        counts[part] += param.numel()
+        param.requires_grad_(part in parts)
+    missing = [p for p in parts if counts[p] == 0]
+    if missing:
+        raise ValueError(f"--train: the model {type(model).__name__} has no {', '.join(missing)} parameters")
+    return counts
+
+
+def lr_lambda(warmup: int, steps: int, min_ratio: float):
+    """Multiplier of the peak lr at step s: linear warm-up, then cosine decay to ``min_ratio``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def setup_distributed(device: str):
+    """(rank, world_size, device) — DDP under torchrun (gloo on CPU, nccl on GPU)."""
+    import torch
+    import torch.distributed as dist
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def save_state(out: Path, model, optimizer, scheduler, step: int, counters: dict, config_key: dict) -> None:
+    """The resume state: one dict of tensors and plain values, written atomically."""
+    import torch
+
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "counters": counters,
+             "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "config": json.dumps(config_key, sort_keys=True)}
+    with atomic_path(out / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tuple[int, dict]:
+    """Restore a resume state (``weights_only=True``); refuse one from another configuration."""
+    import torch
+
+    state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+    if state["config"] != json.dumps(config_key, sort_keys=True):
+        raise ValueError(f"{out / STATE_FILE}: written by a run with a different configuration "
+                         f"({state['config']}); use another --out or the same options")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"], state["counters"]
+
+
+def _cluster_id(cfg: TrainConfig) -> int | None:
+    if cfg.cluster is not None:
+        return cfg.cluster
+    m = re.fullmatch(r"shard-(\d+)\.jsonl?", Path(cfg.data).name)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------
+# the training loop
+
+def train(cfg: TrainConfig) -> Path:
+    """Train ``cfg.init`` on ``cfg.data``; write the checkpoint, ddfm.json and log.jsonl to ``cfg.out``.
+
+    Loss (per step, global batch G split over ranks r and micro-batches a):
+    L = Σ_{r,a} Σ_{answer tokens} −log p(x_t | x_<t, image) / N_G, N_G = answer tokens in G,
+    so DDP's gradient mean times the world size is exactly ∇L of the single-process run.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # ---- setup
+    rank, world, device = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    if micro * cfg.grad_accum * world != cfg.batch_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum} "
+                         f"x {world} rank(s)")
+    if (out / STATE_FILE).exists() and not cfg.resume:
+        raise ValueError(f"{out} holds an unfinished run ({STATE_FILE}); pass --resume or choose another --out")
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model(cfg.init)
+    examples, pixels = encode_shard(cfg.data, processor, model)
+    vlm = is_vision_language(model.config)
+    part_sizes = set_trainable(model, cfg.parts)
+    model.to(device).train()
+    pad_id = get_tokenizer(processor).pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    _dry_run(model, collate(examples[:1], pixels, pad_id), device, cfg.data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    config_key = {k: v for k, v in to_dict(cfg).items()
+                  if k not in ("resume", "save_every", "log_every", "device", "compile", "out")}
+    step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0}
+    if cfg.resume and (out / STATE_FILE).exists():
+        step, counters = load_state(out, model, optimizer, scheduler, config_key)
+        log.info("train: resuming %s at step %d", out, step)
+    ddp = DDP(model, find_unused_parameters=vlm) if world > 1 else model
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "log.jsonl", "a" if step else "w", encoding="utf-8")
+        log.info("train: %s on %s (%d examples), %d steps x batch %d (%d ranks x %d accum x %d), parts %s",
+                 cfg.init, cfg.data, len(examples), cfg.steps, cfg.batch_size, world, cfg.grad_accum,
+                 micro, "+".join(cfg.parts))
+    bar = _progress(cfg, step, rank)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
+    t_start, t_last = time.perf_counter(), time.perf_counter()
+
+    # ---- train
+    while step < cfg.steps:
+        order = sample_order(len(examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+        batch_examples = [examples[i] for i in order]
+        n_loss = sum(e.n_loss for e in batch_examples)  # N_G: answer tokens of the global batch
+        step_loss = torch.zeros((), device=device)
+        for a in range(cfg.grad_accum):
+            start = (a * world + rank) * micro
+            batch = {k: v.to(device) for k, v in collate(batch_examples[start: start + micro], pixels, pad_id).items()}
+            labels = batch.pop("labels")
+            sync = a == cfg.grad_accum - 1 or world == 1
+            with (ddp.no_sync() if not sync else nullcontext()), autocast:
+                logits = fwd(**batch).logits  # (B, T, V)
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                    ignore_index=IGNORE, reduction="sum") / max(n_loss, 1)
+                (loss * world).backward()  # DDP averages over ranks; we want the sum
+            step_loss += loss.detach()
+        if world > 1:
+            dist.all_reduce(step_loss)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        n_tokens = sum(len(e.input_ids) for e in batch_examples)
+        counters = {"samples": counters["samples"] + len(batch_examples),
+                    "tokens": counters["tokens"] + n_tokens, "loss_tokens": counters["loss_tokens"] + n_loss}
+        if rank == 0:
+            now = time.perf_counter()
+            row = {"step": step, "loss": step_loss.item(), "lr": lr, "tokens": n_tokens,
+                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": now - t_start}
+            t_last = now
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            _report(bar, row, cfg)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_state(out, model, optimizer, scheduler, step, counters, config_key)
+
+    # ---- cleanup
+    if rank == 0:
+        if bar is not None:
+            bar.close()
+        log_file.close()
+        save_state(out, model, optimizer, scheduler, step, counters, config_key)
+        meta = _metadata(cfg, world, counters, part_sizes, len(examples), time.perf_counter() - t_start)
+        save_checkpoint(model, processor, out, meta=meta)
+        log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def _dry_run(model, batch, device, path) -> None:
+    # one forward before training: a processor/model mismatch (image-token count, ids)
+    # fails here with a clear message instead of after the first optimiser step
+    import torch
+
+    batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except (ValueError, RuntimeError, IndexError) as err:
+        raise ValueError(f"{path}: the first example does not fit the init checkpoint: {err}") from None
+
+
+def _progress(cfg: TrainConfig, step: int, rank: int):
+    if rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _report(bar, row: dict, cfg: TrainConfig) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    elif row["step"] % cfg.log_every == 0 or row["step"] == cfg.steps:
+        log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %.1fs", row["step"], cfg.steps, row["loss"],
+                 row["lr"], row["tokens_per_s"], row["elapsed"])
+
+
+def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_examples: int,
+              elapsed: float) -> dict:
+    init_meta = Path(cfg.init) / "ddfm.json"
+    return {
+        "stage": "train",
+        "shard": os.path.abspath(cfg.data),
+        "cluster": _cluster_id(cfg),
+        "init": os.path.abspath(cfg.init),
+        "init_meta": read_json(init_meta) if init_meta.is_file() else None,
+        "examples": n_examples,
+        "compute": {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                    "world_size": world, "samples_seen": counters["samples"],
+                    "tokens_seen": counters["tokens"], "loss_tokens_seen": counters["loss_tokens"],
+                    "epochs": counters["samples"] / max(n_examples, 1), "match": cfg.matched,
+                    "elapsed_s": elapsed},
+        "trainable": {"parts": list(cfg.parts), "parameters": part_sizes},
+        "seed": cfg.seed,
+        "config": to_dict(cfg),
+        "versions": versions(),
+    }

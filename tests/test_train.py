@@ -1,0 +1,173 @@
+"""`ddfm train`: end to end on real images, compute matching, recipes, bad input,
+exact resume after SIGKILL, and DDP (2 gloo processes) against one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddfm.models import InitConfig, init, load_model
+from ddfm.train import TrainConfig, parse_match, sample_order, train
+from test_models import make_data
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"), n_fashion=24, n_digits=12, n_text=8)
+
+
+@pytest.fixture(scope="module")
+def init_dir(data, tmp_path_factory):
+    return init(InitConfig(preset="tiny-llava", data=str(data), out=str(tmp_path_factory.mktemp("m") / "init")))
+
+
+def _log(out):
+    return [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _cfg(init_dir, data, out, **kw):
+    kw = {"steps": 12, "batch_size": 8, "lr": 3e-3, "warmup": 2, "save_every": 0, **kw}
+    return TrainConfig(init=str(init_dir), data=str(data), out=str(out), **kw)
+
+
+def test_train_end_to_end(init_dir, data, tmp_path):
+    shard = tmp_path / "shard-03.jsonl"  # cluster id comes from the name
+    shard.write_text("".join(l.replace('"images/', f'"{data.parent}/images/') + "\n"
+                             for l in data.read_text().splitlines()))
+    out = train(_cfg(init_dir, shard, tmp_path / "expert", match="dense:12,16,2"))
+    rows = _log(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert set(rows[0]) >= {"step", "loss", "lr", "tokens_per_s", "elapsed"}
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]  # it learns
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up then cosine decay
+    meta = json.loads((out / "ddfm.json").read_text())
+    assert meta["cluster"] == 3 and meta["init"] == str(Path(init_dir).resolve())
+    c = meta["compute"]
+    assert (c["steps"], c["batch_size"], c["samples_seen"]) == (12, 8, 96)
+    assert c["match"]["dense_batch_size"] == 16 and c["match"]["k"] == 2
+    assert c["tokens_seen"] == sum(r["tokens"] for r in rows)
+    # plain transformers loads the result; the vision tower was frozen (llava recipe)
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    before = load_file(Path(init_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    proj = [k for k in before if "multi_modal_projector" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert all(not torch.equal(before[k], after[k]) for k in proj)
+    assert model.config.image_token_id is not None
+
+
+def test_internvl_recipe_trains_vision(init_dir, data, tmp_path):
+    out = train(_cfg(init_dir, data, tmp_path / "ivl", steps=2, train="internvl"))
+    before = load_file(Path(init_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    k = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    k = k if k in before else next(x for x in before if "vision_tower" in x and "q_proj.weight" in x)
+    assert not torch.equal(before[k], after[k])
+
+
+def test_match_and_parts_validation():
+    m = parse_match("dense:400,32,4")
+    assert (m["steps"], m["batch_size"]) == (400, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        parse_match("dense:10,30,4")
+    with pytest.raises(ValueError, match="dense:STEPS"):
+        parse_match("400,32,4")
+    with pytest.raises(ValueError, match="unknown part"):
+        TrainConfig(init="x", data="y", out="z", train="vision,decoder")
+    assert TrainConfig(init="x", data="y", out="z", train="llava").parts == ("projector", "language")
+
+
+def test_sample_order_is_a_function_of_seed_and_position():
+    a = sample_order(10, 0, 0, 25)
+    assert sorted(a[:10]) == list(range(10)) and sorted(a[10:20]) == list(range(10))
+    assert sample_order(10, 0, 7, 9) == a[7:16]
+    assert sample_order(10, 1, 0, 10) != a[:10]
+
+
+def test_bad_input_fails_before_training(init_dir, data, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train(_cfg(init_dir, empty, tmp_path / "o1"))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "word " * 400},
+                                                             {"from": "gpt", "value": "ok"}]}) + "\n")
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        train(_cfg(init_dir, long, tmp_path / "o2"))
+    special = tmp_path / "special.jsonl"
+    special.write_text(json.dumps({"id": "s", "conversations": [{"from": "human", "value": "hi</s>"},
+                                                                {"from": "gpt", "value": "ok"}]}) + "\n")
+    with pytest.raises(ValueError, match="special token"):
+        train(_cfg(init_dir, special, tmp_path / "o3"))
+    with pytest.raises(ValueError, match="not divisible"):
+        train(_cfg(init_dir, data, tmp_path / "o4", batch_size=6, grad_accum=4))
+    assert not (tmp_path / "o1" / "log.jsonl").exists()
+
+
+def test_images_need_a_vision_checkpoint(data, tmp_path):
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(l + "\n" for l in data.read_text().splitlines() if '"image": null' in l))
+    lm = init(InitConfig(preset="tiny-lm", data=str(text), out=str(tmp_path / "lm")))
+    with pytest.raises(ValueError, match="text-only"):
+        train(_cfg(lm, data, tmp_path / "o"))
+    out = train(_cfg(lm, text, tmp_path / "lm-run", steps=3, train="language"))  # text-only trains
+    model, _ = load_model(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def _ddfm(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ddfm", "train", *map(str, args)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
+    common = ["--init", init_dir, "--data", data, "--steps", 60, "--batch-size", 4, "--lr", 3e-3,
+              "--save-every", 5, "--seed", 7]
+    ref = _ddfm(*common, "--out", tmp_path / "ref")
+    assert ref.wait() == 0, ref.stdout.read()
+    killed = _ddfm(*common, "--out", tmp_path / "run")
+    log = tmp_path / "run" / "log.jsonl"
+    while killed.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 23):
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "run" / "ddfm.json").exists()
+    again = _ddfm(*common, "--out", tmp_path / "run")  # without --resume: refused
+    assert again.wait() == 2 and "--resume" in again.stdout.read()
+    resumed = _ddfm(*common, "--out", tmp_path / "run", "--resume")
+    assert resumed.wait() == 0, resumed.stdout.read()
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_meta = json.loads((tmp_path / "ref" / "ddfm.json").read_text())["compute"]
+    run_meta = json.loads((tmp_path / "run" / "ddfm.json").read_text())["compute"]
+    assert ref_meta["tokens_seen"] == run_meta["tokens_seen"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(init_dir, data, tmp_path):
+    common = ["--init", init_dir, "--data", data, "--steps", 5, "--batch-size", 8, "--lr", 3e-3,
+              "--train", "internvl", "--save-every", 0]
+    single = _ddfm(*common, "--grad-accum", 2, "--out", tmp_path / "single")
+    assert single.wait() == 0, single.stdout.read()
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29533", "-m", "ddfm", "train", *map(str, common),
+                          "--out", str(tmp_path / "ddp")], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    l1, l2 = [r["loss"] for r in _log(tmp_path / "single")], [r["loss"] for r in _log(tmp_path / "ddp")]
+    assert len(l1) == len(l2) == 5
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (l1, l2)
+    assert json.loads((tmp_path / "ddp" / "ddfm.json").read_text())["compute"]["world_size"] == 2
