@@ -253,7 +253,7 @@ class HFImageEncoder(Encoder):
         self.spec, self.identity = f"clip:{root}", _dir_fingerprint(root)
         self.device = _torch_device(device)
         self.processor = _image_processor(root)
-        self.model = getattr(transformers, arch).from_pretrained(root).eval().to(self.device)
+        self.model = getattr(transformers, arch).from_pretrained(root, dtype=torch.float32).eval().to(self.device)
         with torch.inference_mode():
             self.dim = int(self._encode([_blank_image()]).shape[1])
 

