@@ -38,6 +38,7 @@ re-running with the same configuration on a complete output returns at once.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -53,7 +54,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ddfm.config import arg, to_dict
-from ddfm.data import IMAGE_TOKEN, Record, load_records, write_records
+from ddfm.data import IMAGE_TOKEN, Record, write_records
 from ddfm.io import file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -404,6 +405,14 @@ def _chunks(paragraphs: list[str], max_words: int) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_file(path: str, mtime_ns: int, size: int) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    """:func:`parse_rst` of one file, cached per process (keyed by mtime and size):
+    the mix, the tests and ``ddfm.theory`` all read the same 497 files."""
+    title, entries = parse_rst(Path(path).read_text(encoding="utf-8", errors="replace"))
+    return title, tuple((h, tuple(p)) for h, p in entries)
+
+
 def docs_section(rel: str) -> str:
     """The section of a docs file: its top folder (library, c-api, ...) or ``general``."""
     parts = Path(rel).parts
@@ -433,12 +442,13 @@ def _docs_records(root: str, max_words: int, min_words: int = 8) -> dict[str, li
     for f in files:
         rel = f.relative_to(root_p).as_posix()
         doc = rel[: -len(".rst.txt")]
-        title, entries = parse_rst(f.read_text(encoding="utf-8", errors="replace"))
+        st = f.stat()
+        title, entries = _parse_file(str(f), st.st_mtime_ns, st.st_size)
         title = title or doc
         section = docs_section(rel)
         n = 0
         for heading, paragraphs in entries:
-            for part, passage in enumerate(_chunks(paragraphs, max_words)):
+            for part, passage in enumerate(_chunks(list(paragraphs), max_words)):
                 if len(passage.split()) < min_words:
                     continue
                 subject = heading if heading and heading != title else title
@@ -709,4 +719,4 @@ def prepare(cfg: PrepareConfig) -> Path:
     return out
 
 
-__all__ = ["PrepareConfig", "SOURCES", "build_source", "prepare", "parse_rst", "task_stats", "load_records"]
+__all__ = ["PrepareConfig", "SOURCES", "build_source", "prepare", "parse_rst", "task_stats"]
