@@ -6,7 +6,7 @@
 
 The paper clusters "image features from unique images in the dataset" computed by a
 pretrained vision encoder f (CLIP), and routes a request by the cosine between f(image)
-and the cluster centroids (eq. 30). This module is that f: a registry of encoders behind
+and the cluster centroids (eq. 29). This module is that f: a registry of encoders behind
 one interface, :func:`get_encoder` ``(spec) -> Encoder`` with ``.encode(items) -> (B, D)``
 float32 rows of unit L2 norm, so that the dot product of two rows is their cosine.
 
@@ -120,9 +120,14 @@ class Encoder:
     identity: str
 
     def encode(self, items: Sequence[Any]) -> np.ndarray:
-        """Features of a batch: PIL images (any mode) or strings -> (B, D) float32 unit rows."""
+        """Features of a batch -> (B, D) float32 unit rows.
+
+        Image encoders take PIL images (any mode) or image file paths; text encoders take strings.
+        """
         if len(items) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.modality == "image":
+            items = [open_image(x) if isinstance(x, (str, os.PathLike)) else x for x in items]
         return l2_normalise(self._encode(list(items)))
 
     def _encode(self, items: list) -> np.ndarray:  # (B, D), not yet normalised
@@ -568,6 +573,9 @@ def embed(cfg: EmbedConfig) -> Path:
             "items_per_second": round(len(items.keys) / seconds, 1) if seconds > 0 else None,
             "batch_size": cfg.batch_size, "format": FORMAT_VERSION}
     _write(out, feats, keys, meta)
+    if not keys and items.n_without:
+        log.warning("embed: none of the %d records has an image; for a text-only corpus use --encoder minilm",
+                    items.n_without)
     log.info("embed: %d unique %s item(s) from %d record(s) with %s in %.1f s (%.0f/s), %d failed -> %s",
              len(keys), encoder.modality, items.n_records, encoder.spec, seconds,
              len(items.keys) / max(seconds, 1e-9), len(failed), out)

@@ -212,6 +212,7 @@ def test_embed_dedups_images_and_counts_failures(dataset, tmp_path):
     # each row is the feature of the image its key names
     i = keys.index(str((dataset.parent / "images" / "3.png").resolve()))
     np.testing.assert_allclose(feats[i], get_encoder("pixels").encode([Image.open(keys[i])])[0], atol=1e-6)
+    np.testing.assert_allclose(feats[i], get_encoder("pixels").encode([keys[i]])[0], atol=1e-6)  # a path works too
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
