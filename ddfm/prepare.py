@@ -162,7 +162,8 @@ YESNO_PROMPTS = ("Is this {asked}?", "Does the image show {asked}? Answer yes or
 # (balanced yes/no, asking about the true or another class).
 IMAGE_SOURCES: dict[str, dict[str, Any]] = {
     "fashion-mnist": {
-        "short": "fmnist", "load": _load_fashion_mnist, "measure": _mean_ink,
+        "short": "fmnist", "load": _load_fashion_mnist, "root": ("fashion_mnist_dir", FASHION_MNIST_DIR),
+        "measure": _mean_ink,
         "phrases": FMNIST_PHRASES,
         "tasks": {
             "name": (("What is this?", "What item is shown in the image?", "Name the item in the picture."),
@@ -176,7 +177,7 @@ IMAGE_SOURCES: dict[str, dict[str, Any]] = {
         },
     },
     "digits": {
-        "short": "digits", "load": _load_digits, "measure": _ink_area,
+        "short": "digits", "load": _load_digits, "root": ("", ""), "measure": _ink_area,
         "phrases": tuple(f"the digit {d}" for d in range(10)),
         "tasks": {
             "read": (("What digit is this?", "Read the handwritten digit."), lambda c, a: str(c)),
@@ -475,8 +476,8 @@ class Built:
 
 def _build_image_source(source: str, o: dict, shares: dict[str, float] | None = None) -> Built:
     spec = IMAGE_SOURCES[source]
-    root = o.get("fashion_mnist_dir") or FASHION_MNIST_DIR
-    data = _with_attributes(spec["load"](root), spec["measure"])
+    option, default_root = spec["root"]  # which option names the source's directory
+    data = _with_attributes(spec["load"](o.get(option) or default_root), spec["measure"])
     rng = np.random.default_rng([o["seed"], _stable_int(source)])
     share = 1.0 if shares is None else shares[source]
     out = Built([], [], {})
