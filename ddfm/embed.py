@@ -92,6 +92,8 @@ def _torch_device(device: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but this torch has no usable CUDA; use --device cpu")
     return torch.device(device)
 
 
@@ -135,7 +137,7 @@ class Encoder:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(spec={self.spec!r}, dim={self.dim})"
+        return f"{type(self).__name__}(spec={self.spec!r}, modality={self.modality!r})"
 
 
 class PixelEncoder(Encoder):
