@@ -216,6 +216,15 @@ def test_embed_dedups_images_and_counts_failures(dataset, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_files_share_rows_across_jsonl_and_llava_json(dataset, tmp_path):
+    (tmp_path / "sub").mkdir()
+    llava = tmp_path / "sub" / "llava.json"  # LLaVA's own list format, image paths relative to sub/
+    llava.write_text(json.dumps([rec("x0", "../images/0.png"), rec("x1", "../images/7.png")]))
+    out = embed(EmbedConfig(data=[str(dataset), str(llava)], encoder="pixels", out=str(tmp_path / "emb")))
+    feats, keys, meta = load_features(out)
+    assert len(keys) == 8 and meta["records"] == 18 and len(meta["data"]) == 2
+
+
 def test_cache_hit_and_miss(dataset, tmp_path, caplog):
     out = tmp_path / "emb"
     cfg = EmbedConfig(data=[str(dataset)], encoder="pixels@8", out=str(out))
