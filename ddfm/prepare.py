@@ -26,6 +26,22 @@ Sources (``SOURCES``, presets as data):
   several records (one per task: naming the item / reading the digit, its category or
   parity, a balanced yes/no question, a short caption), plus ``text_share`` of
   text-only python-docs records. Image splits come from the sources' own splits.
+  Default size: 3,000 unique train images (13,636 records) and 500 test images.
+
+Image tasks (``task`` field; answers in brackets):
+
+    fmnist-name      What is this?              [t-shirt, trousers, ..., ankle boot]
+    fmnist-category  What category ...?         [tops, bottoms, dresses, footwear, bags]
+    fmnist-yesno     Is this a sneaker?         [yes, no]  (balanced per split)
+    fmnist-caption   Describe the image briefly.[a bright sneaker | a faint sneaker]
+    digits-read      What digit is this?        [0 ... 9]
+    digits-parity    Is this digit even or odd? [even, odd]
+    digits-yesno     Is this the digit 3?       [yes, no]  (balanced per split)
+    digits-caption   Describe the image briefly.[a thick handwritten three | a thin ...]
+
+The caption attribute is measured on the pixels (mean brightness of the lit pixels,
+or the inked area for digits) and split at the class's train median, so it is a real
+visual property, balanced within each class.
 
 Every image task has short canonical answers (exact-match evaluable); ``prepare.json``
 lists each task's answer set and chance levels (majority-answer rate on the test split
