@@ -501,7 +501,7 @@ class NGramCounts:
         rows = np.repeat(np.arange(len(contexts)), lens)
         idx = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - lo, lens)  # lo..hi-1 per row
         out = np.zeros((len(contexts), VOCAB))
-        np.add.at(out, (rows, self.codes[idx] % VOCAB), self.counts[idx])
+        out[rows, self.codes[idx] % VOCAB] = self.counts[idx]      # (row, token) pairs are unique
         return out
 
 
@@ -546,11 +546,14 @@ def ngram_experts(documents: list[np.ndarray], labels: np.ndarray, k: int, order
     return central, [SmoothedNGram(s, m) for s, m in zip(shards, masses)], shares
 
 
-def read_python_docs(seed: int = 0, test_fraction: float = 0.1, root: str = PYTHON_DOCS) -> tuple[list[str], list[str]]:
-    """(train, test) documents of the Python documentation, one per ``*.rst.txt`` file.
+def python_docs_samples(seed: int = 0, prompt_bytes: int = 512, doc_bytes: int = 4608,
+                        root: str = PYTHON_DOCS) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, test) samples of the Python documentation as (prompt, answer) texts.
 
-    Prefers ``ddfm.prepare.build_source("python-docs")`` so theory and the pipeline see the
-    same split; reads the Debian files directly when that module is not installed.
+    With ``ddfm.prepare`` installed these are its ``build_source("python-docs")`` records
+    (prompt = the human turn, answer = the passage), so theory and the pipeline see the same
+    split. Without it, one sample per ``*.rst.txt`` file (seeded 90/10 split): the first
+    ``prompt_bytes`` are the prompt and the file up to ``doc_bytes`` the answer.
     """
     try:
         from ddfm.prepare import build_source
@@ -558,25 +561,34 @@ def read_python_docs(seed: int = 0, test_fraction: float = 0.1, root: str = PYTH
         build_source = None
     if build_source is not None:
         train, test = build_source("python-docs", seed=seed)
-        return [_record_text(r) for r in train], [_record_text(r) for r in test]
+        return [_record_sample(r) for r in train], [_record_sample(r) for r in test]
     from pathlib import Path
     files = sorted(Path(root).rglob("*.rst.txt"))
     if not files:
         raise FileNotFoundError(f"{root}: no *.rst.txt files (install the Debian package python3.11-doc)")
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
-    order = np.random.default_rng(seed).permutation(len(texts))
-    n_test = max(1, int(round(test_fraction * len(texts))))
-    return [texts[i] for i in order[n_test:]], [texts[i] for i in order[:n_test]]
+    samples = []
+    for f in files:
+        data = f.read_bytes()[:doc_bytes]
+        samples.append((data[:prompt_bytes].decode("utf-8", "ignore"), data[prompt_bytes:].decode("utf-8", "ignore")))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_test = max(1, len(samples) // 10)
+    return [samples[i] for i in order[n_test:]], [samples[i] for i in order[:n_test]]
 
 
-def _record_text(record) -> str:
-    """The text of a canonical record: its turns joined (no image placeholder)."""
-    turns = record.conversations if hasattr(record, "conversations") else record["conversations"]
-    return "\n".join(t["value"].replace("<image>", "").strip() for t in turns)
+def _record_sample(record) -> tuple[str, str]:
+    """A canonical record as (prompt, answer): every turn before the last joined, the last turn."""
+    turns = [t["value"].replace("<image>", "").strip() for t in record.conversations]
+    return "\n".join(turns[:-1]), turns[-1]
+
+
+def _sample_tokens(sample: tuple[str, str], order: int) -> tuple[np.ndarray, int]:
+    """Encoded "prompt\nanswer" and the number of prompt windows (not scored)."""
+    prompt, answer = sample
+    return encode(prompt + "\n" + answer, order), len((prompt + "\n").encode("utf-8"))
 
 
 def text_features(fit_texts: list[str], texts: list[list[str]], kind: str = "tfidf") -> list[np.ndarray]:
-    """Unit-norm feature rows for each list in ``texts``: tf-idf fitted on ``fit_texts``, or the
+    """Unit-norm feature rows for each list in ``texts``: tf-idf + LSA fitted on ``fit_texts``, or the
     ``minilm`` sentence encoder (ddfm.embed). Returns one (M_i, D) float32 array per list."""
     if kind == "minilm":
         from ddfm.embed import get_encoder
@@ -584,12 +596,16 @@ def text_features(fit_texts: list[str], texts: list[list[str]], kind: str = "tfi
         return [encoder.encode(t) for t in texts]
     if kind != "tfidf":
         raise ValueError(f"features: unknown kind {kind!r}, expected 'tfidf' or 'minilm'")
+    from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
-    vec = TfidfVectorizer(sublinear_tf=True, max_features=4096, token_pattern=r"(?u)\b[A-Za-z_]\w+\b")
-    vec.fit(fit_texts)
+    # tf-idf then a 128-d LSA projection: dense rows small enough for k-means on ~20k samples
+    vec = TfidfVectorizer(sublinear_tf=True, max_features=8192, token_pattern=r"(?u)\b[A-Za-z_]\w+\b")
+    x_fit = vec.fit_transform(fit_texts)
+    svd = TruncatedSVD(n_components=max(1, min(128, x_fit.shape[1] - 1, len(fit_texts) - 1)), random_state=0)
+    svd.fit(x_fit)
     out = []
     for t in texts:
-        x = vec.transform(t).toarray().astype(np.float32)
+        x = svd.transform(vec.transform(t)).astype(np.float32)
         out.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
     return out
 
@@ -614,9 +630,9 @@ def partition_documents(features: np.ndarray, k: int, seed: int = 0) -> tuple[np
 
 @dataclass
 class DocumentEval:
-    """One test document, encoded, with what the time-independent routers see.
+    """One test sample, encoded, with what the time-independent routers see.
 
-    tokens: (T + n,) int64 encoded bytes; prompt_len: bytes of the prompt (not scored);
+    tokens: (T + n,) int64 encoded "prompt\nanswer"; prompt_len: windows of the prompt (not scored);
     centroid_weights: (K,) softmax(τ · cos(f(prompt), c_k)) (eq. 29).
     """
 
@@ -679,12 +695,14 @@ def score_document(doc: DocumentEval, central: SmoothedNGram, experts: dict[str,
     n_scored = len(p_central)
     out = {"central": {"nll": float(-np.log(p_central[rows[:n_scored], targets[scored]]).sum()),
                        "tokens": n_scored, "max_abs_diff": 0.0}}
-    for name in TEXT_ROUTERS:
-        models = experts["full" if name == "naive-smoothing" else "share"]
+    tables = {}
+    for split, models in experts.items():
         probs, log_ctx = zip(*(m.next_token_probs(contexts) for m in models))
-        expert_logp = np.log(np.stack(probs, 1))                                  # (T_all, K, V)
+        tables[split] = np.log(np.stack(probs, 1)), np.stack(log_ctx, 1)          # (T_all, K, V), (T_all, K)
+    for name in TEXT_ROUTERS:
+        expert_logp, log_ctx = tables["full" if name == "naive-smoothing" else "share"]
         token_logp = expert_logp[rows, :, targets]                                # (T_all, K)
-        log_w = router_log_weights(name, doc, shares, np.stack(log_ctx, 1), token_logp)[scored]
+        log_w = router_log_weights(name, doc, shares, log_ctx, token_logp)[scored]
         logp = mix.mixture_log_probs(log_w, torch.as_tensor(expert_logp[scored])).numpy()  # (T, V)
         out[name] = {"nll": float(-logp[rows[:n_scored], targets[scored]].sum()), "tokens": n_scored,
                      "max_abs_diff": float(np.abs(np.exp(logp) - p_central).max())}
@@ -706,48 +724,53 @@ def _add_perplexities(totals: dict[str, dict[str, float]]) -> None:
         acc["gap"] = acc["ppl"] / ppl_central - 1
 
 
-def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, prompt_bytes: int = 512,
-                     eval_bytes: int = 4096, temperature: float = 20.0, features: str = "tfidf",
-                     seed: int = 0, max_docs: int | None = None) -> dict:
+def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperature: float = 20.0,
+                     features: str = "tfidf", seed: int = 0, max_train: int | None = None,
+                     max_test: int | None = 400) -> dict:
     """Train a centralised byte-level n-gram model and K cluster experts on the Python docs
-    and score the test documents with every router of :data:`TEXT_ROUTERS`.
+    and score the answers of the test samples with every router of :data:`TEXT_ROUTERS`.
 
+    Partition: features of each training sample's whole text; routing (eq. 29): features of
+    the test prompt only. ``max_train`` / ``max_test`` cap the samples (seeded subsets).
     Returns {"setup": ..., "routers": {name: {"ppl", "gap", "max_abs_diff", "nll", "tokens"}}};
     ``gap`` = ppl / ppl_central − 1, ``max_abs_diff`` = max |p_router − p_central| over all
     scored positions and all V next tokens.
     """
-    train, test = read_python_docs(seed)
-    if max_docs is not None:
-        train, test = train[:max_docs], test[:max(1, max_docs // 8)]
-    test = [t for t in test if len(t.encode("utf-8")) > prompt_bytes]
+    train, test = python_docs_samples(seed)
+    rng = np.random.default_rng(seed)
+    train, test = _subset(train, max_train, rng), _subset(test, max_test, rng)
     if len(train) < k or not test:
-        raise ValueError(f"python-docs: {len(train)} training and {len(test)} usable test documents "
-                         f"are too few for K={k} and --prompt-bytes {prompt_bytes}")
-    prompts = [t.encode("utf-8")[:prompt_bytes].decode("utf-8", errors="ignore") for t in test]
-    f_train, f_prompt = text_features(train, [train, prompts], features)
+        raise ValueError(f"python-docs: {len(train)} training and {len(test)} test samples are too few for K={k}")
+    train_texts = [p + "\n" + a for p, a in train]
+    f_train, f_prompt = text_features(train_texts, [train_texts, [p for p, _ in test]], features)
     labels, centroids, algorithm = partition_documents(f_train, k, seed)
-    log.info("theory: %d training documents in %d clusters (%s, %s features), %d test documents",
+    log.info("theory: %d training samples in %d clusters (%s, %s features), %d test samples",
              len(train), k, algorithm, features, len(test))
-    central, experts, shares = ngram_experts([encode(t, order) for t in train], labels, k, order, add_k)
+    central, experts, shares = ngram_experts([encode(t, order) for t in train_texts], labels, k, order, add_k)
     naive = [SmoothedNGram(e.counts, central.pseudo_count) for e in experts]
     weights = centroid_router(f_prompt, centroids, temperature)
     totals: dict[str, dict[str, float]] = {}
-    for i, (text, w) in enumerate(zip(test, weights)):
-        doc = DocumentEval(encode(text, order)[:prompt_bytes + eval_bytes + order - 1], prompt_bytes, w)
+    for i, (sample, w) in enumerate(zip(test, weights)):
+        doc = DocumentEval(*_sample_tokens(sample, order), w)
         for name, r in score_document(doc, central, {"share": experts, "full": naive}, shares, order).items():
             acc = totals.setdefault(name, {"nll": 0.0, "tokens": 0, "max_abs_diff": 0.0})
             acc["nll"] += r["nll"]
             acc["tokens"] += r["tokens"]
             acc["max_abs_diff"] = max(acc["max_abs_diff"], r["max_abs_diff"])
-        if (i + 1) % 10 == 0 or i + 1 == len(test):
-            log.info("theory: scored %d/%d test documents", i + 1, len(test))
+        if (i + 1) % 100 == 0 or i + 1 == len(test):
+            log.info("theory: scored %d/%d test samples", i + 1, len(test))
     _add_perplexities(totals)
     setup = {"source": "python-docs", "order": order, "add_k": add_k, "k": k, "algorithm": algorithm,
-             "features": features, "temperature": temperature, "prompt_bytes": prompt_bytes,
-             "eval_bytes": eval_bytes, "train_documents": len(train), "test_documents": len(test),
-             "documents_per_cluster": np.bincount(labels, minlength=k).tolist(),
+             "features": features, "temperature": temperature, "train_samples": len(train),
+             "test_samples": len(test), "samples_per_cluster": np.bincount(labels, minlength=k).tolist(),
              "cluster_shares": shares.tolist(), "top1_choices": np.bincount(weights.argmax(1), minlength=k).tolist()}
     return {"setup": setup, "routers": totals}
+
+
+def _subset(items: list, n: int | None, rng: np.random.Generator) -> list:
+    if n is None or n >= len(items):
+        return items
+    return [items[i] for i in np.sort(rng.choice(len(items), size=n, replace=False))]
 
 
 # --------------------------------------------------------------------------------------
@@ -768,12 +791,11 @@ class TheoryConfig:
     text_k: int = arg("K, expert n-gram models for the text check", 4)
     order: int = arg("n of the byte-level n-gram models", 3)
     add_k: float = arg("add-k smoothing of the centralised n-gram (pseudo-count per cell)", 0.01)
-    prompt_bytes: int = arg("bytes of each test document given as the prompt (not scored)", 512)
-    eval_bytes: int = arg("bytes scored per test document after the prompt", 4096)
     temperature: float = arg("tau of the centroid router (eq. 29)", 20.0)
     features: str = arg("document features for partition and centroid routing", "tfidf",
                         choices=("tfidf", "minilm"))
-    max_docs: int | None = arg("use at most this many training documents (quick runs)", None)
+    max_train: int | None = arg("use at most this many training samples (quick runs)", None)
+    max_test: int | None = arg("score at most this many test samples (seeded subset)", 400)
     seed: int = arg("seed of the text split and the partition", 0)
     out: str | None = arg("also write the results as JSON to this file", None)
 
@@ -794,8 +816,11 @@ class TheoryConfig:
         if self.text_k < 1 or self.order < 1 or self.add_k <= 0:
             raise ValueError("--text-k and --order must be >= 1 and --add-k > 0 (smoothing keeps every "
                              "test token possible)")
-        if self.prompt_bytes < 0 or self.eval_bytes < 1 or self.temperature <= 0:
-            raise ValueError("--prompt-bytes must be >= 0, --eval-bytes >= 1 and --temperature > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
 
 FINITE_ROWS = [  # (key, equation, what it checks)
@@ -830,8 +855,8 @@ def theory(cfg: TheoryConfig) -> dict:
                         "support": cfg.support, "seeds": cfg.seeds},
               "finite": finite, "routers": routers, "two_sparse": two_sparse_counterexample()}
     if cfg.text:
-        result["text"] = text_equivalence(cfg.text_k, cfg.order, cfg.add_k, cfg.prompt_bytes, cfg.eval_bytes,
-                                          cfg.temperature, cfg.features, cfg.seed, cfg.max_docs)
+        result["text"] = text_equivalence(cfg.text_k, cfg.order, cfg.add_k, cfg.temperature, cfg.features,
+                                          cfg.seed, cfg.max_train, cfg.max_test)
     return result
 
 
@@ -855,7 +880,7 @@ def format_report(result: dict) -> str:
     if "text" in result:
         t, r = result["text"]["setup"], result["text"]["routers"]
         lines += ["", f"Real text: byte-level {t['order']}-gram, add-k {t['add_k']}, python-docs "
-                  f"({t['train_documents']} train / {t['test_documents']} test documents), K={t['k']} "
+                  f"({t['train_samples']} train / {t['test_samples']} test samples), K={t['k']} "
                   f"({t['algorithm']}, {t['features']}), {r['central']['tokens']} scored bytes",
                   f"  {'model':<18}{'ppl':>9}{'gap':>9}{'max|p-p_c|':>12}  what"]
         for name, acc in r.items():

@@ -162,20 +162,20 @@ def test_counts_table_matches_brute_force():
 @pytest.fixture(scope="module")
 def text_result():
     pytest.importorskip("ddfm.mixture")
-    return th.text_equivalence(k=2, order=3, add_k=0.01, prompt_bytes=256, eval_bytes=1024,
-                               temperature=20.0, features="tfidf", seed=0, max_docs=48)
+    return th.text_equivalence(k=2, order=3, add_k=0.01, temperature=20.0, features="tfidf", seed=0,
+                               max_train=600, max_test=40)
 
 
 def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result):
     r = text_result["routers"]
-    assert text_result["setup"]["test_documents"] >= 3 and r["central"]["tokens"] > 2000
+    assert text_result["setup"]["test_samples"] >= 3 and r["central"]["tokens"] > 2000
     assert r["context-posterior"]["max_abs_diff"] < TOL
     assert r["context-posterior"]["gap"] == pytest.approx(0.0, abs=1e-9)
     # the departures the paper makes are measured, not exact
     for name in ("naive-smoothing", "prefix-posterior", "centroid", "centroid-top1", "prior"):
         assert r[name]["max_abs_diff"] > 1e-3, name
         assert math.isfinite(r[name]["ppl"]) and r[name]["ppl"] > 1
-    assert sum(text_result["setup"]["documents_per_cluster"]) == text_result["setup"]["train_documents"]
+    assert sum(text_result["setup"]["samples_per_cluster"]) == text_result["setup"]["train_samples"]
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
