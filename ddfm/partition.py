@@ -300,10 +300,13 @@ def plot_partition(path: Path, X: np.ndarray, item_labels: np.ndarray, report: d
     P = Xs @ vt[:2].T  # (n, 2)
     k = report["k"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    sc = ax1.scatter(P[:, 0], P[:, 1], c=item_labels[idx], cmap="tab20" if k > 10 else "tab10",
-                     s=4, vmin=-0.5, vmax=max(k, 10) - 0.5 if k <= 10 else k - 0.5)
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    for c in range(k):
+        sel = item_labels[idx] == c
+        ax1.scatter(P[sel, 0], P[sel, 1], s=4, color=cmap(c % cmap.N), label=f"cluster {c}")
     ax1.set(title=f"features (PCA), coloured by cluster, n={len(idx)}", xlabel="PC 1", ylabel="PC 2")
-    fig.colorbar(sc, ax=ax1, label="cluster")
+    if k <= 20:
+        ax1.legend(markerscale=3, fontsize="small")
     xs = np.arange(k)
     ax2.bar(xs - 0.2, [c["unique_items"] for c in report["clusters"]], width=0.4, label="unique items")
     ax2.bar(xs + 0.2, [c["records"] for c in report["clusters"]], width=0.4, label="records")
