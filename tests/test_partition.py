@@ -1,0 +1,198 @@
+"""`ddfm partition` on real data (prepare mix -> embed pixels): invariants, determinism, router, errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddfm.cli import main
+from ddfm.data import load_records
+from ddfm.io import read_json, write_json
+from ddfm.partition import PartitionConfig, partition
+
+
+@pytest.fixture(scope="session")
+def mix(tmp_path_factory):
+    """A small real `mix` data set (Fashion-MNIST + digits + python-docs) and its pixel features."""
+    from ddfm.embed import EmbedConfig, embed
+    from ddfm.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("partition")
+    data = prepare(PrepareConfig("mix", out=str(root / "mix"), train_size=90, test_size=10)) / "train.jsonl"
+    feats = embed(EmbedConfig([str(data)], encoder="pixels", out=str(root / "emb")))
+    return data, feats
+
+
+def run(data, feats, out, **kw):
+    return partition(PartitionConfig(str(data), features=str(feats), out=str(out), **{"k": 3, **kw}))
+
+
+def shard_records(out):
+    return {p.name: load_records(p, check_images=False).records for p in sorted(Path(out).glob("shard-*.jsonl"))}
+
+
+def test_every_record_in_exactly_one_shard_and_balanced(mix, tmp_path):
+    data, feats = mix
+    out = run(data, feats, tmp_path / "p", k=4)
+    records = load_records(data).records
+    shards = shard_records(out)
+    assert list(shards) == [f"shard-0{k}.jsonl" for k in range(4)]
+    ids = [r.id for recs in shards.values() for r in recs]
+    assert sorted(ids) == sorted(r.id for r in records) and len(ids) == len(set(ids))
+    # image paths rewritten relative to the shard still resolve to the same files
+    by_id = {r.id: r for r in records}
+    image_cluster, unique_per_shard, text_per_shard = {}, [], []
+    for k, recs in enumerate(shards.values()):
+        images = {r.image_path.resolve() for r in recs if r.has_image}
+        unique_per_shard.append(len(images))
+        text_per_shard.append(sum(not r.has_image for r in recs))
+        for r in recs:
+            assert r.conversations == by_id[r.id].conversations
+            if r.has_image:
+                assert r.image_path.resolve() == by_id[r.id].image_path.resolve()
+                assert image_cluster.setdefault(r.image_path.resolve(), k) == k  # shared images stay together
+    assert max(unique_per_shard) - min(unique_per_shard) <= 1
+    assert sum(text_per_shard) > 0 and max(text_per_shard) - min(text_per_shard) <= 1
+    report = read_json(out / "report.json")
+    assert [c["unique_items"] for c in report["clusters"]] == unique_per_shard
+    assert report["totals"]["records"] == len(records)
+    assert report["token_unit"] == "whitespace words"
+    assert sum(sum(c["by_source"].values()) for c in report["clusters"]) == len(records)
+    assert "| balance |" in (out / "report.md").read_text()
+
+
+def test_same_seed_same_bytes(mix, tmp_path):
+    data, feats = mix
+    a, b = run(data, feats, tmp_path / "a", seed=5), run(data, feats, tmp_path / "b", seed=5)
+    for name in [p.name for p in a.glob("shard-*.jsonl")] + ["router.json", "router.safetensors"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_router_round_trip(mix, tmp_path):
+    from safetensors.numpy import load_file
+
+    data, feats = mix
+    out = run(data, feats, tmp_path / "p")
+    router = read_json(out / "router.json")
+    meta = read_json(Path(feats) / "embed.json")
+    assert router["k"] == 3 and router["top_k"] == 1 and router["encoder"] == meta["encoder"]
+    assert router["modality"] == "image" and router["centroids"] == "router.safetensors"
+    C = load_file(str(out / router["centroids"]))["centroids"]
+    assert C.shape == (3, router["dim"]) and C.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(C, axis=1), 1, atol=1e-5)
+    assert sum(router["cluster_shares"]) == pytest.approx(1)
+    cal = router["temperature_calibration"]
+    assert 1 <= router["temperature"] <= 100 and cal["temperature"] == router["temperature"]
+    assert 1 / 3 < cal["mean_top_weight"] < 1  # neither uniform nor hard
+    # the calibrated τ is a likelihood optimum of eq. 29 for the partition's labels
+    from ddfm.embed import load_features
+    from ddfm.partition import calibrate_temperature
+    X, _, _ = load_features(feats)
+    labels = (X @ C.T).argmax(1)
+    labels[:10] = (labels[:10] + 1) % 3  # not separable, so the optimum is interior
+    c = calibrate_temperature(X, C, labels)
+
+    def nll(tau):
+        z = tau * (X @ C.T).astype(np.float64)
+        return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(X)), labels]).mean())
+
+    assert 1 < c["temperature"] < 100 and c["nll"] == pytest.approx(nll(c["temperature"]), rel=1e-6)
+    assert nll(c["temperature"] * 1.3) > c["nll"] < nll(c["temperature"] / 1.3)
+    try:  # the router stage reads the same file when it exists
+        from ddfm.router import Router
+    except ImportError:
+        return
+    r = Router.load(out / "router.json")
+    assert r.centroids.shape == C.shape and r.temperature == router["temperature"]
+
+
+def test_given_temperature_and_two_stage_via_cli(mix, tmp_path, capsys):
+    data, feats = mix
+    out = tmp_path / "p"
+    assert main(["partition", str(data), "--features", str(feats), "--k", "2", "--out", str(out),
+                 "--algorithm", "two-stage", "--fine-clusters", "16", "--balance-by", "centroids",
+                 "--temperature", "20", "--plot"]) == 0
+    router, report = read_json(out / "router.json"), read_json(out / "report.json")
+    assert router["temperature"] == 20 and router["algorithm"]["name"] == "two-stage"
+    assert report["fit_info"]["centroids_per_cluster"] in ([8, 8],)
+    assert (out / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a later run with smaller K leaves no stale shard behind
+    (out / "shard-05.jsonl").write_text("")
+    run(data, feats, out, k=2)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00.jsonl", "shard-01.jsonl"]
+
+
+def test_failed_embeddings_are_spread_like_text_only(mix, tmp_path):
+    data, feats = mix
+    feats2 = tmp_path / "emb"
+    X = np.load(Path(feats) / "features.npy")
+    keys = read_json(Path(feats) / "keys.json")
+    meta = read_json(Path(feats) / "embed.json")
+    dropped = keys[:5]
+    feats2.mkdir()
+    np.save(feats2 / "features.npy", X[5:])
+    write_json(feats2 / "keys.json", keys[5:])
+    write_json(feats2 / "embed.json", {**meta, "count": len(keys) - 5,
+                                       "failed": [{"key": k, "error": "unreadable"} for k in dropped]})
+    out = run(data, feats2, tmp_path / "p")
+    report = read_json(out / "report.json")
+    n_failed_records = sum(r.has_image and str(r.image_path.resolve()) in dropped
+                           for r in load_records(data).records)
+    assert report["totals"]["no_feature"] == n_failed_records > 0
+    assert sum(c["no_feature"] for c in report["clusters"]) == n_failed_records
+    assert report["totals"]["unique_items"] == len(keys) - 5
+    ids = [r.id for recs in shard_records(out).values() for r in recs]
+    assert len(ids) == len(set(ids)) == report["totals"]["records"]
+
+
+def test_text_features_cluster_the_records(mix, tmp_path):
+    """Modality "text": every record is an item (features from the records' own words)."""
+    data, _ = mix
+    records = load_records(data).records
+    vocab = {}
+    rows = []
+    for r in records:
+        v = np.zeros(64, np.float32)
+        for w in " ".join(t["value"] for t in r.conversations).lower().split():
+            v[vocab.setdefault(w, len(vocab)) % 64] += 1
+        rows.append(v / np.linalg.norm(v))
+    feats = tmp_path / "emb"
+    feats.mkdir()
+    np.save(feats / "features.npy", np.stack(rows))
+    write_json(feats / "keys.json", ["text:" + r.id for r in records])
+    write_json(feats / "embed.json", {"encoder": "minilm", "modality": "text", "dim": 64,
+                                      "count": len(records), "failed": []})
+    out = run(data, feats, tmp_path / "p", k=4)
+    sizes = [len(v) for v in shard_records(out).values()]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(records)
+    assert read_json(out / "router.json")["modality"] == "text"
+
+
+def test_bad_input_gives_clear_errors(mix, tmp_path, capsys):
+    data, feats = mix
+    with pytest.raises(ValueError, match="k: need at least 2"):
+        PartitionConfig(str(data), features=str(feats), k=1)
+    with pytest.raises(ValueError, match="larger than the number of unique items"):
+        run(data, feats, tmp_path / "p", k=10_000)
+    with pytest.raises(FileNotFoundError, match="embed.json"):
+        run(data, tmp_path / "nowhere", tmp_path / "p")
+    # keys.json out of step with features.npy
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    X = np.load(Path(feats) / "features.npy")
+    np.save(bad / "features.npy", X)
+    write_json(bad / "keys.json", read_json(Path(feats) / "keys.json")[:-1])
+    (bad / "embed.json").write_bytes((Path(feats) / "embed.json").read_bytes())
+    with pytest.raises(ValueError, match="must agree"):
+        run(data, bad, tmp_path / "p")
+    # a data file whose records the features do not cover
+    other = tmp_path / "other.jsonl"
+    rec = next(r for r in load_records(data).records if r.has_image)
+    (tmp_path / "copy.png").write_bytes(rec.image_path.read_bytes())  # same pixels, another file
+    row = {"id": "stranger", "image": str(tmp_path / "copy.png"), "conversations": rec.conversations}
+    other.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="re-run `ddfm embed`"):
+        run(other, feats, tmp_path / "p", k=2)
+    assert main(["partition", str(data), "--features", str(feats), "--k", "1", "--out", str(tmp_path / "q")]) == 2
+    assert "ddfm partition: error: k: need at least 2" in capsys.readouterr().err
