@@ -1,0 +1,112 @@
+"""Mixing the experts' next-token distributions (paper §3.3, eq. 24–27).
+
+Pure torch on tensors, no model code: the ensemble and ``ddfm.theory`` share it.
+
+The mixture is taken in probability space,
+
+    p(x | z) = Σ_k w_k p_k(x | z)                                   (eq. 24)
+    log p(x | z) = logsumexp_k (log w_k + log p_k(x | z)),
+
+never by averaging logits (that would be a product of experts, a different model).
+Experts with weight 0 have ``log w_k = -inf``; their entries are never read, so a
+caller may leave them as any finite value (or ``-inf``) without running the expert.
+
+The exact router is the posterior over clusters given the prefix (eq. 26–27):
+
+    w_k(x_{1..t}) ∝ w_k(x_{1..t-1}) · p_k(x_t | x_{<t}),
+
+which :func:`posterior_update` applies one token at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["mixture_log_probs", "posterior_update", "top_k_renormalise", "normalise_log"]
+
+
+def normalise_log(log_weights: torch.Tensor) -> torch.Tensor:
+    """Renormalise log-weights over the last axis: ``log w - logsumexp(log w)``.
+
+    Rows that are all ``-inf`` stay all ``-inf`` (no NaN).
+    """
+    total = torch.logsumexp(log_weights, dim=-1, keepdim=True)
+    total = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    return log_weights - total
+
+
+def mixture_log_probs(log_weights: torch.Tensor, expert_log_probs: torch.Tensor) -> torch.Tensor:
+    """``log Σ_k w_k p_k`` per row (eq. 24).
+
+    Args:
+        log_weights: (B, K) log mixture weights; ``-inf`` marks an expert that was not run.
+            Rows need not be normalised: they are renormalised here.
+        expert_log_probs: (B, K, V) each expert's log-probabilities over the vocabulary.
+
+    Returns:
+        (B, V) log-probabilities of the mixture (rows sum to 1 in probability space).
+    """
+    if log_weights.dim() != 2 or expert_log_probs.dim() != 3:
+        raise ValueError(f"expected log_weights (B,K) and expert_log_probs (B,K,V), got "
+                         f"{tuple(log_weights.shape)} and {tuple(expert_log_probs.shape)}")
+    if expert_log_probs.shape[:2] != log_weights.shape:
+        raise ValueError(f"log_weights {tuple(log_weights.shape)} does not match "
+                         f"expert_log_probs {tuple(expert_log_probs.shape)}")
+    log_w = normalise_log(log_weights.to(expert_log_probs.dtype))
+    skip = torch.isneginf(log_w)  # (B, K): expert not run for this row
+    # zero-weight experts may hold garbage (or -inf) rows; mask them so -inf + -inf
+    # and -inf + nan never reach logsumexp.
+    lp = expert_log_probs.masked_fill(skip.unsqueeze(-1), 0.0)
+    joint = (log_w.unsqueeze(-1) + lp).masked_fill(skip.unsqueeze(-1), float("-inf"))
+    return torch.logsumexp(joint, dim=1)  # (B, V)
+
+
+def posterior_update(log_weights: torch.Tensor, token_log_probs: torch.Tensor) -> torch.Tensor:
+    """One step of the exact router (eq. 26–27): ``log w_k + log p_k(x_t)``, renormalised.
+
+    Args:
+        log_weights: (B, K) current log-weights (``-inf`` = expert excluded, stays excluded).
+        token_log_probs: (B, K) each expert's log-probability of the token that was emitted.
+
+    Returns:
+        (B, K) renormalised log-weights. If every expert gives the token probability 0
+        the row keeps its previous weights (the evidence cannot discriminate).
+    """
+    if log_weights.shape != token_log_probs.shape:
+        raise ValueError(f"log_weights {tuple(log_weights.shape)} and token_log_probs "
+                         f"{tuple(token_log_probs.shape)} differ")
+    skip = torch.isneginf(log_weights)
+    joint = log_weights + token_log_probs.masked_fill(skip, 0.0).to(log_weights.dtype)
+    dead = torch.isneginf(torch.logsumexp(joint, dim=-1, keepdim=True))  # (B, 1)
+    joint = torch.where(dead, log_weights, joint)
+    return normalise_log(joint)
+
+
+def top_k_renormalise(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's ``k`` largest weights, zero the rest and renormalise (paper §4.3).
+
+    Args:
+        weights: (B, K) non-negative weights.
+        k: number of experts to keep, ``1 <= k``; ``k >= K`` only renormalises.
+
+    Returns:
+        (B, K) weights with at most ``k`` non-zeros per row, rows summing to 1. Ties are
+        broken towards the lower expert index, so the result is deterministic.
+    """
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be (B, K), got {tuple(weights.shape)}")
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if (weights < 0).any() or not torch.isfinite(weights).all():
+        raise ValueError("weights must be finite and non-negative")
+    K = weights.shape[1]
+    kept = weights
+    if k < K:
+        # stable sort: equal weights keep index order, so ties go to the lower index
+        order = torch.sort(weights, dim=1, descending=True, stable=True).indices[:, :k]
+        mask = torch.zeros_like(weights, dtype=torch.bool).scatter_(1, order, True)
+        kept = weights * mask
+    total = kept.sum(dim=1, keepdim=True)
+    if (total <= 0).any():
+        raise ValueError("a row of weights sums to 0; cannot renormalise")
+    return kept / total
