@@ -1,0 +1,125 @@
+"""Training throughput of ``ddfm train`` against a minimal plain PyTorch loop.
+
+    python benchmarks/bench_train.py [--steps 60] [--batch-size 16] [--rounds 3] [--data TRAIN.jsonl]
+
+Both sides train the same ``tiny-llava`` model (vision tower frozen, the ``llava``
+recipe) on the same batches of real images (Fashion-MNIST + scikit-learn digits, with
+``ddfm prepare`` when it is available) in one process. The plain loop is forward with
+``labels``, backward, AdamW step. ``ddfm train`` adds everything it does for real
+(global token-normalised loss, gradient clipping, lr schedule, JSON Lines log).
+Tokens/s count every input token (prompt, image placeholders, answer) after the first
+``--skip`` warm-up steps; rounds alternate the two sides and the median is reported.
+Target: ratio >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ddfm.models import InitConfig, init, load_model  # noqa: E402
+from ddfm.train import TrainConfig, collate, encode_shard, sample_order, train  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+NAMES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+
+
+def real_data(out: Path, n: int = 400) -> Path:
+    """Training records of real images: ``ddfm prepare mix`` if present, else Fashion-MNIST directly."""
+    try:
+        from ddfm.prepare import PrepareConfig, prepare
+        cfg = PrepareConfig(source="mix", out=str(out / "mix"), train_size=n, test_size=50)
+        return Path(prepare(cfg)) / "train.jsonl"
+    except ImportError:
+        pass
+    from PIL import Image
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    rows = []
+    for i in range(n):
+        Image.fromarray(images[i]).save(out / f"images/{i}.png")
+        rows.append({"id": str(i), "image": f"images/{i}.png",
+                     "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
+                                       {"from": "gpt", "value": f"A {NAMES[labels[i]]}."}]})
+    path = out / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def plain_loop(init_dir: Path, data: Path, steps: int, batch_size: int, lr: float, skip: int) -> float:
+    """Minimal loop: forward(labels) -> backward -> AdamW.step, on ddfm's batches. Returns tokens/s."""
+    model, processor = load_model(init_dir)
+    examples, pixels = encode_shard(str(data), processor, model)
+    pad = processor.tokenizer.pad_token_id
+    for name, p in model.named_parameters():
+        p.requires_grad_("vision_tower" not in name)  # the same llava recipe
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    tokens, t0 = 0, 0.0
+    for step in range(steps):
+        if step == skip:
+            t0, tokens = time.perf_counter(), 0
+        idx = sample_order(len(examples), 0, step * batch_size, batch_size)
+        batch = collate([examples[i] for i in idx], pixels, pad)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += sum(len(examples[i].input_ids) for i in idx)
+    return tokens / (time.perf_counter() - t0)
+
+
+def ddfm_loop(init_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float, skip: int) -> float:
+    """``ddfm.train.train`` itself; tokens/s from its own log over the same steps."""
+    train(TrainConfig(init=str(init_dir), data=str(data), out=str(out), steps=steps, batch_size=batch_size,
+                      lr=lr, save_every=0, seed=0))
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    timed = rows[skip:]
+    return sum(r["tokens"] for r in timed) / (rows[-1]["elapsed"] - rows[skip - 1]["elapsed"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the timing")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (1 gives steadier numbers on a busy machine)")
+    p.add_argument("--data", default=None, help="training JSONL (default: ddfm prepare mix, small)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = Path(args.data) if args.data else real_data(tmp / "data")
+        init_dir = init(InitConfig(preset="tiny-llava", data=str(data), out=str(tmp / "init")))
+        plain, ours = [], []
+        for r in range(args.rounds):
+            plain.append(plain_loop(init_dir, data, args.steps, args.batch_size, 1e-3, args.skip))
+            ours.append(ddfm_loop(init_dir, data, tmp / f"run{r}", args.steps, args.batch_size, 1e-3, args.skip))
+            print(f"round {r + 1}: plain {plain[-1]:8.0f} tok/s   ddfm train {ours[-1]:8.0f} tok/s", flush=True)
+    p_med, o_med = statistics.median(plain), statistics.median(ours)
+    print(f"plain PyTorch loop : {p_med:8.0f} tokens/s (median of {args.rounds})")
+    print(f"ddfm train         : {o_med:8.0f} tokens/s")
+    print(f"ratio              : {o_med / p_med:.3f}  (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
