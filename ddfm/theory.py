@@ -724,14 +724,15 @@ def _add_perplexities(totals: dict[str, dict[str, float]]) -> None:
         acc["gap"] = acc["ppl"] / ppl_central - 1
 
 
-def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperature: float = 20.0,
+def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperature: float | None = None,
                      features: str = "tfidf", seed: int = 0, max_train: int | None = None,
                      max_test: int | None = 400) -> dict:
     """Train a centralised byte-level n-gram model and K cluster experts on the Python docs
     and score the answers of the test samples with every router of :data:`TEXT_ROUTERS`.
 
     Partition: features of each training sample's whole text; routing (eq. 29): features of
-    the test prompt only. ``max_train`` / ``max_test`` cap the samples (seeded subsets).
+    the test prompt only, τ = ``temperature`` or, when None, calibrated on the partition like
+    ``ddfm partition`` does (:func:`ddfm.partition.calibrate_temperature`). ``max_train`` / ``max_test`` cap the samples (seeded subsets).
     Returns {"setup": ..., "routers": {name: {"ppl", "gap", "max_abs_diff", "nll", "tokens"}}};
     ``gap`` = ppl / ppl_central − 1, ``max_abs_diff`` = max |p_router − p_central| over all
     scored positions and all V next tokens.
@@ -748,6 +749,9 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperatur
              len(train), k, algorithm, features, len(test))
     central, experts, shares = ngram_experts([encode(t, order) for t in train_texts], labels, k, order, add_k)
     naive = [SmoothedNGram(e.counts, central.pseudo_count) for e in experts]
+    if temperature is None:
+        from ddfm.partition import calibrate_temperature
+        temperature = calibrate_temperature(f_train, centroids, labels, seed=seed)["temperature"]
     weights = centroid_router(f_prompt, centroids, temperature)
     totals: dict[str, dict[str, float]] = {}
     for i, (sample, w) in enumerate(zip(test, weights)):
@@ -791,7 +795,8 @@ class TheoryConfig:
     text_k: int = arg("K, expert n-gram models for the text check", 4)
     order: int = arg("n of the byte-level n-gram models", 3)
     add_k: float = arg("add-k smoothing of the centralised n-gram (pseudo-count per cell)", 0.01)
-    temperature: float = arg("tau of the centroid router (eq. 29)", 20.0)
+    temperature: float | None = arg("tau of the centroid router (eq. 29); default: calibrated on the "
+                                    "partition as ddfm partition does", None)
     features: str = arg("document features for partition and centroid routing", "tfidf",
                         choices=("tfidf", "minilm"))
     max_train: int | None = arg("use at most this many training samples (quick runs)", None)
@@ -816,7 +821,7 @@ class TheoryConfig:
         if self.text_k < 1 or self.order < 1 or self.add_k <= 0:
             raise ValueError("--text-k and --order must be >= 1 and --add-k > 0 (smoothing keeps every "
                              "test token possible)")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         for name in ("max_train", "max_test"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -881,7 +886,7 @@ def format_report(result: dict) -> str:
         t, r = result["text"]["setup"], result["text"]["routers"]
         lines += ["", f"Real text: byte-level {t['order']}-gram, add-k {t['add_k']}, python-docs "
                   f"({t['train_samples']} train / {t['test_samples']} test samples), K={t['k']} "
-                  f"({t['algorithm']}, {t['features']}), {r['central']['tokens']} scored bytes",
+                  f"({t['algorithm']}, {t['features']}, tau {t['temperature']:.3g}), {r['central']['tokens']} scored bytes",
                   f"  {'model':<18}{'ppl':>9}{'gap':>9}{'max|p-p_c|':>12}  what"]
         for name, acc in r.items():
             what = "the centralised model (all data)" if name == "central" else TEXT_ROUTERS[name]
