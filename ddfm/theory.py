@@ -24,6 +24,7 @@ See docs/theory.md for the derivations in words.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -754,21 +755,40 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperatur
         temperature = calibrate_temperature(f_train, centroids, labels, seed=seed)["temperature"]
     weights = centroid_router(f_prompt, centroids, temperature)
     totals: dict[str, dict[str, float]] = {}
-    for i, (sample, w) in enumerate(zip(test, weights)):
-        doc = DocumentEval(*_sample_tokens(sample, order), w)
-        for name, r in score_document(doc, central, {"share": experts, "full": naive}, shares, order).items():
-            acc = totals.setdefault(name, {"nll": 0.0, "tokens": 0, "max_abs_diff": 0.0})
-            acc["nll"] += r["nll"]
-            acc["tokens"] += r["tokens"]
-            acc["max_abs_diff"] = max(acc["max_abs_diff"], r["max_abs_diff"])
-        if (i + 1) % 100 == 0 or i + 1 == len(test):
-            log.info("theory: scored %d/%d test samples", i + 1, len(test))
+    with _one_torch_thread():
+        _score_all(test, weights, central, {"share": experts, "full": naive}, shares, order, totals)
     _add_perplexities(totals)
     setup = {"source": "python-docs", "order": order, "add_k": add_k, "k": k, "algorithm": algorithm,
              "features": features, "temperature": temperature, "train_samples": len(train),
              "test_samples": len(test), "samples_per_cluster": np.bincount(labels, minlength=k).tolist(),
              "cluster_shares": shares.tolist(), "top1_choices": np.bincount(weights.argmax(1), minlength=k).tolist()}
     return {"setup": setup, "routers": totals}
+
+
+def _score_all(test, weights, central, experts, shares, order, totals) -> None:
+    """Score every test sample (:func:`score_document`) and add up NLL, tokens and max diff."""
+    for i, (sample, w) in enumerate(zip(test, weights)):
+        doc = DocumentEval(*_sample_tokens(sample, order), w)
+        for name, r in score_document(doc, central, experts, shares, order).items():
+            acc = totals.setdefault(name, {"nll": 0.0, "tokens": 0, "max_abs_diff": 0.0})
+            acc["nll"] += r["nll"]
+            acc["tokens"] += r["tokens"]
+            acc["max_abs_diff"] = max(acc["max_abs_diff"], r["max_abs_diff"])
+        if (i + 1) % 100 == 0 or i + 1 == len(test):
+            log.info("theory: scored %d/%d test samples", i + 1, len(test))
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Per-sample tensors are small (≈1k x K x 257): intra-op threads cost far more than they
+    give, and on a shared machine they made torch.logsumexp ~50x slower in one measurement."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _subset(items: list, n: int | None, rng: np.random.Generator) -> list:

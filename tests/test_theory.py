@@ -161,7 +161,6 @@ def test_counts_table_matches_brute_force():
 
 @pytest.fixture(scope="module")
 def text_result():
-    pytest.importorskip("ddfm.mixture")
     return th.text_equivalence(k=2, order=3, add_k=0.01, temperature=None, features="tfidf", seed=0,
                                max_train=600, max_test=40)
 
