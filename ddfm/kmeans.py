@@ -579,8 +579,8 @@ def spherical_kmeans(X: np.ndarray, k: int, *, n_iter: int = 20, seed: int = 0,
     return C.numpy(), _nearest(C, Xt, True, chunk_size).numpy(), "torch"
 
 
-def weighted_balanced_assignment(S: torch.Tensor, weights: np.ndarray, *, max_sweeps: int = 50,
-                                 max_moves: int = 10_000) -> tuple[np.ndarray, dict]:
+def weighted_balanced_assignment(S: np.ndarray, weights: np.ndarray, *, prices: np.ndarray | None = None,
+                                 max_sweeps: int = 50, max_moves: int = 10_000) -> tuple[np.ndarray, dict]:
     """Assign m weighted items (fine clusters) to K clusters with near-equal total weight.
 
     Same dual prices as :func:`balanced_assignment`, with a weighted selection (cumulative
@@ -594,7 +594,7 @@ def weighted_balanced_assignment(S: torch.Tensor, weights: np.ndarray, *, max_sw
     K, m = S.shape
     w = np.asarray(weights, dtype=np.float64)
     target = w.sum() / K
-    prices = np.zeros(K)
+    prices = np.zeros(K) if prices is None else np.array(prices, dtype=np.float64)
     Sn = np.asarray(S, dtype=np.float64)
     for _ in range(max_sweeps):
         old = prices.copy()
@@ -621,7 +621,7 @@ def weighted_balanced_assignment(S: torch.Tensor, weights: np.ndarray, *, max_sw
         j = cand[np.argmin(Sn[a, cand] - Sn[b, cand])]
         labels[j] = b
     sizes = np.bincount(labels, weights=w, minlength=K)
-    return labels, {"polish_moves": moves, "weighted_sizes": sizes.tolist()}
+    return labels, {"polish_moves": moves, "weighted_sizes": sizes.tolist(), "prices": prices}
 
 
 class TwoStageKMeans(_CentroidModel):
@@ -702,14 +702,14 @@ class TwoStageKMeans(_CentroidModel):
         """Weighted balanced k-means of the fine centroids (weights = sample counts)."""
         Ft, w = torch.from_numpy(F), counts.astype(np.float64)
         C = _kmeans_pp(Ft, K, True, np.random.default_rng(self.seed))
-        prev, objective = None, []
+        prev, objective, stats = None, [], {}
         for it in range(1, self.max_iter + 1):
             S = (C @ Ft.T).numpy()  # (K, m)
-            labels, stats = weighted_balanced_assignment(S, w)
+            labels, stats = weighted_balanced_assignment(S, w, prices=stats.get("prices") if it > 1 else None)
             objective.append(float((S[labels, np.arange(len(w))] * w).sum() / w.sum()))
             if prev is not None and np.array_equal(labels, prev):
                 break
             prev = labels
-            wt = torch.from_numpy(w).float()[:, None]
-            C = _normalise(torch.zeros_like(C).index_add_(0, torch.from_numpy(labels), Ft * wt))
+            C = _normalise(_cluster_sums(Ft, torch.from_numpy(labels), K, torch.from_numpy(w)))
+        stats.pop("prices", None)
         return labels, it, {"stage2": {"objective": objective, **stats}}

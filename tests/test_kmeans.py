@@ -184,4 +184,4 @@ def test_weighted_assignment_near_equal():
     labels, stats = weighted_balanced_assignment(S, w)
     sizes = np.bincount(labels, weights=w, minlength=4)
     assert sizes.max() - sizes.min() <= w.max()
-    assert stats["weighted_sizes"] == pytest.approx(sizes.tolist())
+    assert stats["weighted_sizes"] == pytest.approx(sizes.tolist()) and stats["prices"].shape == (4,)
