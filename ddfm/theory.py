@@ -710,13 +710,6 @@ def score_document(doc: DocumentEval, central: SmoothedNGram, experts: dict[str,
     return out
 
 
-def centroid_router(features: np.ndarray, centroids: np.ndarray, temperature: float) -> np.ndarray:
-    """Eq. 29: softmax_k(τ · cos(f(prompt), c_k)) for unit rows; (Q, D), (K, D) -> (Q, K) float64."""
-    logits = temperature * (features.astype(np.float64) @ centroids.T.astype(np.float64))
-    weights = np.exp(logits - logits.max(1, keepdims=True))
-    return weights / weights.sum(1, keepdims=True)
-
-
 def _add_perplexities(totals: dict[str, dict[str, float]]) -> None:
     """ppl = exp(NLL / tokens) and gap = ppl / ppl_central − 1 for every model, in place."""
     ppl_central = math.exp(totals["central"]["nll"] / totals["central"]["tokens"])
@@ -753,7 +746,9 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperatur
     if temperature is None:
         from ddfm.partition import calibrate_temperature
         temperature = calibrate_temperature(f_train, centroids, labels, seed=seed)["temperature"]
-    weights = centroid_router(f_prompt, centroids, temperature)
+    from ddfm.router import Router     # the neural ensemble's router: eq. 29 on the prompt's features
+    router = Router(centroids, temperature, top_k=k, modality="text", cluster_shares=shares)
+    weights = router.probabilities(f_prompt).double().numpy()                  # (Q, K)
     totals: dict[str, dict[str, float]] = {}
     with _one_torch_thread():
         _score_all(test, weights, central, {"share": experts, "full": naive}, shares, order, totals)
