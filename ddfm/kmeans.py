@@ -315,6 +315,11 @@ def _newton_prices(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, max_step
     labels = _argmax_labels(S, prices)
     sizes = np.bincount(labels, minlength=K)
     excess = _excess(sizes, lo, hi)
+    if prices.any():  # a warm start from moved centroids can be worse than none (empty clusters)
+        cold = S.argmax(0)
+        cold_sizes = np.bincount(cold, minlength=K)
+        if _excess(cold_sizes, lo, hi) < excess:
+            prices, labels, sizes, excess = np.zeros(K), cold, cold_sizes, _excess(cold_sizes, lo, hi)
     steps = 0
     for steps in range(1, max_steps + 1):
         if excess <= 2 * K:
@@ -340,7 +345,10 @@ def _newton_prices(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, max_step
                 break
             alpha /= 2
         else:
-            break  # no descent: leave the rest to the sweeps and the exact repair
+            if band >= 0.3:
+                break  # no descent: leave the rest to the sweeps and the exact repair
+            band *= 4  # the density estimate was too local: widen the band and retry
+            continue
         prices = prices + alpha * delta
         labels, sizes, excess = cand, cand_sizes, _excess(cand_sizes, lo, hi)
     return prices, labels, steps

