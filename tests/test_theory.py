@@ -201,3 +201,29 @@ def test_drawn_samples_follow_the_computed_pmf():
         assert th.total_variation(drawn, th.generate(problem, router)) < 0.02
     exact = np.bincount(th.sample(problem, 40_000, rng), minlength=problem.space.size) / 40_000
     assert th.total_variation(exact, problem.space.embed_target(problem.q)) < 0.02
+
+
+def test_prefix_posterior_in_one_update_equals_token_by_token_updates():
+    # router_log_weights multiplies the likelihoods of the whole prefix in one
+    # posterior_update; the ensemble renormalises after every token: same weights
+    import torch
+    from ddfm.mixture import posterior_update
+    rng = np.random.default_rng(0)
+    token_logp = np.log(rng.dirichlet(np.ones(5), size=(30, 3))[..., 0])       # (T, K)
+    shares = np.array([0.5, 0.3, 0.2])
+    doc = th.DocumentEval(np.zeros(31, np.int64), 0, shares)
+    one_shot = th.router_log_weights("prefix-posterior", doc, shares, token_logp, token_logp)
+    w = torch.log(torch.as_tensor(shares, dtype=torch.float64))[None]
+    for t in range(30):
+        assert torch.allclose(one_shot[t], w[0], atol=1e-12)
+        w = posterior_update(w, torch.as_tensor(token_logp[t:t + 1]))
+
+
+@pytest.mark.slow
+def test_full_theory_command_on_all_python_docs():
+    result = th.theory(th.TheoryConfig(text_k=2, max_test=200))
+    r = result["text"]["routers"]
+    assert result["text"]["setup"]["algorithm"] == "balanced-kmeans"
+    assert r["context-posterior"]["max_abs_diff"] < TOL
+    assert r["centroid-top1"]["gap"] > 0          # the paper's router departs from central
+    assert result["finite"]["decomposition"] < TOL and result["routers"]["prompt"]["tv"] > 1e-3
