@@ -68,7 +68,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_attention_heads=4, patch_size=7),
         "text": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=4,
-                     max_position_embeddings=512, tie_word_embeddings=True),
+                     # RoPE: the context costs no parameters; prepare's docs passages
+                     # (120 words, code-heavy) reach ~700 tokens
+                     max_position_embeddings=1024, tie_word_embeddings=True),
         "projector_hidden_act": "gelu",
         # CLIP feature of the last layer, CLS dropped ("default"), as LLaVA does.
         "vision_feature_layer": -1,
@@ -79,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vocab_size": 4096,
         "text": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=4,
-                     max_position_embeddings=512, tie_word_embeddings=True),
+                     max_position_embeddings=1024, tie_word_embeddings=True),
     },
 }
 

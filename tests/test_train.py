@@ -171,3 +171,9 @@ def test_ddp_two_processes_match_single_process(init_dir, data, tmp_path):
     assert len(l1) == len(l2) == 5
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (l1, l2)
     assert json.loads((tmp_path / "ddp" / "ddfm.json").read_text())["compute"]["world_size"] == 2
+
+
+def test_bf16_autocast_trains(init_dir, data, tmp_path):
+    out = train(_cfg(init_dir, data, tmp_path / "bf16", steps=2, bf16=True))
+    rows = _log(out)
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
