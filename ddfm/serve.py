@@ -201,9 +201,14 @@ class ChatRequest:
         return self.temperature > 0
 
     def generation_key(self) -> tuple:
-        """Requests with equal keys can share one ``Ensemble.generate`` call."""
+        """Requests with equal keys can share one ``Ensemble.generate`` call.
+
+        A seeded sampling request gets a key of its own: its tokens must not depend on
+        which other requests happened to arrive at the same time.
+        """
+        alone = id(self) if self.do_sample and self.seed is not None else None
         return (self.max_tokens, self.do_sample, self.temperature if self.do_sample else 0.0,
-                self.top_p if self.do_sample else 1.0, tuple(self.stop), self.seed)
+                self.top_p if self.do_sample else 1.0, tuple(self.stop), self.seed, alone)
 
 
 @dataclass
@@ -246,7 +251,7 @@ def _integer(body: dict, key: str, default: int | None) -> int | None:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object; a syntax error says where."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise _bad("request body is not UTF-8 encoded JSON", None, "invalid_json") from None
     except json.JSONDecodeError as err:
@@ -535,25 +540,25 @@ class _Job:
     key: tuple                        # ChatRequest.generation_key()
     on_delta: Callable[[str], None] | None
     future: concurrent.futures.Future
-    expert: int | None = None         # top-1 expert, when known before generating
 
 
 class DynamicBatcher:
     """One worker thread that decodes concurrent requests together.
 
     It takes the first waiting request, keeps collecting for ``window_s`` seconds (or
-    until ``max_batch`` requests), groups them by generation parameters and by top-1
-    expert, and makes one ``Ensemble.generate`` call per group. While a call runs, new
-    requests queue up, so under load the next batch is ready immediately. A group whose
-    batched call fails is retried one request at a time, so one bad request cannot fail
-    its neighbours.
+    until ``max_batch`` requests), groups them by generation parameters and makes one
+    ``Ensemble.generate`` call per group. Inside that call each expert runs on the rows
+    routed to it (its own KV cache, batched), so requests routed to the same expert
+    decode together and an expert with no rows is not run at all. While a call runs,
+    new requests queue up, so under load the next batch is ready immediately. A group
+    whose batched call fails is retried one request at a time, so one bad request
+    cannot fail its neighbours.
     """
 
     def __init__(self, ensemble: Any, *, window_s: float = 0.005, max_batch: int = 8,
-                 metrics: Metrics | None = None, route: Callable[[list[Any]], list[int | None]] | None = None):
+                 metrics: Metrics | None = None):
         self.ensemble, self.window_s, self.max_batch = ensemble, window_s, max_batch
         self.metrics = metrics or Metrics()
-        self.route = route
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -601,20 +606,15 @@ class DynamicBatcher:
                 break
         return jobs
 
-    def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
-        if self.route is not None and jobs:
-            try:
-                for job, k in zip(jobs, self.route([j.request for j in jobs])):
-                    job.expert = k
-            except Exception:  # routing errors surface per request in generate
-                log.exception("routing before batching failed; batching by parameters only")
+    @staticmethod
+    def _groups(jobs: list[_Job]) -> list[list[_Job]]:
         groups: dict[tuple, list[_Job]] = {}
         for job in jobs:
-            groups.setdefault((job.key, job.expert), []).append(job)
+            groups.setdefault(job.key, []).append(job)
         return list(groups.values())
 
     def _run(self, jobs: list[_Job]) -> None:
-        max_new, do_sample, temperature, top_p, stop, seed = jobs[0].key
+        max_new, do_sample, temperature, top_p, stop, seed, _ = jobs[0].key
 
         def on_token(i: int, delta: str) -> None:
             cb = jobs[i].on_delta
@@ -650,14 +650,19 @@ class LocalBackend:
     kind = "local"
 
     def __init__(self, ensemble: Any, cfg: ServeConfig, metrics: Metrics):
+        import copy
+
         self.ensemble, self.cfg, self.metrics = ensemble, cfg, metrics
         self.batcher = DynamicBatcher(ensemble, window_s=cfg.batch_window_ms / 1000, max_batch=cfg.max_batch_size,
-                                      metrics=metrics, route=self._top1 if _routes_before(ensemble) else None)
-        self.mode = str(getattr(ensemble, "mode", cfg.mode))
-
-    @property
-    def expert_names(self) -> list[str]:
-        return [str(n) for n in getattr(self.ensemble, "expert_names", [])]
+                                      metrics=metrics)
+        self.mode = ensemble.mode if ensemble.mode != "expert" else f"expert:{ensemble.forced}"
+        self.expert_names = list(ensemble.expert_names)
+        # Prompts are counted in request threads while the batcher thread encodes with the
+        # ensemble's processor; a private copy (and a lock) keeps the two tokenizers apart.
+        self._counter = copy.copy(ensemble)
+        self._counter.processor = copy.deepcopy(ensemble.processor)
+        self._counter.tokenizer = getattr(self._counter.processor, "tokenizer", self._counter.processor)
+        self._count_lock = threading.Lock()
 
     async def start(self) -> None:
         self.batcher.start()
@@ -665,25 +670,21 @@ class LocalBackend:
     async def stop(self) -> None:
         await asyncio.to_thread(self.batcher.stop)
 
-    def _top1(self, requests: list[Any]) -> list[int | None]:
-        weights = self.ensemble.route(requests)  # (B, K)
-        return [int(max(range(len(w)), key=lambda k: float(w[k]))) for w in weights]
-
     def prepare(self, req: ChatRequest) -> Any:
         """The ``ddfm.ensemble.Request`` of a validated chat request; checks the prompt length."""
         from ddfm.ensemble import Request
 
         request = Request(prompt=req.prompt, image=req.image, history=req.history or None)
-        n = self.count_prompt_tokens(request)
-        if n is not None and n > self.cfg.max_prompt_tokens:
-            raise _bad(f"the prompt is {n} tokens, more than this server's limit of {self.cfg.max_prompt_tokens}",
-                       "messages", "context_length_exceeded")
+        try:
+            with self._count_lock:
+                n = self._counter.count_prompt_tokens(request)
+        except ValueError as err:  # e.g. an image sent to text-only experts
+            raise _bad(str(err), "messages", "unsupported_input") from None
+        if n > self.cfg.max_prompt_tokens:
+            raise _bad(f"the prompt is {n} tokens (image tokens included), more than this server's limit of "
+                       f"{self.cfg.max_prompt_tokens}", "messages", "context_length_exceeded")
         req.prompt_tokens = n
         return request
-
-    def count_prompt_tokens(self, request: Any) -> int | None:
-        counter = getattr(self.ensemble, "count_prompt_tokens", None)
-        return int(counter(request)) if counter is not None else None
 
     async def complete(self, req: ChatRequest, request: Any,
                        on_delta: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -695,16 +696,16 @@ class LocalBackend:
             "finish_reason": gen.finish_reason,
             "usage": {"prompt_tokens": int(gen.prompt_tokens), "completion_tokens": int(gen.completion_tokens),
                       "total_tokens": int(gen.prompt_tokens) + int(gen.completion_tokens)},
-            "ddfm": {"weights": _round(gen.weights), "experts": list(gen.experts), "mode": self.mode,
-                     **({"left_out": list(gen.left_out)} if getattr(gen, "left_out", None) else {})},
+            "ddfm": extension(gen.weights, gen.experts, self.mode, left_out=list(gen.left_out)),
         }
 
 
-def _routes_before(ensemble: Any) -> bool:
-    # Group the batch by top-1 expert only when the routing is fixed before decoding
-    # (centroid/uniform, top_k=1); the posterior router moves with every token.
-    return (callable(getattr(ensemble, "route", None)) and getattr(ensemble, "top_k", None) == 1
-            and getattr(ensemble, "mode", "") in ("centroid", "uniform"))
+def extension(weights: Any, experts: list[str], mode: str, **extra: Any) -> dict[str, Any]:
+    """The ``"ddfm"`` field of a response: weights (K,) aligned with the K expert names,
+    the experts that actually generated (weight > 0) and the routing mode."""
+    w = _round(weights)
+    return {"weights": w, "experts": list(experts), "routed_to": [e for e, x in zip(experts, w) if x > 0],
+            "mode": mode, **{k: v for k, v in extra.items() if v}}
 
 
 class GatewayBackend:
@@ -714,7 +715,7 @@ class GatewayBackend:
 
     def __init__(self, router: Any, upstreams: dict[int, str], cfg: ServeConfig, metrics: Metrics):
         self.router, self.upstreams, self.cfg, self.metrics = router, upstreams, cfg, metrics
-        k = int(getattr(router, "k", len(getattr(router, "centroids", []) or [])) or 0) if router is not None else 1
+        k = int(router.k) if router is not None else 1
         missing = sorted(set(range(k)) - set(upstreams))
         extra = sorted(set(upstreams) - set(range(k)))
         if missing or extra:
@@ -742,13 +743,14 @@ class GatewayBackend:
         """Routing weights ``(K,)`` of the request: router on its image (or text), else the prior π_k."""
         if self.router is None:
             return [1.0]
-        modality = getattr(self.router, "modality", "image")
-        if modality == "text":
-            w = self.router.route([req.prompt])[0]
+        if self.router.modality == "text":
+            w = self.router.route([req.prompt], top_k=1)[0]
         elif req.image is not None:
-            w = self.router.route([req.image])[0]
-        else:  # no image for an image router: the cluster shares are the prior p(S_k)
-            w = list(getattr(self.router, "cluster_shares", [1.0 / self.k] * self.k))
+            w = self.router.route([req.image], top_k=1)[0]
+        else:  # no image for an image router: top-1 of the prior p(S_k) = π_k, as the ensemble does
+            from ddfm.mixture import top_k_renormalise
+
+            w = top_k_renormalise(self.router.cluster_shares[None], 1)[0]
         return _round(w)
 
     async def _upstream_model(self, k: int) -> str:
@@ -798,8 +800,7 @@ class GatewayBackend:
         return out
 
     def extension(self, weights: list[float], k: int) -> dict[str, Any]:
-        return {"weights": weights, "experts": [self.expert_names[k]], "mode": self.mode,
-                "upstream": self.upstreams[k]}
+        return extension(weights, self.expert_names, self.mode, upstream=self.upstreams[k])
 
     async def open_stream(self, req: ChatRequest, weights: list[float]):
         """Open the upstream SSE stream (errors raised here, before our 200 is sent)."""
@@ -1027,7 +1028,7 @@ def create_app(cfg: ServeConfig, *, ensemble: Any = None, router: Any = None):
     def _account(usage: dict, ext: dict, t0: float) -> None:
         metrics.inc("ddfm_prompt_tokens_total", float(usage.get("prompt_tokens") or 0))
         metrics.inc("ddfm_completion_tokens_total", float(usage.get("completion_tokens") or 0))
-        for name in ext.get("experts") or []:
+        for name in ext.get("routed_to") or []:
             metrics.inc("ddfm_expert_requests_total", expert=str(name))
         metrics.observe(time.perf_counter() - t0)
 

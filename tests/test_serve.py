@@ -1,0 +1,540 @@
+"""`ddfm serve` end to end: real uvicorn servers on loopback ports, real tiny experts, real HTTP.
+
+The experts are two tiny-llava checkpoints from ``ddfm init`` (untrained: the protocol is
+under test, not the answers) on real Fashion-MNIST images; the router's centroids are the
+pixel features of two of those images, so which expert a request goes to is known.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import gzip
+import io
+import json
+import random
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from ddfm.serve import ApiError, Limits, Metrics, ServeConfig, create_app, parse_chat_request, sse
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def fmnist_images(n: int) -> tuple[list[Image.Image], list[int]]:
+    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return [Image.fromarray(images[i]) for i in range(n)], [int(x) for x in labels[:n]]
+
+
+def data_url(img: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_router(out: Path, centroid_images: list[Image.Image], temperature: float = 20.0) -> Path:
+    """A router file in the partition stage's format, centroids = pixel features of real images."""
+    from safetensors.numpy import save_file
+
+    from ddfm.embed import get_encoder
+
+    enc = get_encoder("pixels")
+    centroids = enc.encode(centroid_images).astype(np.float32)  # (K, D) unit rows
+    k = len(centroid_images)
+    save_file({"centroids": centroids}, str(out / "router.safetensors"))
+    (out / "router.json").write_text(json.dumps({
+        "k": k, "temperature": temperature, "top_k": 1, "encoder": enc.spec, "modality": "image",
+        "dim": int(centroids.shape[1]), "centroids": "router.safetensors", "cluster_shares": [1 / k] * k,
+        "algorithm": {"name": "test-fixture"}}))
+    return out / "router.json"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Two tiny-llava experts (ddfm init, seeds 0 and 1), a K=2 router, the images."""
+    from ddfm.models import InitConfig, init
+
+    root = tmp_path_factory.mktemp("serve")
+    images, labels = fmnist_images(24)
+    (root / "images").mkdir()
+    rows = []
+    for i, (img, y) in enumerate(zip(images, labels)):
+        img.save(root / "images" / f"{i:03d}.png")
+        rows.append({"id": f"fm-{i}", "image": f"images/{i:03d}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": f"A {NAMES[y].lower()}."}]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experts = [init(InitConfig(preset="tiny-llava", data=str(root / "train.jsonl"), out=str(root / f"expert-{s}"),
+                               seed=s, vocab_size=300)) for s in (0, 1)]
+    # images 0 and 1 are an ankle boot and a pullover: far apart in pixel space
+    router = write_router(root, [images[0], images[1]])
+    return {"root": root, "experts": [str(e) for e in experts], "router": str(router), "images": images}
+
+
+@pytest.fixture(scope="module")
+def ensemble(assets):
+    from ddfm.ensemble import Ensemble
+
+    return Ensemble.from_pretrained(assets["experts"], assets["router"], mode="centroid", top_k=1)
+
+
+class LiveServer:
+    """A real uvicorn server in a thread on a free loopback port."""
+
+    def __init__(self, app):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def serve_config(assets, **overrides) -> ServeConfig:
+    defaults = dict(experts=assets["experts"], router=assets["router"], max_output_tokens=16, default_max_tokens=4,
+                    max_image_pixels=64 * 64, max_prompt_tokens=200, max_body_bytes=64 * 1024,
+                    batch_window_ms=20, max_batch_size=8, log_level="warning")
+    return ServeConfig(**{**defaults, **overrides})
+
+
+@pytest.fixture(scope="module")
+def server(assets, ensemble):
+    live = LiveServer(create_app(serve_config(assets), ensemble=ensemble))
+    yield live
+    live.close()
+
+
+def user_message(text: str, img: Image.Image | None = None) -> list[dict]:
+    parts = [{"type": "text", "text": text}]
+    if img is not None:
+        parts.append({"type": "image_url", "image_url": {"url": data_url(img)}})
+    return [{"role": "user", "content": parts}]
+
+
+def assert_error(resp: httpx.Response, status: int, *, code: str | None = None, mentions: str = "",
+                 param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"], body
+    if code is not None:
+        assert err["code"] == code, body
+    if param is not None:
+        assert err["param"] == param, body
+    assert mentions.lower() in err["message"].lower(), body
+    return err
+
+
+# ----------------------------------------------------------------------------- protocol units
+
+LIMITS = Limits(max_image_pixels=64 * 64, max_output_tokens=16, default_max_tokens=4)
+
+
+def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
+    img = fmnist_images(1)[0][0]
+    body = {"model": "ddfm", "max_tokens": 5, "temperature": 0, "stop": "\n", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                     {"type": "text", "text": "What is this?"}]}]}
+    req = parse_chat_request(body, LIMITS, ["ddfm"])
+    assert req.prompt == "What is this?"
+    assert req.history == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello."}]
+    assert req.image.mode == "RGB" and req.image.size == (28, 28)
+    assert np.array_equal(np.asarray(req.image.convert("L")), np.asarray(img))
+    assert (req.max_tokens, req.do_sample, req.stop) == (5, False, ["\n"])
+
+
+@pytest.mark.parametrize("patch, status, code, param", [
+    ({"model": "gpt-4"}, 404, "model_not_found", "model"),
+    ({"n": 2}, 400, "unsupported_value", "n"),
+    ({"temperature": "hot"}, 400, "invalid_type", "temperature"),
+    ({"temperature": 3}, 400, "invalid_value", "temperature"),
+    ({"top_p": 0}, 400, "invalid_value", "top_p"),
+    ({"max_tokens": "8"}, 400, "invalid_type", "max_tokens"),
+    ({"max_tokens": True}, 400, "invalid_type", "max_tokens"),
+    ({"max_tokens": 17}, 400, "too_many_tokens", "max_tokens"),
+    ({"max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
+    ({"stop": 3}, 400, "invalid_type", "stop"),
+    ({"stream": "yes"}, 400, "invalid_type", "stream"),
+    ({"messages": []}, 400, "invalid_type", "messages"),
+    ({"messages": "hi"}, 400, "invalid_type", "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type", "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "invalid_value",
+     "messages[0].content[0].type"),
+])
+def test_parse_chat_request_rejects_each_bad_field_by_name(patch, status, code, param):
+    body = {"model": "ddfm", "messages": [{"role": "user", "content": "hi"}], **patch}
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(body, LIMITS, ["ddfm"])
+    err = info.value
+    assert (err.status, err.code, err.param) == (status, code, param), err.body()
+
+
+def test_metrics_render_prometheus_text_format():
+    m = Metrics()
+    m.inc("ddfm_requests_total", route="/v1/models", status="200")
+    m.inc("ddfm_expert_requests_total", expert='we"ird')
+    for s in (0.005, 0.3, 100.0):
+        m.observe(s)
+    text = m.render()
+    assert 'ddfm_requests_total{route="/v1/models",status="200"} 1' in text
+    assert 'ddfm_expert_requests_total{expert="we\\"ird"} 1' in text
+    assert 'ddfm_request_duration_seconds_bucket{le="0.01"} 1' in text
+    assert 'ddfm_request_duration_seconds_bucket{le="0.5"} 2' in text
+    assert 'ddfm_request_duration_seconds_bucket{le="+Inf"} 3' in text
+    assert "ddfm_request_duration_seconds_count 3" in text
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]+="([^"\\]|\\.)*",?)*\})? [0-9.e+-]+$')
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+
+
+def test_sse_event_framing():
+    assert sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+
+
+# ----------------------------------------------------------------------------- the live server
+
+def test_models_health_metrics(server):
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["ddfm"]
+    assert len(models["data"][0]["ddfm"]["experts"]) == 2
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["backend"] == "local"
+    metrics = httpx.get(server.url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in ("ddfm_requests_total", "ddfm_errors_total", "ddfm_completion_tokens_total",
+                 "ddfm_request_duration_seconds_bucket", "ddfm_expert_requests_total"):
+        assert name in metrics.text
+
+
+def test_openai_client_matches_ensemble_generate(server, ensemble, assets):
+    import openai
+    from ddfm.ensemble import Request
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    for i, expected_expert in ((0, 0), (1, 1)):
+        img = assets["images"][i]
+        resp = client.chat.completions.create(model="ddfm", messages=user_message("What is this?", img),
+                                              max_tokens=6, temperature=0)
+        direct = ensemble.generate(Request(prompt="What is this?", image=img.convert("RGB")),
+                                   max_new_tokens=6, do_sample=False)[0]
+        choice = resp.choices[0]
+        assert choice.message.role == "assistant"
+        assert choice.message.content == direct.text
+        assert choice.finish_reason in ("stop", "length")
+        assert resp.usage.completion_tokens == direct.completion_tokens <= 6
+        assert resp.usage.prompt_tokens == direct.prompt_tokens > 16  # 16 image tokens + text
+        ext = resp.model_extra["ddfm"]
+        assert len(ext["weights"]) == 2 and abs(sum(ext["weights"]) - 1) < 1e-5
+        assert int(np.argmax(ext["weights"])) == expected_expert  # the router's centroid image
+        assert ext["experts"] == direct.experts == ["expert-0", "expert-1"] and ext["mode"] == "centroid"
+        assert ext["routed_to"] == [f"expert-{expected_expert}"]
+
+
+def test_openai_client_streaming_equals_non_streaming(server, assets):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = user_message("Describe it.", assets["images"][2])
+    full = client.chat.completions.create(model="ddfm", messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model="ddfm", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert final[0].model_extra["ddfm"]["weights"] == full.model_extra["ddfm"]["weights"]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_sse_format_ends_with_done(server, assets):
+    body = {"model": "ddfm", "messages": user_message("Hi", assets["images"][3]), "stream": True, "max_tokens": 3}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        assert json.loads(event[len("data: "):])["object"] == "chat.completion.chunk"
+
+
+def test_text_only_request_and_sampling_parameters(server):
+    body = {"model": "ddfm", "messages": [{"role": "system", "content": "Answer briefly."},
+                                          {"role": "user", "content": "Name a shoe."}],
+            "max_tokens": 4, "temperature": 0.7, "top_p": 0.9, "seed": 3, "stop": ["\n"]}
+    a = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    b = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert a.status_code == 200, a.text
+    assert a.json()["usage"]["completion_tokens"] <= 4
+    assert a.json()["choices"][0]["message"]["content"] == b.json()["choices"][0]["message"]["content"]  # seeded
+
+
+def _post(server, body=None, *, content=None, headers=None):
+    return httpx.post(server.url + "/v1/chat/completions", json=body if content is None else None,
+                      content=content, headers=headers, timeout=60)
+
+
+def test_every_bad_input_is_a_4xx_with_an_openai_error_body(server, assets, tmp_path):
+    img = assets["images"][0]
+    ok = {"model": "ddfm", "messages": user_message("hi"), "max_tokens": 2}
+    with_url = lambda url: {**ok, "messages": [{"role": "user", "content": [  # noqa: E731
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    png = io.BytesIO()
+    img.resize((100, 100)).save(png, format="PNG")
+    too_big_image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    corrupt = io.BytesIO()
+    img.save(corrupt, format="PNG")
+    truncated = "data:image/png;base64," + base64.b64encode(corrupt.getvalue()[:60]).decode()
+    cases = [
+        (dict(content=b'{"model": "ddfm", "messages": [}'), 400, "invalid_json", "not valid JSON"),
+        (dict(content=b"\xff\xfe garbage"), 400, "invalid_json", "UTF-8"),
+        (dict(content=b"[1, 2]"), 400, "invalid_type", "JSON object"),
+        (dict(body={**ok, "temperature": "warm"}), 400, "invalid_type", "temperature"),
+        (dict(body={**ok, "n": 3}), 400, "unsupported_value", "'n'"),
+        (dict(body={**ok, "model": "gpt-4o"}), 404, "model_not_found", "gpt-4o"),
+        (dict(body=with_url("data:image/png;base64,!!notbase64!!")), 400, "invalid_base64", "base64"),
+        (dict(body=with_url("data:image/png;base64," + base64.b64encode(b"hello world, not a png").decode())),
+         400, "invalid_image", "not an image"),
+        (dict(body=with_url(truncated)), 400, "invalid_image", "image"),
+        (dict(body=with_url(too_big_image)), 400, "image_too_large", "100x100"),
+        (dict(body=with_url("https://example.com/cat.png")), 400, "image_url_not_allowed", "remote"),
+        (dict(body=with_url("/etc/passwd")), 400, "image_url_not_allowed", "local"),
+        (dict(body=with_url("file:///etc/hostname")), 400, "image_url_not_allowed", "local"),
+        (dict(body={**ok, "max_tokens": 10_000}), 400, "too_many_tokens", "max_tokens"),
+        (dict(body={**ok, "messages": user_message("word " * 400)}), 400, "context_length_exceeded", "tokens"),
+        (dict(body={**ok, "messages": user_message("x" * 70_000)}), 413, "request_too_large", "bytes"),
+        (dict(body={**ok, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(img)}},
+            {"type": "image_url", "image_url": {"url": data_url(img)}}]}]}), 400, "too_many_images", "one image"),
+    ]
+    for kwargs, status, code, mentions in cases:
+        assert_error(_post(server, **kwargs), status, code=code, mentions=mentions)
+    resp = httpx.get(server.url + "/v1/nothing-here")
+    assert_error(resp, 404, code="not_found")
+    assert_error(httpx.get(server.url + "/v1/chat/completions"), 405, code="method_not_allowed")
+    # still serving, and a valid request after all that is answered normally
+    assert _post(server, ok).status_code == 200
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'ddfm_errors_total{code="invalid_base64"} 1' in metrics
+
+
+def test_api_key_is_required_when_set(assets, ensemble):
+    import openai
+
+    live = LiveServer(create_app(serve_config(assets, api_key="s3cret"), ensemble=ensemble))
+    try:
+        body = {"model": "ddfm", "messages": user_message("hi"), "max_tokens": 2}
+        assert_error(_post(live, body), 401, code="invalid_api_key")
+        assert_error(_post(live, body, headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+        assert_error(httpx.get(live.url + "/v1/models"), 401)
+        assert httpx.get(live.url + "/health").status_code == 200
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+        assert client.chat.completions.create(model="ddfm", messages=user_message("hi"), max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=live.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        live.close()
+
+
+def test_concurrency_limit_answers_429_and_recovers(assets, ensemble):
+    # a 1.5 s batching window keeps the first request in flight while the second arrives
+    live = LiveServer(create_app(serve_config(assets, max_concurrent=1, batch_window_ms=1500), ensemble=ensemble))
+    try:
+        body = {"model": "ddfm", "messages": user_message("hi"), "max_tokens": 2}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(_post, live, body)
+            time.sleep(0.5)
+            assert_error(_post(live, body), 429, code="too_many_concurrent_requests")
+            assert first.result().status_code == 200
+        assert _post(live, body).status_code == 200
+    finally:
+        live.close()
+
+
+def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, assets):
+    before = httpx.get(server.url + "/metrics").text
+    bodies = [{"model": "ddfm", "messages": user_message("What is this?", assets["images"][i % 2]),
+               "max_tokens": 3, "temperature": 0} for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda b: _post(server, b), bodies))
+    assert all(r.status_code == 200 for r in resps)
+    by_image = {}
+    for i, r in enumerate(resps):  # same image, same greedy answer, whatever the batch
+        by_image.setdefault(i % 2, set()).add(r.json()["choices"][0]["message"]["content"])
+        assert int(np.argmax(r.json()["ddfm"]["weights"])) == i % 2
+    assert all(len(s) == 1 for s in by_image.values())
+    after = httpx.get(server.url + "/metrics").text
+
+    def value(text, name):
+        m = re.search(rf"^{name} ([0-9.]+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    batches = value(after, "ddfm_batches_total") - value(before, "ddfm_batches_total")
+    batched = value(after, "ddfm_batched_requests_total") - value(before, "ddfm_batched_requests_total")
+    assert batched == 8 and batches < 8  # at least one generate call decoded several requests
+
+
+# ----------------------------------------------------------------------------- gateway mode
+
+@pytest.fixture(scope="module")
+def upstreams(assets):
+    """Each expert behind its own real ddfm server (a single-model ensemble): the 'remote' experts."""
+    from ddfm.ensemble import Ensemble
+
+    lives = [LiveServer(create_app(serve_config(assets, experts=[e], router=None, model_name=f"expert-{k}"),
+                                   ensemble=Ensemble.from_pretrained([e])))
+             for k, e in enumerate(assets["experts"])]
+    yield lives
+    for live in lives:
+        live.close()
+
+
+def test_gateway_forwards_to_the_routed_expert_streaming_included(assets, upstreams):
+    import openai
+
+    gw = LiveServer(create_app(serve_config(assets, experts=[], upstream=[f"{k}={u.url}/v1"
+                                                                           for k, u in enumerate(upstreams)])))
+    try:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        for k in (0, 1):
+            messages = user_message("What is this?", assets["images"][k])
+            via_gateway = client.chat.completions.create(model="ddfm", messages=messages, max_tokens=6,
+                                                         temperature=0)
+            direct = openai.OpenAI(base_url=upstreams[k].url + "/v1", api_key="x").chat.completions.create(
+                model=f"expert-{k}", messages=messages, max_tokens=6, temperature=0)
+            assert via_gateway.choices[0].message.content == direct.choices[0].message.content
+            assert via_gateway.model == "ddfm"
+            assert via_gateway.usage.completion_tokens == direct.usage.completion_tokens
+            ext = via_gateway.model_extra["ddfm"]
+            assert ext["routed_to"] == [f"expert-{k}"] and int(np.argmax(ext["weights"])) == k
+            assert ext["weights"][1 - k] == 0.0  # top-1: the other expert is not asked
+            chunks = list(client.chat.completions.create(model="ddfm", messages=messages, max_tokens=6,
+                                                         temperature=0, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+                direct.choices[0].message.content
+            assert chunks[-1].model_extra["ddfm"]["routed_to"] == [f"expert-{k}"]
+        # validation happens at the gateway, before anything is forwarded
+        assert_error(_post(gw, {"model": "ddfm", "messages": user_message("hi"), "n": 2}), 400, code="unsupported_value")
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'ddfm_expert_requests_total{expert="expert-0"}' in metrics
+    finally:
+        gw.close()
+
+
+def test_gateway_upstream_down_or_silent_gives_503_not_a_hang(assets, upstreams):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens here
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    gw = LiveServer(create_app(serve_config(
+        assets, experts=[], upstream=[f"0={upstreams[0].url}", f"1=http://127.0.0.1:{dead_port}/v1"],
+        upstream_timeout=1.5, upstream_connect_timeout=1.0)))
+    gw_silent = LiveServer(create_app(serve_config(
+        assets, experts=[], upstream=[f"0=http://127.0.0.1:{silent.getsockname()[1]}", f"1={upstreams[1].url}"],
+        upstream_timeout=1.5, upstream_connect_timeout=1.0)))
+    try:
+        to = lambda k, stream=False: {"model": "ddfm", "max_tokens": 2, "stream": stream,  # noqa: E731
+                                      "messages": user_message("What is this?", assets["images"][k])}
+        for stream in (False, True):
+            t0 = time.monotonic()
+            assert_error(_post(gw, to(1, stream)), 503, code="upstream_unavailable", mentions="unreachable")
+            assert_error(_post(gw_silent, to(0, stream)), 503, code="upstream_timeout", mentions="timeout")
+            assert time.monotonic() - t0 < 10
+        assert _post(gw, to(0)).status_code == 200  # the live expert still answers
+        assert _post(gw_silent, to(1)).status_code == 200
+    finally:
+        gw.close()
+        gw_silent.close()
+        silent.close()
+
+
+def test_gateway_config_must_cover_every_expert(assets):
+    with pytest.raises(ValueError, match=r"no --upstream for \[1\]"):
+        create_app(serve_config(assets, experts=[], upstream=["0=http://127.0.0.1:9/v1"]))
+    with pytest.raises(ValueError, match="k=URL"):
+        ServeConfig(upstream=["http://127.0.0.1:9/v1"], router=assets["router"])
+    with pytest.raises(ValueError, match="exclude"):
+        ServeConfig(experts=assets["experts"], upstream=["0=http://127.0.0.1:9"])
+
+
+# ----------------------------------------------------------------------------- load
+
+def test_load_200_requests_at_concurrency_16_mixed_valid_and_invalid(server, assets):
+    rng = random.Random(0)
+    valid = lambda i: {"model": "ddfm", "max_tokens": rng.choice([1, 2, 4]), "temperature": rng.choice([0, 0.8]),  # noqa: E731
+                       "stream": i % 5 == 0, "messages": user_message("What is this?", assets["images"][i % 24])}
+    invalid = [
+        {"content": b"{not json"}, {"body": {"model": "nope", "messages": user_message("x")}},
+        {"body": {"model": "ddfm", "messages": user_message("x"), "n": 2}},
+        {"body": {"model": "ddfm", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}},
+        {"body": {"model": "ddfm", "messages": user_message("x"), "max_tokens": 99999}},
+    ]
+    jobs = [("valid", {"body": valid(i)}) if i % 2 == 0 else ("invalid", invalid[i % len(invalid)])
+            for i in range(200)]
+    rng.shuffle(jobs)
+
+    def run(job):
+        kind, kwargs = job
+        with httpx.Client(timeout=120) as c:
+            r = c.post(server.url + "/v1/chat/completions", json=kwargs.get("body"), content=kwargs.get("content"))
+            return kind, r.status_code, r.text
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, jobs))
+    elapsed = time.monotonic() - t0
+    assert not [r for r in results if r[1] >= 500], "5xx under load"
+    for kind, status, text in results:
+        if kind == "valid":
+            assert status == 200, text
+            if text.startswith("data: "):
+                assert text.endswith("data: [DONE]\n\n")
+            else:
+                assert json.loads(text)["choices"][0]["message"]["content"] is not None
+        else:
+            assert 400 <= status < 500
+            assert set(json.loads(text)["error"]) == ERROR_KEYS
+    assert httpx.get(server.url + "/health").json()["in_flight"] == 0
+    print(f"load test: 200 requests at concurrency 16 in {elapsed:.1f} s")
