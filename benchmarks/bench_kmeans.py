@@ -71,7 +71,8 @@ def ours_run(X: np.ndarray, k: int, iters: int, seed: int) -> dict:
     sizes = np.bincount(km.labels_, minlength=k)
     info = km.fit_info_
     return {"per_iter": float(np.mean(info["seconds"])), "total": total, "iters": km.n_iter_,
-            "max": int(sizes.max()), "min": int(sizes.min()), "sweeps": info["sweeps"],
+            "max": int(sizes.max()), "min": int(sizes.min()), "newton_steps": info["newton_steps"],
+            "sweeps": info["sweeps"],
             "repair_moves": info["repair_moves"]}
 
 
@@ -99,7 +100,8 @@ def bench(name: str, X: np.ndarray, ks: list[int], iters: int, m: int, seed: int
         print(f"{'faiss spherical K=%d' % k:<34}{f['per_iter']:>9.3f}{f['total']:>9.2f}{'':>8}"
               f"{'%d/%d' % (f['max'], f['min']):>18}")
         print(f"{'BalancedKMeans K=%d' % k:<34}{o['per_iter']:>9.3f}{o['total']:>9.2f}{ratio:>8.2f}"
-              f"{'%d/%d' % (o['max'], o['min']):>18}   sweeps {o['sweeps']} repair moves {o['repair_moves']}")
+              f"{'%d/%d' % (o['max'], o['min']):>18}   newton {o['newton_steps']} sweeps {o['sweeps']} "
+              f"repair moves {o['repair_moves']}")
         rows.append({"data": name, "k": k, "faiss": f, "ours": o, "ratio_per_iter": ratio})
     if two_stage:
         f = faiss_run(X, m, iters, seed)

@@ -425,9 +425,9 @@ class _CentroidModel:
         if not hasattr(self, "cluster_centers_"):
             raise ValueError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
 
-    def _prepare(self, X: Any) -> torch.Tensor:
+    def _prepare(self, X: Any, fitting: bool = False) -> torch.Tensor:
         Xt = _as_tensor(X)
-        if hasattr(self, "cluster_centers_") and Xt.shape[1] != self.cluster_centers_.shape[1]:
+        if not fitting and hasattr(self, "cluster_centers_") and Xt.shape[1] != self.cluster_centers_.shape[1]:
             raise ValueError(f"X has {Xt.shape[1]} features, the model was fitted on {self.cluster_centers_.shape[1]}")
         return _normalise(Xt) if self.spherical else Xt
 
@@ -505,7 +505,7 @@ class BalancedKMeans(_CentroidModel):
 
     def fit(self, X: Any, y: Any = None, init: np.ndarray | None = None) -> "BalancedKMeans":
         """Fit on X (N, D); ``init`` (K, D) optionally replaces k-means++. Returns self."""
-        Xt = self._prepare(X)
+        Xt = self._prepare(X, fitting=True)
         N = Xt.shape[0]
         self._validate(N)
         K = int(self.n_clusters)
@@ -673,7 +673,7 @@ class TwoStageKMeans(_CentroidModel):
             raise ValueError(f"balance_by: must be 'samples' or 'centroids', got {self.balance_by!r}")
         if not self.spherical:
             raise ValueError("TwoStageKMeans is spherical only (spherical=False is not supported)")
-        Xt = self._prepare(X)
+        Xt = self._prepare(X, fitting=True)
         N, K = Xt.shape[0], int(self.n_clusters)
         m = min(int(self.n_fine), N)
         if K < 1 or K > m:

@@ -185,3 +185,11 @@ def test_weighted_assignment_near_equal():
     sizes = np.bincount(labels, weights=w, minlength=4)
     assert sizes.max() - sizes.min() <= w.max()
     assert stats["weighted_sizes"] == pytest.approx(sizes.tolist()) and stats["prices"].shape == (4,)
+
+
+def test_refit_on_other_width_and_predict_width_check():
+    km = BalancedKMeans(2, seed=0).fit(blobs([10, 10], d=4)[0])
+    km.fit(blobs([10, 10], d=6)[0])  # a refit may change the width
+    assert km.cluster_centers_.shape == (2, 6)
+    with pytest.raises(ValueError, match="fitted on 6"):
+        km.predict(np.ones((3, 4), np.float32))
