@@ -528,7 +528,7 @@ class Ensemble:
         ids = streams.tokens[i]
         text, _ = streams.text(i)
         streams.finish(i)
-        return Generation(text=text, token_ids=ids, weights=[round(float(x), 8) for x in log_w.exp()],
+        return Generation(text=text, token_ids=ids, weights=[float(x) for x in log_w.exp()],
                           experts=list(self.expert_names), finish_reason=reason, prompt_tokens=n_prompt,
                           completion_tokens=len(ids), left_out=list(self.left_out),
                           prior=[float(x) for x in prior])

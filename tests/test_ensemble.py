@@ -1,0 +1,261 @@
+"""ddfm.ensemble: exactness against plain transformers, routing modes, faults, CLI.
+
+Experts are real checkpoints written by ``ddfm init`` (two seeds of ``tiny-llava`` on the
+same real images, so they share one tokenizer); the router comes from the real
+``ddfm embed`` + ``ddfm partition`` stages. The slow test trains two experts with
+``ddfm train`` on different real data (Fashion-MNIST vs digits).
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_models import make_data  # noqa: E402
+
+from ddfm.embed import EmbedConfig, embed  # noqa: E402
+from ddfm.ensemble import Ensemble, GenerateConfig, Request, generate_cli  # noqa: E402
+from ddfm.models import InitConfig, init, load_model, render_prompt  # noqa: E402
+from ddfm.partition import PartitionConfig, partition  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: one thread is fastest, and on a shared machine two threads can stall
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    data = make_data(root, n_fashion=12, n_digits=12, n_text=6)
+    experts = [init(InitConfig(preset="tiny-llava", data=str(data), out=str(root / f"expert-{k}"), seed=k))
+               for k in range(2)]
+    feats = embed(EmbedConfig(data=[str(data)], encoder="pixels@8", out=str(root / "embed")))
+    part = partition(PartitionConfig(data=str(data), features=str(feats), k=2, out=str(root / "part")))
+    shard_image = {k: str((part / json.loads((part / f"shard-{k:02d}.jsonl").read_text().splitlines()[0])["image"])
+                          .resolve()) for k in range(2)}
+    return {"root": root, "data": data, "experts": experts, "router": part / "router.json", "image": shard_image}
+
+
+@pytest.fixture(scope="module")
+def plain(world):
+    return [load_model(p) for p in world["experts"]]
+
+
+def _inputs(proc, prompt, image=None):
+    parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": prompt}]
+    text = render_prompt(proc, [{"role": "user", "content": parts}])
+    images = [Image.open(image).convert("RGB")] if image else None
+    return proc(text=text, images=images, return_tensors="pt")
+
+
+def _hf_generate(model, proc, prompt, image=None, n=10):
+    enc = _inputs(proc, prompt, image)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def _next_log_probs(model, proc, prompt, image=None):
+    with torch.no_grad():
+        return model(**_inputs(proc, prompt, image)).logits[0, -1].double().log_softmax(-1)
+
+
+def _count_calls(model):
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    return calls
+
+
+def test_one_expert_is_token_for_token_transformers_generate(world, plain):
+    model, proc = plain[0]
+    ens = Ensemble.from_pretrained([world["experts"][0]])
+    assert ens.mode == "uniform" and ens.top_k == 1
+    for prompt, image in [("What is this?", world["image"][0]), ("What is 2 plus 3?", None)]:
+        [gen] = ens.generate(Request(prompt, image=image), max_new_tokens=10)
+        assert gen.token_ids == _hf_generate(model, proc, prompt, image)
+        assert gen.weights == [1.0] and gen.prompt_tokens == _inputs(proc, prompt, image)["input_ids"].shape[1]
+
+
+def test_all_weight_on_expert_j_is_expert_j(world, plain):
+    for j in range(2):
+        model, proc = plain[j]
+        ens = Ensemble.from_pretrained(world["experts"], world["router"], mode=f"expert:{j}")
+        [gen] = ens.generate(Request("What is this?", image=world["image"][1 - j]), max_new_tokens=8)
+        assert gen.token_ids == _hf_generate(model, proc, "What is this?", world["image"][1 - j], n=8)
+        assert gen.weights == [float(j == 0), float(j == 1)]
+
+
+def test_centroid_top1_batch_routes_rows_and_never_runs_zero_weight_experts(world, plain):
+    ens = Ensemble.from_pretrained(world["experts"], world["router"])
+    assert ens.mode == "centroid" and ens.top_k == 1
+    calls = [_count_calls(m) for m in ens.experts]
+    reqs = [Request("What is this?", image=world["image"][0]), Request("Which digit?", image=world["image"][1]),
+            Request("What is this?", image=world["image"][0])]
+    gens = ens.generate(reqs, max_new_tokens=5)
+    assert [g.weights.index(1.0) for g in gens] == [0, 1, 0]
+    # each expert ran only on its own rows: batch 2 for expert 0, batch 1 for expert 1
+    assert set(calls[0]) == {2} and set(calls[1]) == {1} and len(calls[0]) == len(calls[1]) == 5
+    for g, r in zip(gens, reqs):  # left padding and row selection change nothing
+        model, proc = plain[g.weights.index(1.0)]
+        assert g.token_ids == _hf_generate(model, proc, r.prompt, r.image, n=5)
+    only0 = Ensemble.from_pretrained(world["experts"], world["router"])
+    calls = [_count_calls(m) for m in only0.experts]
+    only0.generate(Request("What is this?", image=world["image"][0]), max_new_tokens=4)
+    assert len(calls[0]) == 4 and calls[1] == []
+
+
+def test_mixture_next_token_distribution_is_the_explicit_sum(world, plain):
+    image = world["image"][0]
+    lp = torch.stack([_next_log_probs(m, p, "What is this?", image) for m, p in plain])  # (2, V)
+    for mode, top_k in [("centroid", 2), ("uniform", 2)]:
+        ens = Ensemble.from_pretrained(world["experts"], world["router"], mode=mode, top_k=top_k)
+        probs, w = ens.next_token_distribution(Request("What is this?", image=image))
+        assert torch.allclose(w, ens.route([Request("What is this?", image=image)])[0])
+        explicit = (w.double().unsqueeze(1) * lp.exp()).sum(0)
+        assert (probs.double() - explicit).abs().max() < 1e-6
+        assert abs(float(probs.sum()) - 1) < 1e-5
+    # not an average of logits
+    avg_logits = torch.softmax(lp.mean(0), -1)
+    assert (avg_logits - (0.5 * lp.exp()).sum(0)).abs().max() > 1e-6
+
+
+def test_posterior_is_exact_bayes_over_prompt_and_generated_tokens(world, plain):
+    ens = Ensemble.from_pretrained(world["experts"], world["router"], mode="posterior")
+    image, prompt = world["image"][1], "Which digit is this?"
+    prior = ens.route([Request(prompt, image=image)])[0].double()
+    assert (prior > 0).all() and ens.top_k == 2
+    [gen] = ens.generate(Request(prompt, image=image), max_new_tokens=4)
+    assert gen.prior == pytest.approx(prior.tolist())
+    log_w = prior.log().clone()
+    for k, (model, proc) in enumerate(plain):  # log p_k(prompt text tokens) + log p_k(generated tokens)
+        enc = _inputs(proc, prompt, image)
+        ids = torch.cat([enc["input_ids"][0], torch.tensor(gen.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids[None], pixel_values=enc["pixel_values"]).logits[0].double()
+        token_lp = logits[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]  # log p(x_t | x_<t), t >= 1
+        log_w[k] += token_lp[ids[1:] != model.config.image_token_id].sum()
+    want = torch.softmax(log_w, 0)
+    got = torch.tensor(gen.weights, dtype=torch.float64)
+    assert torch.allclose(got, want, atol=1e-5)
+    # compare log-odds too, so a saturated posterior cannot hide an error
+    assert float(got[0].log() - got[1].log()) == pytest.approx(float(log_w[0] - log_w[1]), abs=1e-2)
+
+
+def test_score_is_the_mixture_log_likelihood(world, plain):
+    ens = Ensemble.from_pretrained(world["experts"], world["router"], mode="uniform", top_k=2)
+    image, prompt, answer = world["image"][0], "What is this?", "A coat."
+    [res] = ens.score([Request(prompt, image=image)], [answer])
+    model, proc = plain[0]
+    full = proc(text=render_prompt(proc, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                                   add_generation_prompt=False),
+                images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    n_prompt = _inputs(proc, prompt, image)["input_ids"].shape[1]
+    n = res["n_tokens"]
+    assert proc.tokenizer.decode(full["input_ids"][0, n_prompt:n_prompt + n]) == answer + "</s>"
+    per = []
+    for m, _ in plain:
+        with torch.no_grad():
+            lp = m(**full).logits[0].double().log_softmax(-1)
+        per.append(lp[n_prompt - 1:n_prompt - 1 + n].gather(1, full["input_ids"][0, n_prompt:n_prompt + n, None])[:, 0])
+    want = -torch.logsumexp(torch.stack(per) + torch.log(torch.tensor(0.5, dtype=torch.float64)), 0).sum()
+    assert res["nll"] == pytest.approx(float(want), abs=1e-4)
+
+
+def test_sampling_seed_top_p_stop_and_streaming(world):
+    ens = Ensemble.from_pretrained(world["experts"], world["router"], mode="uniform", top_k=2)
+    req = Request("What is this?", image=world["image"][0])
+    a = ens.generate(req, do_sample=True, temperature=1.5, seed=3, max_new_tokens=12)[0]
+    b = ens.generate(req, do_sample=True, temperature=1.5, seed=3, max_new_tokens=12)[0]
+    assert a.token_ids == b.token_ids
+    greedy = ens.generate(req, max_new_tokens=12)[0]
+    assert ens.generate(req, do_sample=True, top_p=1e-9, seed=5, max_new_tokens=12)[0].token_ids == greedy.token_ids
+    # a stop string taken from a sampled text: cut before it, streamed deltas add up to the text
+    text = a.text
+    stop = text[len(text) // 2:len(text) // 2 + 2] if len(text) >= 4 else None
+    deltas = []
+    c = ens.generate(req, do_sample=True, temperature=1.5, seed=3, max_new_tokens=12, stop=[stop] if stop else None,
+                     on_token=lambda i, d: deltas.append((i, d)))[0]
+    assert "".join(d for _, d in deltas) == c.text and all(i == 0 for i, _ in deltas)
+    if stop:
+        assert c.finish_reason == "stop" and c.text == text[:text.find(stop)]
+    first = a.token_ids[0]
+    d = ens.generate(req, do_sample=True, temperature=1.5, seed=3, max_new_tokens=12, stop=[first])[0]
+    assert d.token_ids == [first] and d.finish_reason == "stop"
+    with pytest.raises(ValueError, match="top_p"):
+        ens.generate(req, do_sample=True, top_p=0)
+
+
+def test_refuses_experts_with_different_tokenizer_or_image_processing(world, tmp_path):
+    other = make_data(tmp_path / "d", n_fashion=0, n_digits=0, n_text=6)
+    lm = init(InitConfig(preset="tiny-lm", data=str(other), out=str(tmp_path / "lm")))
+    with pytest.raises(ValueError, match="expert lm differs from expert expert-0 in its (vocabulary|special tokens)"):
+        Ensemble.from_pretrained([world["experts"][0], lm])
+    odd = tmp_path / "odd"
+    shutil.copytree(world["experts"][1], odd)
+    pp = odd / "processor_config.json"
+    cfg = json.loads(pp.read_text())
+    cfg["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]
+    pp.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="expert odd differs from expert expert-0 in its image processor.*image_mean"):
+        Ensemble.from_pretrained([world["experts"][0], odd])
+
+
+def test_missing_expert_is_an_error_unless_allowed(world, plain, tmp_path):
+    gone = tmp_path / "expert-gone"
+    with pytest.raises(ValueError, match="expert expert-gone .* cannot be loaded.*--allow-missing"):
+        Ensemble.from_pretrained([world["experts"][0], gone], world["router"])
+    ens = Ensemble.from_pretrained([world["experts"][0], gone], world["router"], allow_missing=True)
+    [gen] = ens.generate(Request("Which digit?", image=world["image"][1]), max_new_tokens=5)
+    assert gen.left_out == ["expert-gone"] and gen.weights == [1.0, 0.0]
+    assert gen.token_ids == _hf_generate(*plain[0], "Which digit?", world["image"][1], n=5)
+
+
+def test_shared_encoder_routes_with_the_tower_and_runs_it_once(world, plain, tmp_path):
+    feats = embed(EmbedConfig(data=[str(world["data"])], encoder=f"tower:{world['experts'][0]}",
+                              out=str(tmp_path / "embed")))
+    part = partition(PartitionConfig(data=str(world["data"]), features=str(feats), k=2, out=str(tmp_path / "part")))
+    # give both experts the same (frozen) tower, as the LLaVA recipe trains them
+    e1 = tmp_path / "expert-1"
+    m0, p0 = plain[0]
+    m1, _ = load_model(world["experts"][1])
+    m1.model.vision_tower.load_state_dict(m0.model.vision_tower.state_dict())
+    m1.save_pretrained(e1)
+    p0.save_pretrained(e1)
+    experts = [world["experts"][0], e1]
+    reqs = [Request("What is this?", image=world["image"][k]) for k in range(2)]
+    ref = Ensemble.from_pretrained(experts, part / "router.json")
+    ens = Ensemble.from_pretrained(experts, part / "router.json", shared_encoder=True)
+    assert torch.allclose(ens.route(reqs), ref.route(reqs))
+    towers = [_count_calls_tower(m) for m in ens.experts]
+    gens, ref_gens = ens.generate(reqs, max_new_tokens=6), ref.generate(reqs, max_new_tokens=6)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in ref_gens]
+    assert sum(len(c) for c in towers) == 1  # one tower pass for routing + both experts
+
+
+def _count_calls_tower(model):
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_generate_cli_prints_text_and_weights(world, capsys):
+    from ddfm.cli import main
+
+    rc = main(["generate", "--experts", *map(str, world["experts"]), "--router", str(world["router"]),
+               "--image", world["image"][1], "--prompt", "Which digit?", "--max-new-tokens", "4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc in (0, None) and out["weights"] == [0.0, 1.0] and out["completion_tokens"] == 4
+    main(["generate", "--experts", str(world["experts"][0]), "--prompt", "Hi", "--max-new-tokens", "3"])
+    assert "weights expert-0=1.000" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--mode"):
+        GenerateConfig(experts=["a"], prompt="x", mode="expert:3")
+    assert main(["generate", "--experts", "/nonexistent", "--prompt", "x"]) == 2
