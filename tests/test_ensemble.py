@@ -259,3 +259,29 @@ def test_generate_cli_prints_text_and_weights(world, capsys):
     with pytest.raises(ValueError, match="--mode"):
         GenerateConfig(experts=["a"], prompt="x", mode="expert:3")
     assert main(["generate", "--experts", "/nonexistent", "--prompt", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_posterior_moves_toward_the_expert_whose_data_the_prompt_resembles(world, tmp_path):
+    """Two experts trained with ``ddfm train`` on different real data: Fashion-MNIST vs digits."""
+    from ddfm.train import TrainConfig, train
+
+    rows = [json.loads(line) for line in world["data"].read_text().splitlines()]
+    experts = []
+    for source in ("fashion-mnist", "digits"):
+        shard = world["data"].parent / f"only-{source}.jsonl"
+        shard.write_text("".join(json.dumps(r) + "\n" for r in rows if r["source"] == source))
+        experts.append(train(TrainConfig(init=str(world["experts"][0]), data=str(shard), out=str(tmp_path / source),
+                                         steps=30, batch_size=8, lr=3e-3, warmup=2, save_every=0, device="cpu")))
+    ens = Ensemble.from_pretrained(experts, mode="posterior")
+    fashion = next(r for r in rows if r["source"] == "fashion-mnist")
+    digit = next(r for r in rows if r["source"] == "digits")
+    for k, record in enumerate((fashion, digit)):
+        image = str(world["data"].parent / record["image"])
+        # the earlier turns (an answer in the style of expert k's data) are evidence for expert k
+        [gen] = ens.generate(Request("And this one?", image=image, history=record["conversations"]), max_new_tokens=4)
+        assert gen.prior == [0.5, 0.5] and gen.weights[k] > 0.99
+        # scoring a reference answer moves the posterior the same way
+        [res] = ens.score([Request(record["conversations"][0]["value"].replace("<image>\n", ""), image=image)],
+                          [record["conversations"][1]["value"]])
+        assert res["weights"][k] > 0.9
