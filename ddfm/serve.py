@@ -81,7 +81,8 @@ class ServeConfig:
     max_image_pixels: int = arg("largest image (width x height) accepted", default=4096 * 4096)
     max_prompt_tokens: int = arg("longest prompt in tokens (image tokens included)", default=2048)
     max_output_tokens: int = arg("largest max_tokens a request may ask for", default=512)
-    default_max_tokens: int = arg("max_tokens when a request gives none", default=64)
+    default_max_tokens: Optional[int] = arg("max_tokens when a request gives none (default: 64, at most "
+                                            "max_output_tokens)", default=None)
     max_concurrent: int = arg("requests in flight before new ones get 429", default=64)
     max_batch_size: int = arg("requests decoded together in one generate call", default=8)
     batch_window_ms: float = arg("how long the batcher waits for more requests when idle", default=5.0)
@@ -106,6 +107,8 @@ class ServeConfig:
                              "it does not load experts)")
         if self.mode not in ROUTING_MODES and not _is_expert_mode(self.mode):
             raise ValueError(f"mode: must be one of {', '.join(ROUTING_MODES)} or expert:K, got {self.mode!r}")
+        if self.default_max_tokens is None:
+            self.default_max_tokens = min(64, self.max_output_tokens)
         for name in ("port", "max_body_bytes", "max_image_pixels", "max_prompt_tokens", "max_output_tokens",
                      "default_max_tokens", "max_concurrent", "max_batch_size"):
             if getattr(self, name) <= 0:

@@ -307,6 +307,35 @@ def test_text_only_request_and_sampling_parameters(server):
     assert a.json()["choices"][0]["message"]["content"] == b.json()["choices"][0]["message"]["content"]  # seeded
 
 
+def test_stop_sequences_cut_the_text_in_both_modes(server, assets):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = user_message("What is this?", assets["images"][5])
+    full = client.chat.completions.create(model="ddfm", messages=messages, max_tokens=16, temperature=0)
+    text = full.choices[0].message.content
+    assert len(text) >= 6, text
+    stop = text[3:5]  # a piece of the greedy answer: the answer must end right before it
+    cut = client.chat.completions.create(model="ddfm", messages=messages, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="ddfm", messages=messages, max_tokens=16, temperature=0, stop=[stop], stream=True) if c.choices)
+    assert streamed == cut.choices[0].message.content  # nothing past the stop leaked into the stream
+
+
+def test_client_leaving_mid_stream_frees_its_slot(server, assets):
+    body = {"model": "ddfm", "messages": user_message("Hi", assets["images"][4]), "stream": True,
+            "max_tokens": 16, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+        assert next(resp.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 30
+    while httpx.get(server.url + "/health").json()["in_flight"] != 0:
+        assert time.monotonic() < deadline, "the abandoned stream never released its slot"
+        time.sleep(0.05)
+    assert _post(server, {**body, "stream": False}).status_code == 200
+
+
 def _post(server, body=None, *, content=None, headers=None):
     return httpx.post(server.url + "/v1/chat/completions", json=body if content is None else None,
                       content=content, headers=headers, timeout=60)
@@ -489,6 +518,15 @@ def test_gateway_upstream_down_or_silent_gives_503_not_a_hang(assets, upstreams)
         silent.close()
 
 
+def test_config_defaults_are_safe(assets):
+    cfg = ServeConfig(experts=assets["experts"])
+    assert cfg.host == "127.0.0.1" and not cfg.allow_remote_images and cfg.image_root is None
+    with pytest.raises(ValueError, match="max_concurrent"):
+        ServeConfig(experts=assets["experts"], max_concurrent=0)
+    with pytest.raises(ValueError, match="mode"):
+        ServeConfig(experts=assets["experts"], mode="best")
+
+
 def test_gateway_config_must_cover_every_expert(assets):
     with pytest.raises(ValueError, match=r"no --upstream for \[1\]"):
         create_app(serve_config(assets, experts=[], upstream=["0=http://127.0.0.1:9/v1"]))
@@ -538,3 +576,38 @@ def test_load_200_requests_at_concurrency_16_mixed_valid_and_invalid(server, ass
             assert set(json.loads(text)["error"]) == ERROR_KEYS
     assert httpx.get(server.url + "/health").json()["in_flight"] == 0
     print(f"load test: 200 requests at concurrency 16 in {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_ddfm_serve_command_in_a_subprocess(assets):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ddfm", "serve", "--experts", *assets["experts"],
+                             "--router", assets["router"], "--port", str(port), "--api-key", "k",
+                             "--max-output-tokens", "8", "--log-level", "warning"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "ddfm serve exited"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "ddfm serve did not come up"
+                time.sleep(0.3)
+        headers = {"Authorization": "Bearer k"}
+        r = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60, json={
+            "model": "ddfm", "max_tokens": 3, "messages": user_message("What is this?", assets["images"][1])})
+        assert r.status_code == 200 and r.json()["ddfm"]["routed_to"] == ["expert-1"]
+        assert_error(httpx.post(url + "/v1/chat/completions", headers=headers, json={
+            "model": "ddfm", "max_tokens": 9, "messages": user_message("x")}), 400, code="too_many_tokens")
+    finally:
+        proc.terminate()
+        assert proc.wait(30) is not None
