@@ -449,6 +449,8 @@ class Ensemble:
         """Encode, route, prefill. Returns (batch, runs {k: run}, log_w (B,K), lp (B,K,V) or
         per-run full log-probs, prior (B,K))."""
         batch = self._encode(requests, suffixes)
+        if self.shared_tower is not None:
+            self.shared_tower.remember(batch)
         prior = self.route(requests, images=batch.images)
         posterior = self.mode == "posterior"
         log_w = prior.log()
@@ -659,6 +661,11 @@ class _SharedTower:
         self.same = [t is not None and all(torch.equal(v, ref_state[n]) for n, v in t.state_dict().items())
                      for t in towers]
         self._last: dict[int, Any] = {}
+        self._pixels: dict[int, torch.Tensor] = {}
+
+    def remember(self, batch: _Batch) -> None:
+        """Pixel values the processor already computed for the batch's images."""
+        self._pixels = {id(im): pv for im, pv in zip(batch.images, batch.pixel_values) if im is not None}
 
     def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.ref.config
@@ -670,8 +677,13 @@ class _SharedTower:
 
     def encode(self, items: list) -> torch.Tensor:
         """Routing features (B, D) of images; remembers the tower output for the experts."""
-        originals, items = list(items), [_open(x) for x in items]
-        pixels = self.processor.image_processor(images=items, return_tensors="pt")["pixel_values"]
+        originals = list(items)
+        known = [self._pixels.get(id(x)) for x in originals]
+        if all(p is not None for p in known):  # the batch's own pixel values: no second preprocessing
+            pixels = torch.cat(known)
+        else:
+            images = [_open(x) for x in originals]
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         hidden = self._hidden(pixels)
         self._last = {id(x): hidden[j:j + 1] for j, x in enumerate(originals)}
         return torch.nn.functional.normalize(hidden.mean(1).float(), dim=1).numpy()
@@ -683,7 +695,7 @@ class _SharedTower:
             h = self._hidden(torch.cat([batch.pixel_values[i] for i in todo]))
             for j, i in enumerate(todo):
                 hidden[i] = h[j:j + 1]
-        self._last = {}
+        self._last, self._pixels = {}, {}
         return _SharedOutputs(self, hidden)
 
 

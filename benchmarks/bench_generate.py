@@ -1,0 +1,204 @@
+"""Decode speed of the ensemble vs plain `transformers` generate, and the router's share, in one run.
+
+    .venv/bin/python benchmarks/bench_generate.py                   # tiny experts built here
+    .venv/bin/python benchmarks/bench_generate.py --experts runs/expert-0 runs/expert-1 \\
+        --router runs/partition/router.json --new-tokens 64 --repeats 5
+
+Three comparisons, each timed side by side, alternating, median of ``--repeats``:
+
+1. **top-1** — ``Ensemble.generate`` (centroid router, top_k=1) vs ``model.generate`` of the
+   expert it routes to; decode tokens/s = (N-1) / (t(N) - t(1)), so prefill and routing
+   cancel. Target ratio >= 0.95.
+2. **top-2** — the mixture of both experts (each with its own KV cache) vs the ideal, the
+   time of generating with expert 0 plus with expert 1 separately. Target >= 0.9.
+3. **router share** of one request's time (route + generate ``--request-tokens``): a
+   separate encoder (efficientnet-lite0, real weights) and the shared encoder (the
+   experts' own vision tower, whose output the chosen expert reuses). The paper reports
+   5.4 % for a separate CLIP ViT-B/16 and 0 % for a shared encoder.
+
+Greedy decoding; the ensemble's tokens are checked equal to transformers' before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fmnist_images(n: int):
+    from PIL import Image
+
+    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    return [Image.fromarray(images[i]).convert("RGB") for i in range(n)]
+
+
+def build_experts(root: Path, images) -> list[str]:
+    """Two tiny-llava experts (``ddfm init``, seeds 0 and 1) sharing one tokenizer and one tower."""
+    from ddfm.models import InitConfig, init, load_model, save_checkpoint
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, img in enumerate(images):
+        img.save(root / "images" / f"{i:03d}.png")
+        rows.append({"id": f"fm-{i}", "image": f"images/{i:03d}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A garment."}]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    experts = [str(init(InitConfig(preset="tiny-llava", data=str(root / "train.jsonl"), out=str(root / f"expert-{k}"),
+                                   seed=k))) for k in range(2)]
+    # the LLaVA recipe trains with a frozen vision tower: give expert 1 expert 0's tower
+    m0, _ = load_model(experts[0])
+    m1, p1 = load_model(experts[1])
+    m1.model.vision_tower.load_state_dict(m0.model.vision_tower.state_dict())
+    save_checkpoint(m1, p1, experts[1])
+    return experts
+
+
+def write_router(out: Path, encoder, images, k: int = 2) -> Path:
+    """A K-cluster router over ``encoder``'s features (balanced k-means), in the partition format."""
+    from ddfm.kmeans import BalancedKMeans
+    from ddfm.partition import write_router as _write
+
+    X = encoder.encode(images)
+    km = BalancedKMeans(n_clusters=k, seed=0).fit(X)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out, km.cluster_centers_.astype(np.float32), {
+        "k": k, "temperature": 20.0, "top_k": 1, "encoder": encoder.spec, "modality": "image",
+        "dim": int(X.shape[1]), "centroids": "router.safetensors", "cluster_shares": [1.0 / k] * k})
+    return out / "router.json"
+
+
+def plain_inputs(processor, prompt: str, image):
+    """The prompt as plain transformers sees it: the ONE prompt format + the processor."""
+    from ddfm.models import render_prompt
+
+    text = render_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
+    return processor(text=text, images=[image], return_tensors="pt")
+
+
+def hf_generate(model, enc, n: int, exactly: bool = True) -> torch.Tensor:
+    """Plain transformers greedy generate; ``exactly``: n tokens even past eos (min_new_tokens)."""
+    with torch.inference_mode():
+        return model.generate(**enc, max_new_tokens=n, min_new_tokens=n if exactly else None, do_sample=False)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the functions taking turns so load changes hit all."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decode_tps(gens: dict, n: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s of each ``gens[name](m)``: (n-1) / (t(n) - t(1)); t(1) = prefill (+ routing)."""
+    fns = {}
+    for name, gen in gens.items():
+        fns[(name, n)] = (lambda g: lambda: g(n))(gen)
+        fns[(name, 1)] = (lambda g: lambda: g(1))(gen)
+    t = interleaved(fns, repeats)
+    return {name: (n - 1) / max(t[(name, n)] - t[(name, 1)], 1e-9) for name in gens}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--experts", nargs="*", default=None, help="two expert directories (default: build tiny ones)")
+    p.add_argument("--router", default=None, help="router.json for --experts (default: efficientnet-lite0 router)")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per timed generation")
+    p.add_argument("--request-tokens", type=int, default=16, help="tokens of a request for the router share")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from ddfm.embed import get_encoder
+    from ddfm.ensemble import Ensemble, Request
+
+    images = fmnist_images(24)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    experts = args.experts or build_experts(tmp, images)
+    effnet = get_encoder("efficientnet-lite0")
+    router = args.router or str(write_router(tmp / "router-effnet", effnet, images))
+    image, prompt = images[0], "What is this?"
+    request = Request(prompt, image=image)
+    n, R = args.new_tokens, args.repeats
+    results: dict = {"experts": experts, "router": router, "new_tokens": n, "repeats": R, "threads": args.threads}
+
+    # 1. top-1 ensemble vs transformers generate of the routed expert
+    top1 = Ensemble.from_pretrained(experts, router)
+    k = int(top1.route([request])[0].argmax())
+    model, enc = top1.experts[k], plain_inputs(top1.processor, prompt, image)
+    want = hf_generate(model, enc, n, exactly=False)[0, enc["input_ids"].shape[1]:].tolist()
+    got = top1.generate(request, max_new_tokens=n, stop=[])[0].token_ids
+    if got != want:
+        sys.exit(f"bench_generate: the ensemble's tokens differ from transformers' ({got[:8]} vs {want[:8]})")
+    nomin = Ensemble.from_pretrained(experts, router)
+    nomin.eos_ids = set()  # decode exactly n tokens, like min_new_tokens in the reference
+    mix = Ensemble.from_pretrained(experts, router, mode="uniform", top_k=2)
+    mix.eos_ids = set()
+    other = mix.experts[1 - k]
+    tps = decode_tps({"top1": lambda m: nomin.generate(request, max_new_tokens=m),
+                      "hf": lambda m: hf_generate(model, enc, m),
+                      "top2": lambda m: mix.generate(request, max_new_tokens=m),
+                      "hf_other": lambda m: hf_generate(other, enc, m)}, n, R)
+    results.update({f"{name}_tps": v for name, v in tps.items()})
+    results["top1_ratio"] = tps["top1"] / tps["hf"]
+    # 2. top-2 mixture vs the two experts run one after the other (the ideal)
+    ideal = 1.0 / (1.0 / tps["hf"] + 1.0 / tps["hf_other"])  # tokens/s of running both
+    results["top2_ideal_tps"] = ideal
+    results["top2_ratio"] = tps["top2"] / ideal
+
+    # 3. the router's share of one request (route + generate --request-tokens)
+    m = args.request_tokens
+    forced = Ensemble.from_pretrained(experts, mode=f"expert:{k}")
+    forced.eos_ids = set()
+    shared = Ensemble.from_pretrained(experts, _tower_router(tmp, experts[0], images), shared_encoder=True)
+    shared.eos_ids = set()
+    t = interleaved({"forced": lambda: forced.generate(request, max_new_tokens=m),
+                     "route": lambda: nomin.route([request]),
+                     "effnet": lambda: nomin.generate(request, max_new_tokens=m),
+                     "shared": lambda: shared.generate(request, max_new_tokens=m)}, R)
+    t_request = t["effnet"]
+    results["request_s"] = {name: v for name, v in t.items()}
+    results["router_share_effnet"] = t["route"] / t_request
+    results["router_overhead_effnet"] = (t_request - t["forced"]) / t_request
+    results["router_overhead_shared_tower"] = (t["shared"] - t["forced"]) / t["shared"]
+
+    print(f"top-1 ensemble decode {results['top1_tps']:.1f} tok/s vs transformers {results['hf_tps']:.1f} tok/s: "
+          f"ratio {results['top1_ratio']:.3f} (target >= 0.95)")
+    print(f"top-2 mixture decode {results['top2_tps']:.1f} tok/s vs ideal (both experts) {ideal:.1f} tok/s: "
+          f"ratio {results['top2_ratio']:.3f} (target >= 0.9)")
+    print(f"router share of a {m}-token request ({t_request * 1000:.1f} ms): efficientnet-lite0 "
+          f"{100 * results['router_share_effnet']:.1f} % (route alone; request vs forced expert: "
+          f"{100 * results['router_overhead_effnet']:.1f} %), shared tower "
+          f"{100 * results['router_overhead_shared_tower']:.1f} % (paper: 5.4 % CLIP ViT-B/16, 0 % shared)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _tower_router(tmp: Path, expert: str, images) -> str:
+    from ddfm.embed import get_encoder
+
+    return str(write_router(tmp / "router-tower", get_encoder(f"tower:{expert}"), images))
+
+
+if __name__ == "__main__":
+    main()
