@@ -285,3 +285,41 @@ def test_posterior_moves_toward_the_expert_whose_data_the_prompt_resembles(world
         [res] = ens.score([Request(record["conversations"][0]["value"].replace("<image>\n", ""), image=image)],
                           [record["conversations"][1]["value"]])
         assert res["weights"][k] > 0.9
+
+
+def test_text_only_experts_batches_and_posterior(tmp_path):
+    data = make_data(tmp_path, n_fashion=0, n_digits=0, n_text=8)
+    experts = [init(InitConfig(preset="tiny-lm", data=str(data), out=str(tmp_path / f"lm-{k}"), seed=k)) for k in range(2)]
+    plain = [load_model(p) for p in experts]
+    prompts = ["What is 1 plus 2?", "Hi", "What is 4 plus 4? Answer in words, please."]
+    one = Ensemble.from_pretrained([experts[0]])
+    gens = one.generate([Request(p) for p in prompts], max_new_tokens=6)  # left-padded batch
+    model, tok = plain[0]
+    for g, prompt in zip(gens, prompts):
+        enc = tok(render_prompt(tok, [{"role": "user", "content": prompt}]), add_special_tokens=False,
+                  return_tensors="pt")
+        with torch.no_grad():
+            ref = model.generate(**enc, max_new_tokens=6, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+        assert g.token_ids == ref
+    with pytest.raises(ValueError, match="text-only"):
+        one.generate(Request("x", image=_png(tmp_path)))
+    # posterior on a text-only prompt: prior uniform, moved by each expert's prompt likelihood
+    ens = Ensemble.from_pretrained(experts, mode="posterior")
+    probs, w = ens.next_token_distribution(Request(prompts[0]))
+    enc = tok(render_prompt(tok, [{"role": "user", "content": prompts[0]}]), add_special_tokens=False,
+              return_tensors="pt")["input_ids"]
+    ll, nxt = [], []
+    for m, _ in plain:
+        with torch.no_grad():
+            lp = m(input_ids=enc).logits[0].double().log_softmax(-1)
+        ll.append(lp[:-1].gather(1, enc[0, 1:, None]).sum())
+        nxt.append(lp[-1])
+    want_w = torch.softmax(torch.stack(ll), 0)
+    assert torch.allclose(w.double(), want_w, atol=1e-5)
+    assert (probs.double() - (want_w[:, None] * torch.stack(nxt).exp()).sum(0)).abs().max() < 1e-6
+
+
+def _png(tmp_path):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(path)
+    return str(path)
