@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
 from ddfm.config import arg, to_dict
 from ddfm.data import Record, load_records, write_records
-from ddfm.io import atomic_path, write_json, atomic_write_text
+from ddfm.io import atomic_path, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +374,7 @@ def partition(cfg: PartitionConfig) -> Path:
     else:
         calibration = {"temperature": float(cfg.temperature), "source": "given (--temperature)"}
     shares = (np.bincount(labels, minlength=cfg.k) / len(records)).tolist()
-    algorithm = {"name": cfg.algorithm, **{k: v for k, v in model.get_params().items()},
+    algorithm = {"name": cfg.algorithm, **model.get_params(),
                  "n_iter": int(model.n_iter_), "inertia": float(model.inertia_)}
 
     t0 = time.perf_counter()
