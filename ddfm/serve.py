@@ -260,6 +260,8 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise _bad(f"request body is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
                    None, "invalid_json") from None
+    except RecursionError:
+        raise _bad("request body is nested too deeply", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad(f"request body must be a JSON object, got {_type_name(body)}", None, "invalid_type")
     return body
@@ -302,6 +304,8 @@ def parse_chat_request(body: dict[str, Any], limits: Limits, model_ids: list[str
         raise _bad("'top_p' must be greater than 0", "top_p")
     stop = _stop(body.get("stop"))
     seed = _integer(body, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise _bad(f"'seed' must be between 0 and 2**63 - 1, got {seed}", "seed")
     prompt, history, image = _messages(body.get("messages"), limits)
     return ChatRequest(model=model, prompt=prompt, history=history, image=image, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream,
@@ -780,6 +784,8 @@ class GatewayBackend:
         if resp.status_code != 200:
             text = (await resp.aread()).decode("utf-8", "replace")
             await resp.aclose()
+            if resp.status_code == 404:
+                self._models.pop(k, None)  # the upstream may have restarted with another model id
             raise _upstream_status(k, url, resp.status_code, text)
         return resp
 
@@ -825,7 +831,7 @@ class GatewayBackend:
                     chunk = json.loads(data)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(chunk, dict):
+                if isinstance(chunk, dict) and "choices" in chunk:
                     chunk["model"] = req.model
                     if chunk.get("usage"):
                         usage.update(chunk["usage"])

@@ -356,6 +356,10 @@ def test_every_bad_input_is_a_4xx_with_an_openai_error_body(server, assets, tmp_
         (dict(content=b'{"model": "ddfm", "messages": [}'), 400, "invalid_json", "not valid JSON"),
         (dict(content=b"\xff\xfe garbage"), 400, "invalid_json", "UTF-8"),
         (dict(content=b"[1, 2]"), 400, "invalid_type", "JSON object"),
+        (dict(content=b"[" * 50_000), 400, "invalid_json", "nested"),
+        (dict(body={**ok, "seed": 10**30}), 400, "invalid_value", "seed"),
+        (dict(content=b'{"model": "ddfm", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+         400, "invalid_value", "temperature"),
         (dict(body={**ok, "temperature": "warm"}), 400, "invalid_type", "temperature"),
         (dict(body={**ok, "n": 3}), 400, "unsupported_value", "'n'"),
         (dict(body={**ok, "model": "gpt-4o"}), 404, "model_not_found", "gpt-4o"),
@@ -436,6 +440,11 @@ def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, 
         m = re.search(rf"^{name} ([0-9.]+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 
+    for k in (0, 1):  # requests per expert, as routed
+        name = f'ddfm_expert_requests_total\\{{expert="expert-{k}"\\}}'
+        assert value(after, name) - value(before, name) == 4
+    assert value(after, "ddfm_completion_tokens_total") > value(before, "ddfm_completion_tokens_total")
+    assert value(after, "ddfm_request_duration_seconds_count") - value(before, "ddfm_request_duration_seconds_count") == 8
     batches = value(after, "ddfm_batches_total") - value(before, "ddfm_batches_total")
     batched = value(after, "ddfm_batched_requests_total") - value(before, "ddfm_batched_requests_total")
     assert batched == 8 and batches < 8  # at least one generate call decoded several requests
