@@ -385,7 +385,7 @@ def train(cfg: TrainConfig) -> Path:
                  micro, "+".join(cfg.parts))
     bar = _progress(cfg, step, rank)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
-    t_start, t_last = time.perf_counter(), time.perf_counter()
+    t_start, t_last, cpu_start = time.perf_counter(), time.perf_counter(), time.process_time()
 
     # ---- train
     while step < cfg.steps:
@@ -421,7 +421,8 @@ def train(cfg: TrainConfig) -> Path:
         if rank == 0:
             now = time.perf_counter()
             row = {"step": step, "loss": step_loss.item(), "lr": lr, "tokens": n_tokens,
-                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": now - t_start}
+                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": now - t_start,
+                   "cpu_s": time.process_time() - cpu_start}  # CPU time: steadier on a shared machine
             t_last = now
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
