@@ -670,6 +670,8 @@ class LocalBackend:
         self._counter.processor = copy.deepcopy(ensemble.processor)
         self._counter.tokenizer = getattr(self._counter.processor, "tokenizer", self._counter.processor)
         self._count_lock = threading.Lock()
+        ref = next(m for m in ensemble.experts if m is not None)
+        self.context = getattr(ref.config.get_text_config(), "max_position_embeddings", None)
 
     async def start(self) -> None:
         self.batcher.start()
@@ -690,6 +692,9 @@ class LocalBackend:
         if n > self.cfg.max_prompt_tokens:
             raise _bad(f"the prompt is {n} tokens (image tokens included), more than this server's limit of "
                        f"{self.cfg.max_prompt_tokens}", "messages", "context_length_exceeded")
+        if self.context is not None and n + req.max_tokens > self.context:
+            raise _bad(f"the prompt is {n} tokens and max_tokens is {req.max_tokens}: more than the experts' "
+                       f"context of {self.context} tokens", "messages", "context_length_exceeded")
         req.prompt_tokens = n
         return request
 

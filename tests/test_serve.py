@@ -385,8 +385,25 @@ def test_every_bad_input_is_a_4xx_with_an_openai_error_body(server, assets, tmp_
     assert_error(httpx.get(server.url + "/v1/chat/completions"), 405, code="method_not_allowed")
     # still serving, and a valid request after all that is answered normally
     assert _post(server, ok).status_code == 200
+    for i in range(20):  # random paths do not grow the metrics (bounded label values)
+        httpx.get(server.url + f"/probe-{i}-{random.random()}")
     metrics = httpx.get(server.url + "/metrics").text
     assert 'ddfm_errors_total{code="invalid_base64"} 1' in metrics
+    assert "probe" not in metrics and 'route="other",status="404"' in metrics
+
+
+def test_prompt_plus_max_tokens_must_fit_the_experts_context(assets, ensemble):
+    from ddfm.serve import LocalBackend
+
+    backend = LocalBackend(ensemble, serve_config(assets, max_prompt_tokens=100_000), Metrics())
+    context = ensemble.experts[0].config.get_text_config().max_position_embeddings
+    body = {"model": "ddfm", "max_tokens": 8, "messages": user_message("hello " * context)}
+    with pytest.raises(ApiError) as info:
+        backend.prepare(parse_chat_request(body, LIMITS, ["ddfm"]))
+    assert info.value.code == "context_length_exceeded" and str(context) in info.value.message
+    short = parse_chat_request({**body, "messages": user_message("hello")}, LIMITS, ["ddfm"])
+    backend.prepare(short)
+    assert 0 < short.prompt_tokens < 20
 
 
 def test_api_key_is_required_when_set(assets, ensemble):
