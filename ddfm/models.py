@@ -126,8 +126,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, with_image: bool, 
 
 def _build_llava(preset: dict, tokenizer) -> tuple[Any, Any]:
     """``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from a preset."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    try:  # transformers 5: the PIL backend, no torchvision needed
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 4: the slow processor is the PIL one
+        from transformers import CLIPImageProcessor as ImageProcessor
 
     size = preset["image_size"]
     vision = CLIPVisionConfig(image_size=size, **preset["vision"])
@@ -141,8 +145,7 @@ def _build_llava(preset: dict, tokenizer) -> tuple[Any, Any]:
                          vision_feature_select_strategy=preset["vision_feature_select_strategy"],
                          tie_word_embeddings=preset["text"].get("tie_word_embeddings", False))
     model = LlavaForConditionalGeneration(config)
-    # The PIL backend: no torchvision needed to load or run the processor.
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size},
+    image_processor = ImageProcessor(size={"shortest_edge": size},
                                             crop_size={"height": size, "width": size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=vision.patch_size, chat_template=CHAT_TEMPLATE,
