@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Request", "Generation", "Ensemble", "GenerateConfig", "generate_cli", "check_compatible"]
 
 MODES = ("centroid", "posterior", "uniform", "expert:J")
+# which prompt tokens the posterior router counts: every text token of the prompt (the
+# exact posterior of experts that model whole conversations), or only the assistant
+# turns of the history (what LLaVA-style experts are trained on: their loss masks the
+# human turns, so those tokens' probabilities carry no information about the cluster)
+EVIDENCE = ("prompt", "answers")
 
 
 @dataclass
@@ -144,12 +149,13 @@ def check_compatible(names: Sequence[str], processors: Sequence[Any], models: Se
 
 @dataclass
 class _Batch:
-    """Left-padded prompts of a batch. input_ids/attention_mask: (B, T); image_mask (B, T)
-    marks image placeholder tokens; pixel_values[i]: (1, C, H, W) or None; images[i]: PIL or None."""
+    """Left-padded prompts of a batch. input_ids/attention_mask: (B, T); evidence (B, T)
+    marks the prompt tokens whose probability is evidence for the posterior router;
+    pixel_values[i]: (1, C, H, W) or None; images[i]: PIL or None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    image_mask: torch.Tensor
+    evidence: torch.Tensor
     pixel_values: list
     images: list
     lengths: list[int]
@@ -221,17 +227,15 @@ class _ExpertRun:
         return torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1)
 
 
-def _prompt_log_likelihood(lp: torch.Tensor, run: _ExpertRun, image_mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t log p_k(x_t | x_<t) over a prompt's text tokens (not padding, bos or image tokens).
+def _prompt_log_likelihood(lp: torch.Tensor, run: _ExpertRun, evidence: torch.Tensor) -> torch.Tensor:
+    """Σ_t log p_k(x_t | x_<t) over the prompt tokens marked as evidence.
 
-    lp: (n, T, V) log-probs of the first T positions of ``run``'s rows (the prompt part);
-    image_mask: (n, T_batch) aligned at the left with the batch. Returns (n,).
+    lp: (n, T, V) prefill log-probs of ``run``'s rows; evidence: (n, T_batch) of the batch
+    (right-aligned with ``run``, which may have dropped shared left padding). Returns (n,).
     """
-    T = lp.shape[1]
-    ids, mask = run.input_ids[:, :T], run.mask[:, :T]
-    img = image_mask[:, image_mask.shape[1] - run.input_ids.shape[1]:][:, :T]
+    ids, mask = run.input_ids, run.mask
+    counted = evidence[:, -ids.shape[1]:][:, 1:] & mask[:, :-1].bool()  # x_t has a real predecessor
     token_lp = lp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (n, T-1): log p(x_t | x_<t)
-    counted = (mask[:, 1:] * mask[:, :-1]).bool() & ~img[:, 1:]
     return (token_lp * counted).sum(1)
 
 
@@ -306,7 +310,7 @@ class Ensemble:
 
     def __init__(self, experts: list, processor, router: Router | None = None, *, names: list[str] | None = None,
                  mode: str = "centroid", top_k: int | None = None, shared_encoder: bool = False,
-                 left_out: list[str] | None = None):
+                 left_out: list[str] | None = None, evidence: str = "prompt"):
         from ddfm.models import get_tokenizer, image_token
 
         K = len(experts)
@@ -319,6 +323,9 @@ class Ensemble:
         self.image_token = image_token(processor)
         self.is_vlm = self.image_token is not None
         self.mode, self.forced = _parse_mode(mode, K)
+        if evidence not in EVIDENCE:
+            raise ValueError(f"evidence must be one of {', '.join(EVIDENCE)}, got {evidence!r}")
+        self.evidence = evidence
         if router is not None and router.k != K:
             raise ValueError(f"router {router.path or ''} has {router.k} clusters but {K} experts were given; "
                              "give one expert per cluster, in the router's order")
@@ -346,7 +353,8 @@ class Ensemble:
     @classmethod
     def from_pretrained(cls, experts: Sequence[str | os.PathLike], router: str | os.PathLike | Router | None = None, *,
                         mode: str = "centroid", top_k: int | None = None, temperature: float | None = None,
-                        allow_missing: bool = False, device: str = "cpu", shared_encoder: bool = False) -> "Ensemble":
+                        allow_missing: bool = False, device: str = "cpu", shared_encoder: bool = False,
+                        evidence: str = "prompt") -> "Ensemble":
         """Load K expert checkpoint directories (one per cluster, in the router's order).
 
         ``temperature`` overrides the router's τ; ``top_k`` defaults to the router file's
@@ -379,20 +387,38 @@ class Ensemble:
             raise ValueError(f"none of the {len(paths)} experts could be loaded")
         check_compatible([names[i] for i in loaded], [processors[i] for i in loaded], [models[i] for i in loaded])
         return cls(models, processors[loaded[0]], router, names=names, mode=mode, top_k=top_k,
-                   shared_encoder=shared_encoder, left_out=left_out)
+                   shared_encoder=shared_encoder, left_out=left_out, evidence=evidence)
 
     # -------------------------------------------------------------- prompts
-    def _encode_one(self, request: Request) -> tuple[list[int], Any, Any]:
+    def _encode_one(self, request: Request) -> tuple[list[int], Any, Any, list[bool]]:
+        """(prompt ids, pixel_values (1, C, H, W) or None, image or None, evidence per token)."""
         from ddfm.models import render_prompt
 
         image = _open(request.image)
         if image is not None and not self.is_vlm:
             raise ValueError("the experts are text-only language models; a request with an image cannot be served")
-        text = render_prompt(self.processor, _messages(request, image is not None))
+        messages = _messages(request, image is not None)
+        text = render_prompt(self.processor, messages)
         if self.is_vlm:
             enc = self.processor(text=text, images=[image] if image is not None else None, return_tensors="pt")
-            return enc["input_ids"][0].tolist(), enc.get("pixel_values"), image
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"], None, None
+            ids, pixels = enc["input_ids"][0].tolist(), enc.get("pixel_values")
+        else:
+            ids, pixels = self.tokenizer(text, add_special_tokens=False)["input_ids"], None
+        return ids, pixels, image, self._evidence(messages, ids, image is not None)
+
+    def _evidence(self, messages: list[dict], ids: list[int], has_image: bool) -> list[bool]:
+        """Which prompt tokens the posterior router counts (see :data:`EVIDENCE`)."""
+        if self.evidence == "prompt":
+            return [t != self.image_token_id for t in ids]
+        from ddfm.models import encode_conversation, num_image_tokens
+
+        if has_image and not hasattr(self, "_n_image_tokens"):
+            self._n_image_tokens = num_image_tokens(self.processor)
+        conv_ids, answer = encode_conversation(self.processor, messages, self._n_image_tokens if has_image else None)
+        n = min(len(ids), len(conv_ids))
+        if conv_ids[:n] != ids[:n]:
+            raise ValueError("the prompt's tokens differ from the conversation's; cannot find its assistant turns")
+        return answer[:n] + [False] * (len(ids) - n)
 
     def count_prompt_tokens(self, request: Request) -> int:
         """Number of prompt tokens (image placeholders expanded) of a request."""
@@ -400,15 +426,18 @@ class Ensemble:
 
     def _encode(self, requests: list[Request], suffixes: list[list[int]] | None = None) -> _Batch:
         encoded = [self._encode_one(r) for r in requests]
-        seqs = [ids + (suffixes[i] if suffixes else []) for i, (ids, _, _) in enumerate(encoded)]
+        seqs = [ids + (suffixes[i] if suffixes else []) for i, (ids, *_) in enumerate(encoded)]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         for i, s in enumerate(seqs):  # left padding
             ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, T - len(s):] = 1
-        image_mask = (ids == self.image_token_id) & mask.bool() if self.image_token_id is not None else torch.zeros_like(mask, dtype=torch.bool)
-        return _Batch(ids, mask, image_mask, [e[1] for e in encoded], [e[2] for e in encoded],
+        evidence = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for i, e in enumerate(encoded):  # prompt tokens only: a scored answer is not evidence
+            n_suffix = len(seqs[i]) - len(e[0])
+            evidence[i, T - len(seqs[i]):T - n_suffix] = torch.tensor(e[3], dtype=torch.bool)
+        return _Batch(ids, mask, evidence, [e[1] for e in encoded], [e[2] for e in encoded],
                       [len(e[0]) for e in encoded])
 
     # -------------------------------------------------------------- routing
@@ -465,8 +494,7 @@ class Ensemble:
             run = _ExpertRun(model, rows, batch, enc)
             lp = run.prefill(all_positions=all_positions or posterior)
             if posterior:
-                n_prompt = None if suffixes is None else [len(suffixes[i]) for i in rows.tolist()]
-                ll = _prompt_log_likelihood(_prompt_part(lp, n_prompt), run, batch.image_mask[rows])
+                ll = _prompt_log_likelihood(lp, run, batch.evidence[rows])
                 log_w[rows, k] = log_w[rows, k] + ll
             runs[k], outputs[k] = run, lp
         return batch, runs, normalise_log(log_w), outputs, prior
@@ -597,16 +625,6 @@ class Ensemble:
                     w = posterior_update(w, tok_lp.nan_to_num(neginf=-1e30).masked_fill(torch.isneginf(w), 0.0))
             results.append({"nll": nll, "n_tokens": n, "weights": [float(x) for x in w[0].exp()]})
         return results
-
-
-def _prompt_part(lp: torch.Tensor, n_suffix: list[int] | None) -> torch.Tensor:
-    # in score(), the prefill covers prompt + answer; the prompt evidence must not see the answer
-    if not n_suffix:
-        return lp
-    n = n_suffix[0]
-    if any(m != n for m in n_suffix):
-        raise ValueError("internal: posterior scoring expects one request at a time")
-    return lp[:, :-n] if n else lp
 
 
 def _parse_mode(mode: str, K: int) -> tuple[str, int | None]:
@@ -740,6 +758,9 @@ class GenerateConfig:
     router_temperature: Optional[float] = arg("router temperature τ of eq. 29 (default: the router file's)", default=None)
     shared_encoder: bool = arg("route with the experts' own vision tower instead of the partition's encoder",
                                default=False)
+    evidence: str = arg("posterior: prompt tokens counted as evidence (prompt: all text; answers: the "
+                        "history's assistant turns, for experts trained on answers only)", default="prompt",
+                        choices=EVIDENCE)
     max_new_tokens: int = arg("maximum generated tokens", default=64)
     do_sample: bool = arg("sample instead of greedy decoding", default=False)
     temperature: float = arg("sampling temperature", default=1.0)
@@ -767,7 +788,7 @@ def generate_cli(cfg: GenerateConfig) -> Generation:
     """Load the ensemble, generate for one prompt, print the text and the weights."""
     ens = Ensemble.from_pretrained(cfg.experts, cfg.router, mode=cfg.mode, top_k=cfg.top_k,
                                    temperature=cfg.router_temperature, allow_missing=cfg.allow_missing,
-                                   device=cfg.device, shared_encoder=cfg.shared_encoder)
+                                   device=cfg.device, shared_encoder=cfg.shared_encoder, evidence=cfg.evidence)
     [gen] = ens.generate(Request(cfg.prompt, image=cfg.image), max_new_tokens=cfg.max_new_tokens,
                          do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                          stop=cfg.stop or None, seed=cfg.seed)

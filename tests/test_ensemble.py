@@ -323,3 +323,29 @@ def _png(tmp_path):
     path = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(path)
     return str(path)
+
+
+def test_posterior_answers_evidence_counts_only_the_historys_assistant_turns(world, plain):
+    ens = Ensemble.from_pretrained(world["experts"], world["router"], mode="posterior", evidence="answers")
+    image = world["image"][0]
+    prior = ens.route([Request("What is this?", image=image)])[0].double()
+    _, w = ens.next_token_distribution(Request("What is this?", image=image))
+    assert torch.allclose(w.double(), prior, atol=1e-6)  # no assistant turn yet: no evidence
+    history = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A coat."}]
+    _, w = ens.next_token_distribution(Request("And now?", image=image, history=history))
+    log_w = prior.log().clone()
+    img = [Image.open(image).convert("RGB")]
+    for k, (model, proc) in enumerate(plain):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A coat."}]}]
+        start = proc(text=render_prompt(proc, msgs[:1]), images=img, return_tensors="pt")["input_ids"].shape[1]
+        full = proc(text=render_prompt(proc, msgs, add_generation_prompt=False), images=img, return_tensors="pt")
+        ids = full["input_ids"][0]
+        assert proc.tokenizer.decode(ids[start:]).startswith("A coat.</s>")
+        with torch.no_grad():
+            lp = model(**full).logits[0].double().log_softmax(-1)
+        # the answer span as the training loss masks it: "A coat." + eos + the template's newline
+        log_w[k] += lp[start - 1:-1].gather(1, ids[start:, None]).sum()
+    assert torch.allclose(w.double(), torch.softmax(log_w, 0), atol=1e-5)
+    with pytest.raises(ValueError, match="evidence"):
+        Ensemble.from_pretrained(world["experts"], world["router"], mode="posterior", evidence="all")
