@@ -634,6 +634,19 @@ def test_ddfm_serve_command_in_a_subprocess(assets):
         assert r.status_code == 200 and r.json()["ddfm"]["routed_to"] == ["expert-1"]
         assert_error(httpx.post(url + "/v1/chat/completions", headers=headers, json={
             "model": "ddfm", "max_tokens": 9, "messages": user_message("x")}), 400, code="too_many_tokens")
+        # memory stays flat across waves of mixed requests (after the first wave has warmed up)
+        rss = lambda: int(open(f"/proc/{proc.pid}/status").read().split("VmRSS:")[1].split()[0]) / 1024  # noqa: E731
+        bodies = [{"model": "ddfm", "max_tokens": 2, "stream": i % 3 == 0,
+                   "messages": user_message("What is this?", assets["images"][i % 24])} for i in range(40)]
+        bodies += [{"model": "ddfm", "messages": user_message("x"), "n": 2}] * 20
+        sizes = []
+        with httpx.Client(headers=headers, timeout=60) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for _ in range(3):
+                codes = list(pool.map(lambda b: client.post(url + "/v1/chat/completions", json=b).status_code,
+                                      bodies))
+                assert sorted(set(codes)) == [200, 400]
+                sizes.append(rss())
+        assert sizes[-1] - sizes[0] < 40, f"server RSS grew across waves: {sizes} MiB"
     finally:
         proc.terminate()
         assert proc.wait(30) is not None
