@@ -17,6 +17,8 @@ logits. Routing modes give the weights w:
   multiply by each expert's probability of every prompt token and of every generated
   token, renormalise every step. Needs every expert's forward pass; works for text-only
   prompts too. ``top_k`` < K mixes only the top-k of the current posterior.
+  ``evidence="answers"`` counts only the history's assistant turns among the prompt
+  tokens (experts trained LLaVA-style never learn to predict the human turns).
 * ``uniform`` — w_k = 1/K;  ``expert:J`` — all weight on expert J.
 
 Each expert keeps its own KV cache and runs only on the rows of the batch that give it
@@ -345,6 +347,9 @@ class Ensemble:
         eos = ref.generation_config.eos_token_id if ref.generation_config is not None else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None}
+        if shared_encoder and router is not None and router.modality != "image":
+            raise ValueError(f"shared_encoder: router {router.path or ''} routes on {router.modality} features; "
+                             "the experts' vision tower can only replace an image encoder")
         self.shared_tower = _SharedTower(experts, processor) if shared_encoder else None
         if self.shared_tower is not None and router is not None:
             router.use_encoder(self.shared_tower)
