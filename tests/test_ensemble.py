@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_models import make_data  # noqa: E402
 
 from ddfm.embed import EmbedConfig, embed  # noqa: E402
-from ddfm.ensemble import Ensemble, GenerateConfig, Request, generate_cli  # noqa: E402
+from ddfm.ensemble import Ensemble, GenerateConfig, Request  # noqa: E402
 from ddfm.models import InitConfig, init, load_model, render_prompt  # noqa: E402
 from ddfm.partition import PartitionConfig, partition  # noqa: E402
 
