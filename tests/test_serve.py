@@ -406,6 +406,42 @@ def test_prompt_plus_max_tokens_must_fit_the_experts_context(assets, ensemble):
     assert 0 < short.prompt_tokens < 20
 
 
+def test_remote_and_local_images_only_when_enabled(assets, ensemble):
+    import functools
+    import http.server
+
+    root = assets["root"]
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    live = LiveServer(create_app(serve_config(assets, allow_remote_images=True, image_root=str(root / "images")),
+                                 ensemble=ensemble))
+    try:
+        def ask(url):
+            return _post(live, {"model": "ddfm", "max_tokens": 2, "temperature": 0, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]})
+
+        inline = ask(data_url(assets["images"][1])).json()
+        remote = ask(f"http://127.0.0.1:{files.server_address[1]}/images/001.png").json()
+        local = ask("001.png").json()
+        file_url = ask(f"file://{root}/images/001.png").json()
+        for out in (remote, local, file_url):  # the same pixels, so the same route and the same answer
+            assert out["choices"][0]["message"]["content"] == inline["choices"][0]["message"]["content"]
+            assert out["ddfm"]["weights"] == inline["ddfm"]["weights"]
+        assert_error(ask("file:///etc/hostname"), 400, code="image_url_not_allowed", mentions="outside")
+        assert_error(ask("../train.jsonl"), 400, code="image_url_not_allowed", mentions="outside")
+        assert_error(ask("missing.png"), 400, code="image_not_found")
+        assert_error(ask(f"http://127.0.0.1:{files.server_address[1]}/nothing.png"), 400, code="image_fetch_failed")
+    finally:
+        live.close()
+        files.shutdown()
+
+
 def test_api_key_is_required_when_set(assets, ensemble):
     import openai
 
