@@ -38,8 +38,14 @@ def world(tmp_path_factory):
                for k in range(2)]
     feats = embed(EmbedConfig(data=[str(data)], encoder="pixels@8", out=str(root / "embed")))
     part = partition(PartitionConfig(data=str(data), features=str(feats), k=2, out=str(root / "part")))
-    shard_image = {k: str((part / json.loads((part / f"shard-{k:02d}.jsonl").read_text().splitlines()[0])["image"])
-                          .resolve()) for k in range(2)}
+    from ddfm.router import Router
+
+    router = Router.load(part)
+    shard_image = {}  # per cluster, an image of its shard that the router sends to it
+    for k in range(2):
+        paths = [str((part / json.loads(line)["image"]).resolve())
+                 for line in (part / f"shard-{k:02d}.jsonl").read_text().splitlines()]
+        shard_image[k] = next(p for p in paths if int(router.route([p])[0].argmax()) == k)
     return {"root": root, "data": data, "experts": experts, "router": part / "router.json", "image": shard_image}
 
 
