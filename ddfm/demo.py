@@ -1,0 +1,352 @@
+"""The demo: the whole method on the embedded real data, with REPORT.md (paper §4–5).
+
+    ddfm demo                          # image mixture, tiny-llava experts (what `make demo` runs)
+    ddfm demo --preset text            # python-docs, minilm encoder, tiny-lm experts, perplexity
+    ddfm demo --quick --out /tmp/d     # the same pipeline at toy sizes (< 1 min, for the tests)
+
+Stages, each writing its own subdirectory of the run directory (``--out``, default
+``runs/demo``) and a ``DONE.json`` marker when it has finished:
+
+    data        ddfm prepare mix                      real Fashion-MNIST + digits + python-docs
+    init        ddfm init --preset tiny-llava         tokenizer + randomly initialised base
+    align       ddfm train --train align              short centralised alignment (projector only):
+                                                      the experts start from this checkpoint, as the
+                                                      paper's start from the aligned LLaVA checkpoint
+    embed       ddfm embed --encoder efficientnet-lite0
+    partition   ddfm partition --k 2                  balanced spherical k-means, router file
+    dense       ddfm train (all data)                 the dense baseline
+    expert-k    ddfm train --match dense:S,B,K        expert k on shard k: same steps, batch B/K
+    eval-*      ddfm eval                             dense; ensemble top-1 / soft centroid routing
+                                                      (eq. 29) and posterior routing (eq. 26–27)
+    REPORT.md   tables (dense vs experts per task, chance level, compute) + PNG plots
+
+An interrupted demo resumes where it stopped: a stage whose marker holds the same key
+(its configuration and the keys of the stages it reads) is not redone; an interrupted
+training stage continues from its resume state (``ddfm train --resume``). The same seed
+gives the same numbers. Presets are data (:data:`PRESETS`, :data:`QUICK`).
+
+Python API: ``demo(DemoConfig(out="runs/demo"))`` returns the REPORT.md path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ddfm.config import arg
+from ddfm.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DemoConfig", "demo", "PRESETS", "QUICK", "resolve_preset", "Pipeline", "ROUTINGS"]
+
+# Routing settings of the ensemble evaluations: name -> Ensemble options ("soft" mixes all
+# K experts with the centroid weights of eq. 29; top_k None = K).
+ROUTINGS: dict[str, dict[str, Any]] = {
+    "top-1": {"mode": "centroid", "top_k": 1},
+    "soft": {"mode": "centroid", "top_k": None},
+    "posterior": {"mode": "posterior", "top_k": None},
+}
+
+# name -> preset (data). Sizes are budgeted for 20 minutes on 2 CPU cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "image": {
+        "help": "Fashion-MNIST + digits (+5% python-docs text), tiny-llava experts, accuracy",
+        "prepare": {"source": "mix", "train_size": 2000, "test_size": 100, "text_share": 0.05, "max_words": 60},
+        "model": "tiny-llava",
+        "encoder": "efficientnet-lite0",
+        "k": 2,
+        "algorithm": "balanced",
+        "fine_clusters": 64,
+        # the tiny vision tower starts random (the paper's is pretrained), so the centralised
+        # alignment trains tower + projector + LM briefly on the image-text pairs; dense and
+        # experts then train everything (the paper's InternVL-style recipe)
+        "align": {"train": "internvl", "steps": 200, "batch_size": 32, "lr": 2e-3, "warmup": 10},
+        "align_images_only": True,
+        "dense": {"train": "internvl", "steps": 500, "batch_size": 32, "lr": 1e-3, "warmup": 20},
+        "routings": ["top-1", "soft", "posterior"],
+        "eval": {"batch_size": 32, "max_new_tokens": 8, "limit": None},
+        "metric": "accuracy",
+    },
+    "text": {
+        "help": "python-docs passages, minilm encoder, tiny-lm experts, perplexity",
+        "prepare": {"source": "python-docs", "train_size": 1500, "test_size": 150, "max_words": 60},
+        "model": "tiny-lm",
+        "encoder": "minilm",
+        "k": 2,
+        "algorithm": "balanced",
+        "fine_clusters": 64,
+        # no vision: the centralised warm-up trains the whole language model briefly
+        "align": {"train": "language", "steps": 60, "batch_size": 16, "lr": 2e-3, "warmup": 5},
+        "align_images_only": False,
+        "dense": {"train": "language", "steps": 300, "batch_size": 16, "lr": 1e-3, "warmup": 20},
+        "routings": ["top-1", "soft", "posterior"],
+        "eval": {"batch_size": 16, "max_new_tokens": 8, "limit": None},
+        "metric": "perplexity",
+    },
+}
+
+# --quick: overrides merged into the preset (toy sizes, same stages).
+QUICK: dict[str, dict[str, Any]] = {
+    "image": {"prepare": {"train_size": 24, "test_size": 6, "text_share": 0.05, "max_words": 30},
+              "encoder": "pixels", "fine_clusters": 8,
+              "align": {"steps": 2, "batch_size": 8}, "dense": {"steps": 4, "batch_size": 8},
+              "eval": {"batch_size": 16, "max_new_tokens": 3, "limit": 16}},
+    "text": {"prepare": {"train_size": 40, "test_size": 6, "max_words": 30}, "fine_clusters": 8,
+             "align": {"steps": 2, "batch_size": 4}, "dense": {"steps": 4, "batch_size": 4},
+             "eval": {"batch_size": 8, "max_new_tokens": 3, "limit": 6}},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_preset(name: str, quick: bool = False) -> dict[str, Any]:
+    """The preset ``name``, with the :data:`QUICK` overrides when ``quick``."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return _merge(PRESETS[name], QUICK[name]) if quick else copy.deepcopy(PRESETS[name])
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    """A directory-safe name of an encoder spec or a variant ("tower:runs/x" -> "tower")."""
+    return text.split(":")[0].replace("@", "-").replace("/", "-")
+
+
+# ------------------------------------------------------------------------------ stage runner
+
+class Pipeline:
+    """Runs named stages in a run directory, each once: ``DONE.json`` in the stage's
+    directory records its key (configuration + upstream keys), wall time and finish time."""
+
+    def __init__(self, root: str | Path, seed: int, total: int | None = None):
+        self.root, self.seed, self.total, self.count = Path(root), seed, total, 0
+        self.keys: dict[str, str] = {}
+        self.ran: list[str] = []
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def marker(self, name: str) -> dict | None:
+        f = self.path(name) / "DONE.json"
+        return read_json(f) if f.is_file() else None
+
+    def run(self, name: str, config: dict, fn: Callable[[Path], Any], *, after: tuple[str, ...] = (),
+            resumable: bool = False) -> Path:
+        """Run ``fn(stage_dir)`` unless the stage is done with the same key; return its directory.
+
+        A stage that is not done starts from an empty directory, except ``resumable`` ones
+        (training), which continue from their own resume state.
+        """
+        self.count += 1
+        key = _key({"config": config, "seed": self.seed, "after": [self.keys[a] for a in after]})
+        self.keys[name] = key
+        d = self.path(name)
+        done = self.marker(name)
+        where = f"[{self.count}/{self.total}]" if self.total else f"[{self.count}]"
+        if done is not None and done.get("key") == key:
+            log.info("demo %s %s: done (%.1f s), skipped", where, name, done.get("elapsed_s", 0.0))
+            return d
+        if d.exists() and not (resumable and done is None):
+            shutil.rmtree(d)
+        log.info("demo %s %s: running", where, name)
+        t0 = time.perf_counter()
+        fn(d)
+        elapsed = time.perf_counter() - t0
+        write_json(d / "DONE.json", {"stage": name, "key": key, "config": config, "elapsed_s": elapsed,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.ran.append(name)
+        log.info("demo %s %s: finished in %.1f s", where, name, elapsed)
+        return d
+
+
+# ------------------------------------------------------------------------------ stages
+
+def stage_data(p: Pipeline, preset: dict) -> Path:
+    from ddfm.prepare import PrepareConfig, prepare
+
+    opts = dict(preset["prepare"])
+    return p.run("data", opts, lambda d: prepare(PrepareConfig(out=str(d), seed=p.seed, **opts)))
+
+
+def stage_base(p: Pipeline, preset: dict) -> Path:
+    """init + the centralised alignment stage; returns the aligned checkpoint."""
+    from ddfm.data import load_records, write_records
+    from ddfm.models import InitConfig, init
+    from ddfm.train import TrainConfig, train
+
+    train_file = str(p.path("data") / "train.jsonl")
+    p.run("init", {"model": preset["model"]},
+          lambda d: init(InitConfig(preset=preset["model"], data=train_file, out=str(d), seed=p.seed)),
+          after=("data",))
+
+    def align(d: Path) -> None:
+        # alignment learns from image-text pairs (LLaVA's stage 1; text-only records would
+        # give a projector-only recipe no gradient)
+        records = load_records(train_file).records
+        if preset["align_images_only"]:
+            records = [r for r in records if r.has_image]
+        data = d / "align.jsonl"
+        write_records(data, records)
+        train(TrainConfig(init=str(p.path("init")), data=str(data), out=str(d), seed=p.seed, resume=True,
+                          device="cpu", **preset["align"]))
+
+    return p.run("align", {**preset["align"], "images_only": preset["align_images_only"]}, align,
+                 after=("data", "init"), resumable=True)
+
+
+def stage_dense(p: Pipeline, preset: dict) -> Path:
+    from ddfm.train import TrainConfig, train
+
+    return p.run("dense", preset["dense"], lambda d: train(TrainConfig(
+        init=str(p.path("align")), data=str(p.path("data") / "train.jsonl"), out=str(d), seed=p.seed,
+        resume=True, device="cpu", **preset["dense"])), after=("data", "align"), resumable=True)
+
+
+def stage_partition(p: Pipeline, preset: dict, *, encoder: str, k: int, algorithm: str,
+                    prefix: str = "") -> str:
+    """embed + partition for one (encoder, K, algorithm); returns the partition stage name."""
+    from ddfm.embed import EmbedConfig, embed
+    from ddfm.partition import PartitionConfig, partition
+
+    train_file = str(p.path("data") / "train.jsonl")
+    emb, part = f"{prefix}embed", f"{prefix}partition"
+    after_embed = ("data", "align") if encoder.startswith("tower:") else ("data",)
+    p.run(emb, {"encoder": encoder}, lambda d: embed(EmbedConfig(data=[train_file], encoder=encoder, out=str(d))),
+          after=after_embed)
+    cfg = {"k": k, "algorithm": algorithm, "fine_clusters": preset["fine_clusters"]}
+    p.run(part, cfg, lambda d: partition(PartitionConfig(
+        data=train_file, features=str(p.path(emb)), k=k, out=str(d), algorithm=algorithm,
+        fine_clusters=preset["fine_clusters"], seed=p.seed, plot=True, tokenizer=str(p.path("init")))),
+        after=("data", "init", emb))
+    return part
+
+
+def stage_experts(p: Pipeline, preset: dict, part: str, k: int, prefix: str = "") -> list[str]:
+    """K experts from the aligned base, compute-matched to the dense run (--match)."""
+    from ddfm.train import TrainConfig, train
+
+    dense = preset["dense"]
+    match = f"dense:{dense['steps']},{dense['batch_size']},{k}"
+    opts = {n: v for n, v in dense.items() if n not in ("steps", "batch_size")}
+    names = []
+    for j in range(k):
+        name = f"{prefix}expert-{j}"
+        shard = str(p.path(part) / f"shard-{j:02d}.jsonl")
+        p.run(name, {**opts, "match": match, "cluster": j}, lambda d, shard=shard, j=j: train(TrainConfig(
+            init=str(p.path("align")), data=shard, out=str(d), seed=p.seed, resume=True, device="cpu",
+            match=match, cluster=j, **opts)), after=("align", part), resumable=True)
+        names.append(name)
+    return names
+
+
+def stage_eval(p: Pipeline, preset: dict, name: str, experts: list[str], part: str,
+               routing: dict | None) -> Path:
+    """Evaluate the dense model (``routing`` None) or the ensemble of ``experts``."""
+    from ddfm.evaluate import chance_levels, evaluate, write_result
+    from ddfm.data import load_records
+    from ddfm.ensemble import Ensemble
+    from ddfm.router import Router
+
+    ev = preset["eval"]
+
+    def run(d: Path) -> None:
+        import torch
+
+        torch.manual_seed(p.seed)
+        test = p.path("data") / "test.jsonl"
+        records = load_records(test).records
+        if ev["limit"] and len(records) > ev["limit"]:  # spread over the file: every task and source
+            records = records[:: -(-len(records) // ev["limit"])]
+        router_file = p.path(part) / "router.json"
+        routing_ = routing or {"mode": "uniform", "top_k": None}
+        ens = Ensemble.from_pretrained([str(p.path(e)) for e in experts], router_file if routing else None,
+                                       mode=routing_["mode"], top_k=routing_["top_k"])
+        result = evaluate(ens, records, batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
+                          cluster_router=Router.load(router_file),
+                          chance=chance_levels(records, p.path("data") / "prepare.json"), desc=name)
+        write_result(d, result, f"{name}: {', '.join(experts)}", meta={"experts": experts, "routing": routing})
+
+    return p.run(name, {"eval": ev, "routing": routing, "experts": experts}, run, after=tuple(experts) + (part,))
+
+
+# ------------------------------------------------------------------------------ the demo
+
+@dataclass
+class DemoConfig:
+    """``ddfm demo [--preset image|text] [--quick] [--out DIR] [--seed N]``."""
+
+    out: str = arg("run directory (one subdirectory per stage, REPORT.md)", default="runs/demo")
+    preset: str = arg("demo preset: " + "; ".join(f"{k} ({v['help']})" for k, v in PRESETS.items()),
+                      default="image", choices=tuple(PRESETS))
+    quick: bool = arg("toy sizes: the same pipeline in under a minute (for the tests)", default=False)
+    seed: int = arg("seed of every stage (data, init, training order, k-means)", default=0)
+    threads: Optional[int] = arg("torch threads (default: torch's choice)", default=None)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset: unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+
+
+def run_core(p: Pipeline, preset: dict) -> dict[str, Any]:
+    """The demo's stages up to the evaluations; returns the names the report needs."""
+    stage_data(p, preset)
+    stage_base(p, preset)
+    part = stage_partition(p, preset, encoder=preset["encoder"], k=preset["k"], algorithm=preset["algorithm"])
+    stage_dense(p, preset)
+    experts = stage_experts(p, preset, part, preset["k"])
+    evals = {"dense": stage_eval(p, preset, "eval-dense", ["dense"], part, None)}
+    for r in preset["routings"]:
+        evals[r] = stage_eval(p, preset, f"eval-{r}", experts, part, ROUTINGS[r])
+    return {"partition": part, "experts": experts, "evals": evals}
+
+
+def demo(cfg: DemoConfig) -> Path:
+    """Run (or resume) the demo in ``cfg.out``; write and return ``REPORT.md``."""
+    import torch
+
+    from ddfm.report import write_report
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    preset = resolve_preset(cfg.preset, cfg.quick)
+    t0 = time.perf_counter()
+    p = Pipeline(cfg.out, cfg.seed, total=7 + preset["k"] + len(preset["routings"]))
+    log.info("demo: preset %s%s, seed %d, run directory %s", cfg.preset, " (quick)" if cfg.quick else "",
+             cfg.seed, p.root)
+    names = run_core(p, preset)
+    report = write_report(p, preset, names, title=f"ddfm demo — preset {cfg.preset}" + (" (quick)" if cfg.quick else ""),
+                          command=_command(cfg), this_run_s=time.perf_counter() - t0)
+    print(report.read_text().split("## ", 2)[1].split("\n", 1)[1].strip())  # the main table
+    print(f"\ndemo: finished in {time.perf_counter() - t0:.0f} s; report: {report.resolve()}")
+    return report
+
+
+def _command(cfg: DemoConfig) -> str:
+    parts = ["ddfm demo"]
+    if cfg.preset != "image":
+        parts.append(f"--preset {cfg.preset}")
+    if cfg.quick:
+        parts.append("--quick")
+    if cfg.out != "runs/demo":
+        parts.append(f"--out {cfg.out}")
+    if cfg.seed:
+        parts.append(f"--seed {cfg.seed}")
+    return " ".join(parts)
