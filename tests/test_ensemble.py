@@ -43,8 +43,8 @@ def world(tmp_path_factory):
     router = Router.load(part)
     shard_image = {}  # per cluster, an image of its shard that the router sends to it
     for k in range(2):
-        paths = [str((part / json.loads(line)["image"]).resolve())
-                 for line in (part / f"shard-{k:02d}.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (part / f"shard-{k:02d}.jsonl").read_text().splitlines()]
+        paths = [str((part / r["image"]).resolve()) for r in records if r["image"]]
         shard_image[k] = next(p for p in paths if int(router.route([p])[0].argmax()) == k)
     return {"root": root, "data": data, "experts": experts, "router": part / "router.json", "image": shard_image}
 
