@@ -76,3 +76,62 @@ def test_markdown_report_lists_every_group():
     md = markdown_report(result, "T")
     assert "| a | 100.0 | 50.0 | 2.718 | 1 |" in md
     assert "| all | 100.0 | 2.718 | 1 |" in md
+
+
+# ------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real tiny-llava checkpoint trained a few steps on real images, and a test file."""
+    from test_models import make_data
+
+    from ddfm.models import InitConfig, init
+    from ddfm.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("eval")
+    data = make_data(root / "train", n_fashion=16, n_digits=8, n_text=4)
+    test = make_data(root / "test", n_fashion=6, n_digits=4, n_text=2, offset=100, name="test.jsonl")
+    base = init(InitConfig(preset="tiny-llava", data=str(data), out=str(root / "init")))
+    model = train(TrainConfig(init=str(base), data=str(data), out=str(root / "model"), steps=3, batch_size=4,
+                              save_every=0, device="cpu"))
+    return {"root": root, "test": test, "model": model}
+
+
+def test_ddfm_eval_end_to_end_single_model_and_ensemble(tiny_run, capsys):
+    from ddfm.cli import main
+
+    out = tiny_run["root"] / "out-single"
+    assert main(["eval", str(tiny_run["test"]), "--experts", str(tiny_run["model"]), "--out", str(out),
+                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n_records"] == 12
+    assert set(result["by_task"]) == {"name", "digit", "sum"}
+    assert set(result["by_source"]) == {"fashion-mnist", "digits", "arithmetic"}
+    assert result["by_task"]["sum"]["accuracy"] is None            # text-only: perplexity only
+    assert result["by_task"]["sum"]["perplexity"] > 1.0
+    assert 0.0 <= result["by_task"]["name"]["accuracy"] <= 1.0
+    # chance from the test answers (no prepare.json beside this test file)
+    assert 0 < result["chance"]["name"] <= 1
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 12 and all(p["n_tokens"] > 0 and p["nll"] > 0 for p in preds)
+    assert all((p["prediction"] is None) == (p["task"] == "sum") for p in preds)
+    assert "| name |" in (out / "eval.md").read_text()
+
+    # an ensemble of two copies of the model mixes identical distributions: same NLL
+    out2 = tiny_run["root"] / "out-pair"
+    assert main(["eval", str(tiny_run["test"]), "--experts", str(tiny_run["model"]), str(tiny_run["model"]),
+                 "--mode", "uniform", "--out", str(out2), "--batch-size", "4", "--max-new-tokens", "4"]) == 0
+    pair = json.loads((out2 / "eval.json").read_text())
+    assert pair["overall"]["perplexity"] == pytest.approx(result["overall"]["perplexity"], rel=1e-4)
+    assert pair["overall"]["accuracy"] == pytest.approx(result["overall"]["accuracy"])
+
+
+def test_ddfm_eval_bad_input(tiny_run, tmp_path, capsys):
+    from ddfm.cli import main
+
+    assert main(["eval", str(tmp_path / "nope.jsonl"), "--experts", str(tiny_run["model"])]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run["test"]), "--experts", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run["test"]), "--experts", "a", "b"]) == 2
+    assert "--router" in capsys.readouterr().err
