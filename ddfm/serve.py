@@ -84,6 +84,7 @@ class ServeConfig:
     default_max_tokens: Optional[int] = arg("max_tokens when a request gives none (default: 64, at most "
                                             "max_output_tokens)", default=None)
     max_concurrent: int = arg("requests in flight before new ones get 429", default=64)
+    body_timeout: float = arg("seconds a client may take to send its request body (then 408)", default=30.0)
     max_batch_size: int = arg("requests decoded together in one generate call", default=8)
     batch_window_ms: float = arg("how long the batcher waits for more requests when idle", default=5.0)
     allow_remote_images: bool = arg("accept http(s):// image URLs (fetched by the server)", default=False)
@@ -120,6 +121,8 @@ class ServeConfig:
             raise ValueError(f"top_k: must be positive, got {self.top_k}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
+        if self.body_timeout <= 0:
+            raise ValueError(f"body_timeout: must be positive, got {self.body_timeout}")
         if self.upstream_timeout <= 0 or self.upstream_connect_timeout <= 0:
             raise ValueError("upstream_timeout and upstream_connect_timeout must be positive")
         if self.image_root is not None and not Path(self.image_root).is_dir():
@@ -560,12 +563,17 @@ class DynamicBatcher:
     new requests queue up, so under load the next batch is ready immediately. A group
     whose batched call fails is retried one request at a time, so one bad request
     cannot fail its neighbours.
+
+    ``pending()`` (optional) tells how many requests the server has in flight; the
+    batcher waits for the window only while more are on their way than it holds, so a
+    lone request is not delayed.
     """
 
     def __init__(self, ensemble: Any, *, window_s: float = 0.005, max_batch: int = 8,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, pending: Callable[[], int] | None = None):
         self.ensemble, self.window_s, self.max_batch = ensemble, window_s, max_batch
         self.metrics = metrics or Metrics()
+        self.pending = pending
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -603,13 +611,12 @@ class DynamicBatcher:
     def _collect(self, first: _Job) -> list[_Job | None]:
         jobs: list[_Job | None] = [first]
         deadline = time.monotonic() + self.window_s
-        while len(jobs) < self.max_batch:
+        while len(jobs) < self.max_batch and jobs[-1] is not None:
+            more_coming = self.pending is None or self.pending() > len(jobs)
+            timeout = deadline - time.monotonic() if more_coming else 0.0
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                jobs.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
             except queue.Empty:
-                break
-            jobs.append(job)
-            if job is None:
                 break
         return jobs
 
@@ -927,6 +934,8 @@ def create_app(cfg: ServeConfig, *, ensemble: Any = None, router: Any = None):
                     image_root=cfg.image_root)
     model_ids = [cfg.model_name]
     state = {"in_flight": 0, "started": time.time()}
+    if backend.kind == "local":
+        backend.batcher.pending = lambda: state["in_flight"]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -979,10 +988,18 @@ def create_app(cfg: ServeConfig, *, ensemble: Any = None, router: Any = None):
         if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
             raise too_big
         body = bytearray()
-        async for chunk in http.stream():
-            body += chunk
-            if len(body) > cfg.max_body_bytes:
-                raise too_big
+
+        async def read() -> None:
+            async for chunk in http.stream():
+                body.extend(chunk)
+                if len(body) > cfg.max_body_bytes:
+                    raise too_big
+
+        try:  # a slow sender holds a concurrency slot: not for longer than this
+            await asyncio.wait_for(read(), cfg.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {cfg.body_timeout} s",
+                           code="request_timeout") from None
         return bytes(body)
 
     @app.get("/health")

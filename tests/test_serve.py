@@ -460,16 +460,39 @@ def test_api_key_is_required_when_set(assets, ensemble):
         live.close()
 
 
+def _send_partial(live: LiveServer, body: dict, n: int) -> tuple[socket.socket, bytes]:
+    """Send the headers and the first ``n`` bytes of a request body; return the socket and the rest."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", live.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:n])
+    return sock, payload[n:]
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(60)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)
+
+
 def test_concurrency_limit_answers_429_and_recovers(assets, ensemble):
-    # a 1.5 s batching window keeps the first request in flight while the second arrives
-    live = LiveServer(create_app(serve_config(assets, max_concurrent=1, batch_window_ms=1500), ensemble=ensemble))
+    live = LiveServer(create_app(serve_config(assets, max_concurrent=1, body_timeout=1.0), ensemble=ensemble))
     try:
         body = {"model": "ddfm", "messages": user_message("hi"), "max_tokens": 2}
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(_post, live, body)
-            time.sleep(0.5)
-            assert_error(_post(live, body), 429, code="too_many_concurrent_requests")
-            assert first.result().status_code == 200
+        # a request whose body is still arriving holds the only slot
+        sock, rest = _send_partial(live, body, 10)
+        time.sleep(0.3)
+        assert_error(_post(live, body), 429, code="too_many_concurrent_requests")
+        sock.sendall(rest)
+        assert _read_all(sock).startswith(b"HTTP/1.1 200")
+        assert _post(live, body).status_code == 200
+        # a client that never finishes its body loses the slot after body_timeout
+        sock, _ = _send_partial(live, body, 10)
+        reply = _read_all(sock)
+        assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply
         assert _post(live, body).status_code == 200
     finally:
         live.close()
