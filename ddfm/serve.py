@@ -1,4 +1,4 @@
-"""Serve the ensemble over an OpenAI-compatible HTTP API (paper §5: K experts + router as one model).
+"""Serve the ensemble over an OpenAI-compatible HTTP API: K experts + router as one model (paper §4.3).
 
     ddfm serve --experts runs/expert-0 runs/expert-1 --router runs/partition/router.json
     ddfm serve --router runs/partition/router.json \\
@@ -7,7 +7,8 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (text and ``image_url``
 parts, ``stream: true`` as server-sent events in OpenAI's chunk format), ``GET /health``
 and ``GET /metrics`` (Prometheus text format). Each response carries the routing weights
-p(S_k | z) in an extension field ``"ddfm": {"weights": [K], "experts": [...], "mode": ...}``.
+p(S_k | z) (eq. 29, top-k renormalised) in an extension field
+``"ddfm": {"weights": [K], "experts": [K names], "routed_to": [names with w_k > 0], "mode"}``.
 
 Two backends behind the same HTTP layer:
 
@@ -22,7 +23,8 @@ Two backends behind the same HTTP layer:
   one machine.
 
 Safety: binds 127.0.0.1 unless told otherwise; optional bearer ``--api-key``; limits on
-body bytes, image pixels, prompt and output tokens and concurrent requests. Bad input
+body bytes (and the time to send them), image pixels, prompt and output tokens (and
+their sum against the experts' context) and concurrent requests (429). Bad input
 of any kind is a 4xx with an OpenAI-style body ``{"error": {"message", "type", "param",
 "code"}}`` naming the problem; the server keeps serving.
 """
