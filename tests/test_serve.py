@@ -442,6 +442,25 @@ def test_remote_and_local_images_only_when_enabled(assets, ensemble):
         files.shutdown()
 
 
+def test_text_only_experts_answer_text_and_refuse_images(assets, tmp_path):
+    from ddfm.ensemble import Ensemble
+    from ddfm.models import InitConfig, init
+
+    rows = [{"id": f"t-{i}", "conversations": [{"from": "human", "value": f"Name garment {i}."},
+                                                {"from": "gpt", "value": NAMES[i % 10]}]} for i in range(20)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm = init(InitConfig(preset="tiny-lm", data=str(tmp_path / "text.jsonl"), out=str(tmp_path / "lm"), vocab_size=300))
+    live = LiveServer(create_app(serve_config(assets, experts=[str(lm)], router=None),
+                                 ensemble=Ensemble.from_pretrained([str(lm)])))
+    try:
+        ok = _post(live, {"model": "ddfm", "max_tokens": 3, "messages": user_message("Name a garment.")})
+        assert ok.status_code == 200 and ok.json()["ddfm"]["routed_to"] == ["lm"]
+        assert_error(_post(live, {"model": "ddfm", "max_tokens": 3, "messages": user_message("x", assets["images"][0])}),
+                     400, code="unsupported_input", mentions="text-only")
+    finally:
+        live.close()
+
+
 def test_api_key_is_required_when_set(assets, ensemble):
     import openai
 
