@@ -401,8 +401,10 @@ def train(cfg: TrainConfig) -> Path:
             sync = i == len(mine) - 1 or world == 1  # all-reduce gradients once per step
             with (ddp.no_sync() if not sync else nullcontext()), autocast:
                 logits = fwd(**batch).logits  # (B, T, V)
+                # position t predicts token t+1: shift the labels, not the (large) logits
+                targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
                 loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                    logits.flatten(0, 1).float(), targets.flatten(),
                     ignore_index=IGNORE, reduction="sum") / max(n_loss, 1)
                 (loss * world).backward()  # DDP averages over ranks; we want the sum
             step_loss += loss.detach()
