@@ -86,6 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # no vision: the centralised warm-up trains the whole language model briefly
         "align": {"train": "language", "steps": 60, "batch_size": 16, "lr": 2e-3, "warmup": 5},
         "align_images_only": False,
+        "skip_ablations": ["encoder"],  # no pixels or vision tower to ablate on text
         "dense": {"train": "language", "steps": 300, "batch_size": 16, "lr": 1e-3, "warmup": 20},
         "routings": ["top-1", "soft", "posterior"],
         "eval": {"batch_size": 16, "max_new_tokens": 8, "limit": None},
