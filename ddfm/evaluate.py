@@ -197,13 +197,6 @@ class _Progress:
             self.bar.close()
 
 
-def _score(ensemble, requests: list, targets: list[str]) -> list[dict]:
-    # the posterior router's prompt evidence needs equal answer lengths within a call
-    if ensemble.mode != "posterior":
-        return ensemble.score(requests, targets)
-    return [ensemble.score([r], [t])[0] for r, t in zip(requests, targets)]
-
-
 def _clusters(router, records: list[Record]) -> list[str]:
     """Cluster of each record under ``router`` (argmax of eq. 29); text records under an
     image router are 'text'."""
@@ -252,7 +245,7 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     # score short and long answers apart: padding to the longest passage would waste the batch
     order = sorted(range(len(records)), key=lambda i: len(records[i].answer()))
     for chunk in _batches(order, batch_size):
-        scores = _score(ensemble, [to_request(records[i]) for i in chunk], [records[i].answer() for i in chunk])
+        scores = ensemble.score([to_request(records[i]) for i in chunk], [records[i].answer() for i in chunk])
         for i, s in zip(chunk, scores):
             rows[i].update(nll=s["nll"], n_tokens=s["n_tokens"])
             rows[i].setdefault("weights", s["weights"])

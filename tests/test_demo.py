@@ -1,0 +1,97 @@
+"""`ddfm demo --quick`: the whole pipeline end to end in a temp dir, REPORT.md, plots,
+resume (finished stages skipped, markers unchanged) and same seed -> same numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ddfm.demo import PRESETS, QUICK, DemoConfig, demo, resolve_preset
+
+STAGES = ["data", "init", "align", "embed", "partition", "dense", "expert-0", "expert-1",
+          "eval-dense", "eval-top-1", "eval-soft", "eval-posterior"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    report = demo(DemoConfig(out=str(out), quick=True))
+    return out, report
+
+
+def _markers(out: Path) -> dict[str, str]:
+    return {s: (out / s / "DONE.json").read_text() for s in STAGES}
+
+
+def _numbers(out: Path) -> dict[str, dict]:
+    return {s: {k: v for k, v in json.loads((out / s / "eval.json").read_text()).items() if k != "elapsed_s"}
+            for s in STAGES if s.startswith("eval-")}
+
+
+def test_demo_quick_writes_report_tables_and_plots(quick_run, capsys):
+    out, report = quick_run
+    assert report == out / "REPORT.md"
+    text = report.read_text()
+    assert "| task | chance | dense | top-1 | soft | posterior | Δ top-1 | Δ soft | Δ posterior |" in text
+    assert "## Compute of every run" in text and "| experts (sum of 2) |" in text
+    assert "## Partition" in text and "efficientnet" not in text.split("## Partition")[1][:40]  # quick: pixels
+    for stage in STAGES:
+        assert (out / stage / "DONE.json").is_file(), stage
+    for png in ("partition.png", "loss.png", "tasks.png"):
+        with Image.open(out / png) as im:
+            im.verify()
+            assert im.format == "PNG"
+        assert f"]({png})" in text
+    result = json.loads((out / "eval-dense" / "eval.json").read_text())
+    tasks = set(result["by_task"])
+    assert any(t.startswith("fmnist") for t in tasks) and any(t.startswith("digits") for t in tasks)
+    for t, g in result["by_task"].items():  # every QA task of the report has its chance level beside it
+        if g["accuracy"] is not None:
+            assert t in result["chance"] and f"| {t} | {100 * result['chance'][t]:.1f} |" in text
+    # the compute-matched experts: same steps as dense, half its batch
+    dense = json.loads((out / "dense" / "ddfm.json").read_text())["compute"]
+    expert = json.loads((out / "expert-0" / "ddfm.json").read_text())["compute"]
+    assert expert["steps"] == dense["steps"] and 2 * expert["batch_size"] == dense["batch_size"]
+
+
+def test_demo_resume_skips_finished_stages(quick_run):
+    out, _ = quick_run
+    before, numbers = _markers(out), _numbers(out)
+    demo(DemoConfig(out=str(out), quick=True))  # nothing to do
+    assert _markers(out) == before
+    # an interrupted stage (no marker, partial files) is redone; the others are not
+    (out / "eval-soft" / "DONE.json").unlink()
+    (out / "eval-soft" / "partial.tmp").write_text("half-written")
+    demo(DemoConfig(out=str(out), quick=True))
+    after = _markers(out)
+    assert {s for s in STAGES if after[s] != before[s]} == {"eval-soft"}
+    assert not (out / "eval-soft" / "partial.tmp").exists()
+    assert _numbers(out) == numbers
+
+
+@pytest.mark.slow
+def test_demo_same_seed_same_numbers(quick_run, tmp_path):
+    out, _ = quick_run
+    demo(DemoConfig(out=str(tmp_path / "again"), quick=True))
+    assert _numbers(tmp_path / "again") == _numbers(out)
+
+
+@pytest.mark.slow
+def test_demo_text_preset_quick(tmp_path):
+    report = demo(DemoConfig(out=str(tmp_path / "text"), preset="text", quick=True))
+    text = report.read_text()
+    assert "Perplexity of the reference text" in text
+    result = json.loads((tmp_path / "text" / "eval-top-1" / "eval.json").read_text())
+    assert result["overall"]["accuracy"] is None and result["overall"]["perplexity"] > 1
+
+
+def test_presets_are_data_and_validated():
+    assert set(QUICK) == set(PRESETS)
+    q = resolve_preset("image", quick=True)
+    assert q["dense"]["steps"] < PRESETS["image"]["dense"]["steps"]
+    assert q["dense"]["train"] == PRESETS["image"]["dense"]["train"]  # merged, not replaced
+    with pytest.raises(ValueError, match="preset"):
+        DemoConfig(preset="nope")
