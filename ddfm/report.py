@@ -114,10 +114,13 @@ def plot_losses(path: Path, runs: dict[str, Path]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    offset = 0
     for name, d in runs.items():
         x, y = _loss_curve(d)
-        ax.plot(x, _smooth(y, len(y)), label=name, lw=1.4)
-    ax.set_xlabel("samples seen")
+        ax.plot([offset + v for v in x], _smooth(y, len(y)), label=name, lw=1.4)
+        if name == "align":  # dense and experts continue from the aligned base
+            offset = x[-1]
+    ax.set_xlabel("samples seen (dense and experts after the alignment stage)")
     ax.set_ylabel("training loss (answer tokens, nats)")
     ax.set_title("training loss of every run")
     ax.legend()
