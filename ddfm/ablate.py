@@ -12,7 +12,8 @@ changes:
     encoder     efficientnet-lite0, pixels, the experts' own vision tower ("tower:" the
                 aligned base; the paper's zero-overhead shared encoder)   (Table 8)
     clustering  balanced, two-stage (fine unbalanced k-means, then balanced)  (Table 9)
-    routing     top-1, soft (eq. 29 over all experts), posterior (eq. 26–27)
+    routing     top-1, soft (eq. 29 over all experts), posterior (eq. 26–27; evidence: the
+                prompt, or only answer tokens)
 
 Every stage runs through the demo's :class:`~ddfm.demo.Pipeline`, so finished stages
 (the demo's own and earlier ablation rows) are never redone. Output: ``OUT/ablate/``
@@ -40,7 +41,8 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "K": [{"k": 2}, {"k": 4}],
     "encoder": [{"encoder": "efficientnet-lite0"}, {"encoder": "pixels"}, {"encoder": "tower"}],
     "clustering": [{"algorithm": "balanced"}, {"algorithm": "two-stage"}],
-    "routing": [{"routing": "top-1"}, {"routing": "soft"}, {"routing": "posterior"}],
+    "routing": [{"routing": "top-1"}, {"routing": "soft"}, {"routing": "posterior"},
+                {"routing": "posterior-answers"}],
 }
 
 

@@ -53,6 +53,9 @@ ROUTINGS: dict[str, dict[str, Any]] = {
     "top-1": {"mode": "centroid", "top_k": 1},
     "soft": {"mode": "centroid", "top_k": None},
     "posterior": {"mode": "posterior", "top_k": None},
+    # the posterior with only answer tokens as evidence: LLaVA-style experts never learn
+    # the human turns, so their probabilities of the question are noise
+    "posterior-answers": {"mode": "posterior", "top_k": None, "evidence": "answers"},
 }
 
 # name -> preset (data). Sizes are budgeted for 20 minutes on 2 CPU cores.
@@ -70,8 +73,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # experts then train everything (the paper's InternVL-style recipe)
         "align": {"train": "internvl", "steps": 200, "batch_size": 32, "lr": 2e-3, "warmup": 10},
         "align_images_only": True,
-        "dense": {"train": "internvl", "steps": 500, "batch_size": 32, "lr": 1e-3, "warmup": 20},
-        "routings": ["top-1", "soft", "posterior"],
+        "dense": {"train": "internvl", "steps": 1000, "batch_size": 32, "lr": 1e-3, "warmup": 20},
+        "routings": ["top-1", "soft", "posterior", "posterior-answers"],
         "eval": {"batch_size": 32, "max_new_tokens": 8, "limit": None},
         "metric": "accuracy",
     },
@@ -88,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "align_images_only": False,
         "skip_ablations": ["encoder"],  # no pixels or vision tower to ablate on text
         "dense": {"train": "language", "steps": 300, "batch_size": 16, "lr": 1e-3, "warmup": 20},
-        "routings": ["top-1", "soft", "posterior"],
+        "routings": ["top-1", "soft", "posterior", "posterior-answers"],
         "eval": {"batch_size": 16, "max_new_tokens": 8, "limit": None},
         "metric": "perplexity",
     },
@@ -275,9 +278,8 @@ def stage_eval(p: Pipeline, preset: dict, name: str, experts: list[str], part: s
         if ev["limit"] and len(records) > ev["limit"]:  # spread over the file: every task and source
             records = records[:: -(-len(records) // ev["limit"])]
         router_file = p.path(part) / "router.json"
-        routing_ = routing or {"mode": "uniform", "top_k": None}
         ens = Ensemble.from_pretrained([str(p.path(e)) for e in experts], router_file if routing else None,
-                                       mode=routing_["mode"], top_k=routing_["top_k"])
+                                       **(routing or {"mode": "uniform"}))
         result = evaluate(ens, records, batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
                           cluster_router=Router.load(router_file),
                           chance=chance_levels(records, p.path("data") / "prepare.json"), desc=name)

@@ -306,6 +306,8 @@ class EvalConfig:
     top_k: Optional[int] = arg("experts mixed per request (default: router's top_k for centroid, else all)",
                                default=None)
     temperature: Optional[float] = arg("router temperature τ of eq. 29 (default: the router file's)", default=None)
+    evidence: str = arg("posterior routing: prompt tokens counted as evidence (prompt = all, answers = only "
+                        "earlier assistant turns)", default="prompt", choices=("prompt", "answers"))
     clusters: Optional[str] = arg("router file whose clusters group the results (default: --router)", default=None)
     prepare_json: Optional[str] = arg("prepare.json with chance levels (default: beside the test file)", default=None)
     batch_size: int = arg("requests per generate/score call", default=32)
@@ -338,7 +340,8 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ens = Ensemble.from_pretrained(cfg.experts, cfg.router, mode=cfg.mode, top_k=cfg.top_k,
-                                   temperature=cfg.temperature, device=cfg.device)
+                                   temperature=cfg.temperature, device=cfg.device,
+                                   evidence=cfg.evidence)
     cluster_file = cfg.clusters or cfg.router
     cluster_router = Router.load(cluster_file) if cluster_file else None
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"

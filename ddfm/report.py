@@ -202,7 +202,9 @@ def write_report(p, preset: dict, names: dict, *, title: str, command: str, this
              "Dense: one model trained on all data. Experts: K models from the same aligned base, "
              "each on its own cluster, compute-matched (same steps at batch/K). Routing: "
              "top-1 = centroid router of eq. 29, top-1 (the paper's setting); soft = eq. 29 weights over all "
-             "experts, mixed per token in probability space (eq. 24); posterior = the exact router (eq. 26–27). "
+             "experts, mixed per token in probability space (eq. 24); posterior = the exact router (eq. 26–27) with "
+             "every prompt token as evidence; posterior-answers = the same with only answer tokens as evidence "
+             "(the experts never learn to predict the question). "
              "Δ = ensemble − dense. Chance = accuracy of always giving the train split's majority answer.", ""]
     if metric == "accuracy":
         lines += ["## Perplexity of the reference answers", "", comparison_table(evals, {}, "perplexity"), ""]

@@ -12,7 +12,7 @@ from PIL import Image
 from ddfm.demo import PRESETS, QUICK, DemoConfig, demo, resolve_preset
 
 STAGES = ["data", "init", "align", "embed", "partition", "dense", "expert-0", "expert-1",
-          "eval-dense", "eval-top-1", "eval-soft", "eval-posterior"]
+          "eval-dense", "eval-top-1", "eval-soft", "eval-posterior", "eval-posterior-answers"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_demo_quick_writes_report_tables_and_plots(quick_run, capsys):
     out, report = quick_run
     assert report == out / "REPORT.md"
     text = report.read_text()
-    assert "| task | chance | dense | top-1 | soft | posterior | Δ top-1 | Δ soft | Δ posterior |" in text
+    assert ("| task | chance | dense | top-1 | soft | posterior | posterior-answers | Δ top-1 | Δ soft | "
+            "Δ posterior | Δ posterior-answers |") in text
     assert "## Compute of every run" in text and "| experts (sum of 2) |" in text
     assert "## Partition" in text and "efficientnet" not in text.split("## Partition")[1][:40]  # quick: pixels
     for stage in STAGES:
