@@ -24,7 +24,8 @@ def fmt(x: float | None, pct: bool = False, signed: bool = False) -> str:
     if x is None:
         return "–"
     v = 100 * x if pct else x
-    return f"{v:+.1f}" if signed else f"{v:.1f}" if (pct or abs(v) >= 100) else f"{v:.3f}"
+    spec = ".1f" if (pct or abs(v) >= 100) else ".3f"
+    return f"{v:{'+' if signed else ''}{spec}}"
 
 
 def _metric(group: dict, metric: str) -> float | None:
