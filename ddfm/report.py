@@ -24,7 +24,7 @@ def fmt(x: float | None, pct: bool = False, signed: bool = False) -> str:
     if x is None:
         return "–"
     v = 100 * x if pct else x
-    spec = ".1f" if (pct or abs(v) >= 100) else ".3f"
+    spec = ".1f" if (pct or abs(v) >= 10) else ".3f"
     return f"{v:{'+' if signed else ''}{spec}}"
 
 
