@@ -406,6 +406,11 @@ def train(cfg: TrainConfig) -> Path:
                 loss = torch.nn.functional.cross_entropy(
                     logits.flatten(0, 1).float(), targets.flatten(),
                     ignore_index=IGNORE, reduction="sum") / max(n_loss, 1)
+                if not loss.requires_grad:
+                    # nothing trainable on this path (a text-only group under the projector-only
+                    # "align" recipe): a zero-weighted tie to the parameters gives zero
+                    # gradients, so every rank still joins DDP's all-reduce
+                    loss = loss + sum(p.view(-1)[0] for p in params) * 0.0
                 (loss * world).backward()  # DDP averages over ranks; we want the sum
             step_loss += loss.detach()
         if world > 1:

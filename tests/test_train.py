@@ -78,6 +78,24 @@ def test_internvl_recipe_trains_vision(init_dir, data, tmp_path):
     assert not torch.equal(before[k], after[k])
 
 
+def test_align_recipe_trains_through_text_only_groups(init_dir, data, tmp_path):
+    # the shard mixes image and text-only records; under "align" (projector only) a
+    # text-only micro-batch touches nothing trainable and must not stop the run
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    for r in rows:
+        if r["image"] is None:  # long passages: length grouping runs them as a group of their own
+            r["conversations"][1]["value"] = " ".join(["plus one"] * 40)
+        else:
+            r["image"] = str(data.parent / r["image"])
+    shard = tmp_path / "mixed.jsonl"
+    shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = train(_cfg(init_dir, shard, tmp_path / "align", steps=3, train="align", batch_size=16))
+    before = load_file(Path(init_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed)
+
+
 def test_match_and_parts_validation():
     m = parse_match("dense:400,32,4")
     assert (m["steps"], m["batch_size"]) == (400, 8)
