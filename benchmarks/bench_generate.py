@@ -22,7 +22,6 @@ Greedy decoding; the ensemble's tokens are checked equal to transformers' before
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -35,29 +34,15 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def fmnist_images(n: int):
-    from PIL import Image
-
-    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    return [Image.fromarray(images[i]).convert("RGB") for i in range(n)]
+from common import fmnist_images, write_image_records  # noqa: E402
 
 
 def build_experts(root: Path, images) -> list[str]:
     """Two tiny-llava experts (``ddfm init``, seeds 0 and 1) sharing one tokenizer and one tower."""
     from ddfm.models import InitConfig, init, load_model, save_checkpoint
 
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, img in enumerate(images):
-        img.save(root / "images" / f"{i:03d}.png")
-        rows.append({"id": f"fm-{i}", "image": f"images/{i:03d}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A garment."}]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    experts = [str(init(InitConfig(preset="tiny-llava", data=str(root / "train.jsonl"), out=str(root / f"expert-{k}"),
+    data = write_image_records(root, images)
+    experts = [str(init(InitConfig(preset="tiny-llava", data=str(data), out=str(root / f"expert-{k}"),
                                    seed=k))) for k in range(2)]
     # the LLaVA recipe trains with a frozen vision tower: give expert 1 expert 0's tower
     m0, _ = load_model(experts[0])

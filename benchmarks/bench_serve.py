@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gzip
 import io
 import json
 import os
@@ -34,15 +33,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def fmnist_images(n: int):
-    from PIL import Image
-
-    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    return [Image.fromarray(images[i]).convert("RGB") for i in range(n)]
+from common import fmnist_images, write_image_records  # noqa: E402
 
 
 def build_tiny_ensemble(root: Path, images) -> tuple[list[str], str]:
@@ -52,14 +43,8 @@ def build_tiny_ensemble(root: Path, images) -> tuple[list[str], str]:
     from ddfm.embed import get_encoder
     from ddfm.models import InitConfig, init
 
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, img in enumerate(images):
-        img.save(root / "images" / f"{i:03d}.png")
-        rows.append({"id": f"fm-{i}", "image": f"images/{i:03d}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A garment."}]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    experts = [str(init(InitConfig(preset="tiny-llava", data=str(root / "train.jsonl"),
+    data = write_image_records(root, images)
+    experts = [str(init(InitConfig(preset="tiny-llava", data=str(data),
                                    out=str(root / f"expert-{s}"), seed=s, vocab_size=300))) for s in (0, 1)]
     enc = get_encoder("pixels")
     save_file({"centroids": enc.encode(images[:2]).astype(np.float32)}, str(root / "router.safetensors"))
