@@ -32,12 +32,19 @@ Image tasks (``task`` field; answers in brackets):
 
     fmnist-name      What is this?              [t-shirt, trousers, ..., ankle boot]
     fmnist-category  What category ...?         [tops, bottoms, dresses, footwear, bags]
-    fmnist-yesno     Is this a sneaker?         [yes, no]  (balanced per split)
+    fmnist-yesno     Is this footwear?          [yes, no]  (balanced per split)
     fmnist-caption   Describe the image briefly.[a bright sneaker | a faint sneaker]
     digits-read      What digit is this?        [0 ... 9]
     digits-parity    Is this digit even or odd? [even, odd]
-    digits-yesno     Is this the digit 3?       [yes, no]  (balanced per split)
+    digits-yesno     Is this digit above four?  [yes, no]  (balanced per split)
     digits-caption   Describe the image briefly.[a thick handwritten three | a thin ...]
+
+A yes/no question asks whether the image has one of a few visual properties (footwear,
+clothing or a bag; a digit above four or below five): half of each split's yes/no records
+ask a property the image has, half one it lacks. (Asking about one of the ten classes
+instead — "Is this a sneaker?" — needs the model to compare a named class with the image,
+which the demo's tiny models did not learn at all in 13 epochs: train accuracy stayed at
+chance.)
 
 The caption attribute is measured on the pixels (mean brightness of the lit pixels,
 or the inked area for digits) and split at the class's train median, so it is a real
@@ -166,40 +173,43 @@ def _with_attributes(raw: dict, measure: Callable[[np.ndarray], np.ndarray]) -> 
 
 FMNIST_NAMES = ("t-shirt", "trousers", "pullover", "dress", "coat",
                 "sandal", "shirt", "sneaker", "bag", "ankle boot")
-FMNIST_PHRASES = ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat",
-                  "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot")
 FMNIST_CATEGORIES = ("tops", "bottoms", "tops", "dresses", "tops",
                      "footwear", "tops", "footwear", "bags", "footwear")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-YESNO_PROMPTS = ("Is this {asked}?", "Does the image show {asked}? Answer yes or no.")
 
 # Image sources as data: id prefix, how to load, the caption attribute and the tasks.
 # A task is (prompt templates, answer(label, attr) -> str); "yesno" is built separately
-# (balanced yes/no, asking about the true or another class).
+# (balanced yes/no over the source's "properties").
 IMAGE_SOURCES: dict[str, dict[str, Any]] = {
     "fashion-mnist": {
         "short": "fmnist", "load": _load_fashion_mnist, "root": ("fashion_mnist_dir", FASHION_MNIST_DIR),
         "measure": _mean_ink,
-        "phrases": FMNIST_PHRASES,
+        # yes/no properties: (question phrasings, the labels that have the property)
+        "properties": ((("Is this footwear?", "Is this something worn on the feet? Answer yes or no."), {5, 7, 9}),
+                       (("Is this clothing?", "Is this a piece of clothing? Answer yes or no."), {0, 1, 2, 3, 4, 6}),
+                       (("Is this a bag?", "Does the image show a bag? Answer yes or no."), {8})),
         "tasks": {
             "name": (("What is this?", "What item is shown in the image?", "Name the item in the picture."),
                      lambda c, a: FMNIST_NAMES[c]),
             "category": (("What category of item is this?", "Which kind of product is shown: tops, "
                           "bottoms, dresses, footwear or bags?"),
                          lambda c, a: FMNIST_CATEGORIES[c]),
-            "yesno": (YESNO_PROMPTS, None),
+            "yesno": ((), None),
             "caption": (("Describe the image briefly.", "Write a short caption for this image."),
                         lambda c, a: f"a {'bright' if a else 'faint'} {FMNIST_NAMES[c]}"),
         },
     },
     "digits": {
         "short": "digits", "load": _load_digits, "root": ("", ""), "measure": _ink_area,
-        "phrases": tuple(f"the digit {d}" for d in range(10)),
+        "properties": ((("Is this digit above four?", "Is the digit greater than four? Answer yes or no."),
+                        {5, 6, 7, 8, 9}),
+                       (("Is this digit below five?", "Is the digit smaller than five? Answer yes or no."),
+                        {0, 1, 2, 3, 4})),
         "tasks": {
             "read": (("What digit is this?", "Read the handwritten digit."), lambda c, a: str(c)),
             "parity": (("Is this digit even or odd?", "Is the number shown even or odd?"),
                        lambda c, a: "even" if c % 2 == 0 else "odd"),
-            "yesno": (YESNO_PROMPTS, None),
+            "yesno": ((), None),
             "caption": (("Describe the image briefly.", "Write a short caption for this image."),
                         lambda c, a: f"a {'thick' if a else 'thin'} handwritten {DIGIT_WORDS[c]}"),
         },
@@ -240,12 +250,13 @@ def _image_records(source: str, split: str, data: ImageSplit, idx: np.ndarray, s
         for t in task_ids:
             task = names[t]
             templates, answer_fn = spec["tasks"][task]
-            prompt = templates[int(rng.integers(len(templates)))]
-            if task == "yesno":
-                asked = label if i in yes else int(rng.choice([c for c in range(10) if c != label]))
-                prompt, answer = prompt.format(asked=spec["phrases"][asked]), "yes" if asked == label else "no"
+            if task == "yesno":  # a property the image has (the yes half) or lacks
+                answer = "yes" if i in yes else "no"
+                props = [q for q, labels in spec["properties"] if (label in labels) == (answer == "yes")]
+                templates = props[int(rng.integers(len(props)))]
             else:
                 answer = answer_fn(label, attr)
+            prompt = templates[int(rng.integers(len(templates)))]
             records.append(Record(
                 id=f"{spec['short']}-{split}-{i:05d}-{task}", image=rel,
                 conversations=[{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},

@@ -67,6 +67,12 @@ def test_mix_each_image_serves_several_short_answer_tasks(mix_dir):
             d = int(answers["digits-read"])
             assert answers["digits-parity"] == ("even" if d % 2 == 0 else "odd")
             assert answers["digits-caption"].endswith(P.DIGIT_WORDS[d])
+    # a yes/no answer says whether the image's class has the property asked about
+    for r in train:
+        if r.task.endswith("-yesno"):
+            props = P.IMAGE_SOURCES[r.source]["properties"]
+            [labels] = [labels for phrasings, labels in props if r.prompt().split("\n")[-1] in phrasings]
+            assert r.answer() == ("yes" if r.extra["label"] in labels else "no")
 
 
 def test_mix_text_share_and_yes_no_balance(mix_dir):
