@@ -62,7 +62,7 @@ ROUTINGS: dict[str, dict[str, Any]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "image": {
         "help": "Fashion-MNIST + digits (+5% python-docs text), tiny-llava experts, accuracy",
-        "prepare": {"source": "mix", "train_size": 2000, "test_size": 100, "text_share": 0.05, "max_words": 60},
+        "prepare": {"source": "mix", "train_size": 2000, "test_size": 300, "text_share": 0.05, "max_words": 24},
         "model": "tiny-llava",
         "encoder": "efficientnet-lite0",
         "k": 2,
