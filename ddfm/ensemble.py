@@ -35,6 +35,8 @@ Python API::
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -224,9 +226,16 @@ class _ExpertRun:
         dev = self.model.device
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         out = self.model(input_ids=tokens.view(-1, 1).to(dev), attention_mask=self.mask.to(dev),
-                         position_ids=self.next_pos.to(dev), past_key_values=self.cache, use_cache=True)
+                         position_ids=self.next_pos.to(dev), use_cache=True,
+                         **{_cache_argument(type(self.model)): self.cache})
         self.cache, self.next_pos = out.past_key_values, self.next_pos + 1
         return torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The forward() keyword of the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _prompt_log_likelihood(lp: torch.Tensor, run: _ExpertRun, evidence: torch.Tensor) -> torch.Tensor:

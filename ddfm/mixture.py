@@ -52,6 +52,11 @@ def mixture_log_probs(log_weights: torch.Tensor, expert_log_probs: torch.Tensor)
     if expert_log_probs.shape[:2] != log_weights.shape:
         raise ValueError(f"log_weights {tuple(log_weights.shape)} does not match "
                          f"expert_log_probs {tuple(expert_log_probs.shape)}")
+    single = torch.isfinite(log_weights)  # (B, K)
+    if bool((single.sum(1) == 1).all()):
+        # top-1 routing: each row's mixture is its one expert's distribution, exactly
+        # (log 1 + log p); a gather instead of a (B, K, V) logsumexp keeps decoding lean
+        return expert_log_probs[torch.arange(len(single)), single.to(torch.int8).argmax(1)]
     log_w = normalise_log(log_weights.to(expert_log_probs.dtype))
     skip = torch.isneginf(log_w)  # (B, K): expert not run for this row
     # zero-weight experts may hold garbage (or -inf) rows; mask them so -inf + -inf

@@ -88,3 +88,16 @@ def test_top_k_renormalise():
     assert torch.equal(tie, torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="top_k"):
         top_k_renormalise(w, 0)
+
+
+def test_top1_rows_are_their_expert_exactly():
+    _, lp = _random_experts(B=3, K=4)
+    lp[0, 2] = float("nan")  # a row an expert was never run on may hold garbage
+    log_w = torch.full((3, 4), float("-inf"), dtype=torch.float64)
+    log_w[0, 1], log_w[1, 3], log_w[2, 0] = 0.0, -0.7, 0.0  # one finite weight per row
+    got = mixture_log_probs(log_w, lp)
+    assert torch.equal(got, lp[torch.arange(3), torch.tensor([1, 3, 0])])
+    log_w[1, 0], log_w[1, 3] = math.log(1e-3), math.log(1 - 1e-3)  # two experts in one row: the general path
+    mixed = mixture_log_probs(log_w, lp)
+    want = torch.log((1 - 1e-3) * lp[1, 3].exp() + 1e-3 * lp[1, 0].exp())
+    assert torch.allclose(mixed[1], want, atol=1e-12) and torch.equal(mixed[0], got[0])
