@@ -41,10 +41,10 @@ Image tasks (``task`` field; answers in brackets):
 
 A yes/no question asks whether the image has a visual property: footwear, clothing or a
 bag (half of each split's records ask a property the image has, half one it lacks), or a
-digit above four (true of half the classes; the images are sampled class-stratified). (Asking about one of the ten classes
-instead — "Is this a sneaker?" — needs the model to compare a named class with the image,
-which the demo's tiny models did not learn at all in 13 epochs: train accuracy stayed at
-chance.)
+digit above four (true of half the classes; the images are sampled class-stratified).
+Asking about one of the ten classes instead ("Is this a sneaker?") needs the model to
+compare a named class with the image, which the demo's tiny models did not learn at all
+in 13 epochs: their train accuracy stayed at chance.
 
 The caption attribute is measured on the pixels (mean brightness of the lit pixels,
 or the inked area for digits) and split at the class's train median, so it is a real
