@@ -12,8 +12,8 @@ Three comparisons, each timed side by side, alternating, median of ``--repeats``
 2. **top-2** — the mixture of both experts (each with its own KV cache) vs the ideal, the
    time of generating with expert 0 plus with expert 1 separately. Target >= 0.9. Also
    against the two experts' plain forwards taking turns per token (no mixing), which a
-   per-token mixture must do: on a CPU the turns evict each expert's weights from the
-   cache (a plain loop of the two tiny experts ran at 0.80 of the separate runs here).
+   per-token mixture must do: on a CPU the turns can evict each expert's weights from the
+   cache, and this row shows how much of the top-2 gap the turns alone cost.
 3. **router share** of one request's time (route + generate ``--request-tokens``): a
    separate encoder (efficientnet-lite0, real weights) and the shared encoder (the
    experts' own vision tower, whose output the chosen expert reuses). The paper reports
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ideal = 1.0 / (1.0 / tps["hf"] + 1.0 / tps["hf_other"])  # tokens/s of running both
     results["top2_ideal_tps"] = ideal
     results["top2_ratio"] = tps["top2"] / ideal
-    # on a CPU, two experts taking turns per token evict each other's weights from the
-    # cache: the same two forwards interleaved without any mixing show that floor
+    # the same two forwards taking turns per token without any mixing: the part of the
+    # gap that is the turns themselves (each expert's weights leaving the CPU cache)
     results["top2_vs_turns"] = tps["top2"] / tps["hf_turns"]
 
     # 3. the router's share of one request (route + generate --request-tokens)
