@@ -74,19 +74,19 @@ def _normalise(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _scores(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> np.ndarray:
-    """Similarity of every point to every centroid, ``(K, N)`` float32.
+def _scores(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
+    """Similarity of every point to every centroid, ``(N, K)`` float32.
 
-    Spherical: cos(x_i, c_k) = c_k·x_i (unit rows). Euclidean: 2 c_k·x_i − |c_k|², which
+    Spherical: cos(x_i, c_k) = x_i·c_k (unit rows). Euclidean: 2 x_i·c_k − |c_k|², which
     is −|x_i − c_k|² + |x_i|², so argmax and the assignment LP are unchanged.
     """
     K, N = C.shape[0], X.shape[0]
-    out = torch.empty((K, N), dtype=torch.float32)
+    out = torch.empty((N, K), dtype=torch.float32)
     for a in range(0, N, chunk_size):
-        torch.mm(C, X[a:a + chunk_size].T, out=out[:, a:a + chunk_size])  # (K, chunk)
+        torch.mm(X[a:a + chunk_size], C.T, out=out[a:a + chunk_size])  # (chunk, K)
     if not spherical:
-        out.mul_(2).sub_((C * C).sum(1, keepdim=True))
-    return out.numpy()
+        out.mul_(2).sub_((C * C).sum(1))
+    return out
 
 
 def _cluster_sums(X: torch.Tensor, labels: torch.Tensor, K: int, weights: torch.Tensor | None = None
@@ -98,6 +98,20 @@ def _cluster_sums(X: torch.Tensor, labels: torch.Tensor, K: int, weights: torch.
     onehot = torch.sparse_coo_tensor(torch.stack([labels, torch.arange(N)]), values, (K, N),
                                      is_coalesced=True, check_invariants=False)
     return torch.sparse.mm(onehot, X)
+
+
+def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | None, sums: torch.Tensor | None,
+                 K: int) -> torch.Tensor:
+    """Member sums Σ_{i: label k} x_i (K, D) float64 for ``labels``, updated from the sums
+    for ``prev`` by only the points that changed cluster (after the first iterations a few
+    percent), or recomputed when many did. float64 keeps the running sums from drifting."""
+    if prev is None or sums is None:
+        return _cluster_sums(X, labels, K).double()
+    changed = torch.nonzero(labels != prev).squeeze(1)
+    if len(changed) > X.shape[0] // 4:
+        return _cluster_sums(X, labels, K).double()
+    rows = X[changed].double()
+    return sums.index_add(0, labels[changed], rows).index_add_(0, prev[changed], rows, alpha=-1)
 
 
 def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
@@ -113,60 +127,216 @@ def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int)
 
 
 # ------------------------------------------------------------- balanced assignment
-# The assignment works on a numpy (K, N) float32 score matrix: every per-cluster step is
-# a contiguous row operation, single-threaded and predictable on a shared machine.
+# Scores are a torch (N, K) float32 matrix (one row per point), so every whole-matrix step
+# (argmax, top-2, gathers) is a single vectorised call. Prices are float64 numpy (K,).
 def _bounds(n: int, k: int) -> tuple[int, int]:
     return n // k, -(-n // k)
 
 
-def _select_threshold(margins: np.ndarray, t: int) -> float:
-    """A price λ with exactly ``t`` margins strictly above it (ties permitting), O(N)."""
+def _excess(sizes: np.ndarray, lo: int, hi: int) -> int:
+    """Points that must move before every size is in [lo, hi]."""
+    return int(np.clip(sizes - hi, 0, None).sum() + np.clip(lo - sizes, 0, None).sum())
+
+
+def _counts(labels: torch.Tensor, K: int) -> np.ndarray:
+    return torch.bincount(labels, minlength=K).numpy().astype(np.int64)
+
+
+def _argmax(S: torch.Tensor, prices: np.ndarray) -> torch.Tensor:
+    """argmax_k (S[i, k] − λ_k) for every row of S (n, K): the price-induced labels (n,)."""
+    return (S - torch.from_numpy(prices).to(S.dtype)).argmax(1)
+
+
+def _top2(S: torch.Tensor, prices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Price-induced labels (n,) and each row's gap between its best and second-best
+    reduced score s_ik − λ_k (n,): how far the prices must move to change the label."""
+    V = S - torch.from_numpy(prices).to(S.dtype)
+    if V.shape[1] == 1:
+        return torch.zeros(V.shape[0], dtype=torch.int64), torch.full((V.shape[0],), math.inf)
+    best, index = V.max(1)  # first maximum on ties, as argmax
+    V.scatter_(1, index[:, None], _NEG)
+    return index, best - V.max(1).values
+
+
+class _Limits:
+    """How far the prices may move while every *locked* point keeps its label.
+
+    A locked point i of cluster a with reduced gaps g_ij = (s_ia − λ⁰_a) − (s_ij − λ⁰_j) at
+    the anchor prices λ⁰ stays in a for as long as δ_a − δ_j < g_ij for all j (δ = λ − λ⁰).
+    ``room[a, j]`` is the smallest such gap over the locked members of a (a lower bound is
+    enough), so the moves allowed are the difference constraints δ_a − δ_j < room[a, j]:
+    a pair of clusters with no locked point near their boundary may move freely. The same
+    numbers bound the cost of moving a locked point: s_ia − s_ib ≥ λ⁰_a − λ⁰_b + room[a, b].
+    """
+
+    def __init__(self, anchor: np.ndarray, room: np.ndarray):
+        self.anchor = anchor.copy()
+        self.room = np.array(room, dtype=np.float64) - 1e-6  # float32 rounding of the scores
+        np.fill_diagonal(self.room, math.inf)
+
+    def step(self, prices: np.ndarray, delta: np.ndarray) -> float:
+        """The largest α in [0, 1] with prices + α·delta inside the limits."""
+        d = prices - self.anchor
+        used = d[:, None] - d[None, :]
+        grow = delta[:, None] - delta[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha = np.where(grow > 0, (self.room - used) / grow, math.inf)
+        return float(np.clip(alpha.min(), 0.0, 1.0))
+
+    def clamp(self, prices: np.ndarray, k: int, price: float) -> float:
+        """Price λ_k moved as close to ``price`` as the limits allow, the others fixed."""
+        d = prices - self.anchor
+        others = np.arange(len(d)) != k
+        upper = (d[others] + self.room[k, others]).min()   # δ_k − δ_j < room[k, j]
+        lower = (d[others] - self.room[others, k]).max()   # δ_j − δ_k < room[j, k]
+        return float(self.anchor[k] + min(max(price - self.anchor[k], lower), upper))
+
+    def bound(self) -> np.ndarray:
+        """(K, K) lower bound on the cost s_ia − s_ib of moving any locked point a → b."""
+        return self.anchor[:, None] - self.anchor[None, :] + self.room
+
+
+def _locked_room(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, free: torch.Tensor) -> np.ndarray:
+    """``room`` of :class:`_Limits` for the points outside ``free``: the smallest reduced gap
+    from a locked member of a to cluster j, (K, K) (inf where a has no locked member)."""
+    K = S.shape[1]
+    V = S - torch.from_numpy(prices).to(S.dtype)
+    best = V.gather(1, labels[:, None])  # (N, 1)
+    G = V.neg_().add_(best)  # (N, K): best − V, in place
+    G[free] = math.inf
+    room = torch.full((K, K), math.inf).scatter_reduce_(0, labels[:, None].expand(-1, K), G, "amin")
+    return room.double().numpy()
+
+
+def _range(x: np.ndarray) -> float:
+    return float(x.max() - x.min())
+
+
+def _select_threshold(margins: np.ndarray, t: int, price: float) -> float:
+    """A price λ with exactly ``t`` margins strictly above it (ties permitting), moved from
+    the current ``price``: only the margins between the old and the new threshold are
+    ranked (a top-k over one side of the old price), O(n)."""
     n = margins.shape[0]
     if t >= n:
         return float(margins.min()) - 1.0
     if t <= 0:
         return float(margins.max()) + 1.0
-    part = np.partition(margins, (n - t - 1, n - t))
-    return 0.5 * (float(part[n - t - 1]) + float(part[n - t]))
+    m = torch.from_numpy(margins)
+    above = m > price
+    c = int(above.sum())
+    if t == c:
+        return price
+    if t < c:  # raise it between the t-th and (t+1)-th largest, both above the old price
+        pair = m[above].topk(c - t + 1, largest=False).values[-2:]
+    else:  # lower it: both at or below the old price
+        pair = m[~above].topk(t - c + 1).values[-2:]
+    return 0.5 * (float(pair[0]) + float(pair[1]))
 
 
-def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int) -> tuple[int, np.ndarray]:
-    """One Gauss–Seidel pass over the K prices; returns (prices changed, labels (N,)).
+def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.ndarray,
+                 limits: _Limits | None = None) -> tuple[int, np.ndarray]:
+    """One Gauss–Seidel pass over the K prices; returns (prices changed, labels (n,)).
 
-    For cluster k the margin of point i is s_ik − max_{j≠k}(s_ij − λ_j); points with
-    margin > λ_k prefer k. The max over j≠k is a running max over the already-updated
-    j < k and a suffix max over j > k, so a sweep is O(N·K). The labels argmax_k(s_ik − λ_k)
-    under the new prices come out of the same pass.
+    ``S`` is (K, n) (rows contiguous); ``base`` (K,) counts points outside S that are
+    fixed in each cluster. For cluster k the margin of point i is s_ik − max_{j≠k}(s_ij − λ_j);
+    points with margin > λ_k prefer k, and λ_k is set so that base_k plus their number lands
+    in [lo, hi], as far as ``limits`` (:class:`_Limits`) allow. The max over j≠k is
+    a running max over the already-updated j < k and a suffix max over j > k, so a sweep
+    is O(n·K).
     """
-    K, N = S.shape
+    K, n = S.shape
     suffix = np.empty_like(S)  # suffix[k] = max_{j>=k} (s_j − λ_j)
     np.subtract(S[K - 1], prices[K - 1], out=suffix[K - 1])
     for k in range(K - 2, -1, -1):
         np.maximum(suffix[k + 1], S[k] - prices[k], out=suffix[k])
-    running = np.full(N, _NEG, dtype=S.dtype)
-    labels = np.zeros(N, dtype=np.int64)
+    running = np.full(n, _NEG, dtype=S.dtype)
+    labels = np.zeros(n, dtype=np.int64)
     changed = 0
     for k in range(K):
         other = np.maximum(running, suffix[k + 1]) if k + 1 < K else running
-        margin = S[k] - other  # (N,)
-        count = int(np.count_nonzero(margin > prices[k]))
+        margin = S[k] - other  # (n,)
+        count = base[k] + int(np.count_nonzero(margin > prices[k]))
         if count < lo or count > hi:
-            prices[k] = _select_threshold(margin, min(max(count, lo), hi))
-            changed += 1
+            price = _select_threshold(margin, int(min(max(count, lo), hi) - base[k]), float(prices[k]))
+            price = price if limits is None else limits.clamp(prices, k, price)
+            changed += price != prices[k]
+            prices[k] = price
         value = S[k] - np.float32(prices[k])
         labels[value > running] = k
         np.maximum(running, value, out=running)
     return changed, labels
 
 
+def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: np.ndarray, n_total: int, *,
+                   limits: _Limits | None = None, max_steps: int = 12,
+                   stop_when_slow: bool = True) -> tuple[np.ndarray, torch.Tensor, int]:
+    """Damped Newton steps on the dual prices (Kitagawa, Mérigot & Thibert, "Convergence of
+    a Newton algorithm for semi-discrete optimal transport", JEMS 2019).
+
+    ``S`` (n, K) are the scores of the free points, ``base`` (K,) the points fixed outside
+    them; the target is sizes in [lo, hi] for all ``n_total`` points. The size of cluster k
+    as a function of the prices has Jacobian −L, L the graph Laplacian of the densities of
+    points on each k|j boundary, estimated from the points within h of that boundary
+    (h = a low quantile of the gaps). Each step solves L Δ = sizes − N/K, is capped so that
+    no price difference moves by more than the median gap (beyond it the linear model is
+    meaningless), kept inside ``limits`` (:class:`_Limits`), and backtracks until the
+    excess falls. Returns (prices, labels (n,), steps); stops when the excess is ≤ 2K or,
+    with ``stop_when_slow``, a step removes less than a third of it (the sweeps and the
+    exact repair finish faster).
+    """
+    n, K = S.shape
+    target = n_total / K
+    labels = _argmax(S, prices)
+    sizes = base + _counts(labels, K)
+    excess = _excess(sizes, lo, hi)
+    band, steps = max(64 * K, n // 10), 0
+    while steps < max_steps and excess > 2 * K:
+        steps += 1
+        V = S - torch.from_numpy(prices).to(S.dtype)
+        G = V.gather(1, labels[:, None]) - V  # (n, K) ≥ 0: how far each other cluster is
+        G.scatter_(1, labels[:, None], math.inf)
+        gaps = G.min(1).values
+        h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
+        median = float(gaps.kthvalue(max(1, n // 2)).values) + 1e-9
+        W = torch.zeros(K, K, dtype=torch.float64).index_add_(0, labels, (G < h).to(torch.float64)) / h
+        rho = ((W + W.T) / 2).numpy()
+        L = np.diag(rho.sum(1)) - rho
+        delta = np.linalg.lstsq(L, sizes - target, rcond=None)[0]
+        delta -= delta.mean()
+        if _range(delta) > median:
+            delta *= median / _range(delta)
+        alpha, accepted = 1.0 if limits is None else limits.step(prices, delta), False
+        if alpha <= 0:
+            break  # the limits bind: a new working set is needed
+        floor = alpha / 20
+        while alpha > floor:
+            cand_prices = prices + alpha * delta
+            cand = _argmax(S, cand_prices)
+            cand_sizes = base + _counts(cand, K)
+            if _excess(cand_sizes, lo, hi) < excess:
+                accepted = True
+                break
+            alpha /= 2
+        if not accepted:
+            if band >= n // 3:
+                break  # no descent: leave the rest to the sweeps and the exact repair
+            band = min(n, band * 4)  # the density estimate was too local: widen it and retry
+            continue
+        slow = _excess(cand_sizes, lo, hi) > 2 * excess / 3
+        prices, labels, sizes, excess = cand_prices, cand, cand_sizes, _excess(cand_sizes, lo, hi)
+        if slow and stop_when_slow:
+            break
+    return prices, labels, steps
+
+
 class _MoveCosts:
     """The cheapest single move between every pair of clusters, kept up to date cheaply.
 
-    ``E[a, b] = min_{i∈a}(s_ia − s_ib)`` and ``who[a, b]`` that point. For each edge a
-    sorted short list of the ``depth`` cheapest candidates is kept (invariant: it holds
-    every member of a whose cost is at most its last entry); a moved point is dropped
-    lazily and inserted into its new cluster's lists, so a move costs O(K log depth)
-    instead of O(N). An edge whose list runs dry is rebuilt from its members (O(N)).
+    ``E[a, b] = min_{i∈a}(s_ia − s_ib)`` and ``who[a, b]`` that point, over the points of
+    ``S`` (K, n). For each edge a sorted short list of the ``depth`` cheapest candidates is
+    kept (invariant: it holds every member of a whose cost is at most its last entry); a
+    moved point is dropped lazily and inserted into its new cluster's lists, so a move costs
+    O(K log depth) instead of O(n). An edge whose list runs dry is rebuilt from its members.
     """
 
     def __init__(self, S: np.ndarray, labels: np.ndarray, depth: int = 64):
@@ -229,25 +399,40 @@ class _MoveCosts:
                     self.E[b, c], self.who[b, c] = cost, i
 
 
-def _best_chain(E: np.ndarray, sources: np.ndarray, sinks: np.ndarray) -> tuple[float, list[int]]:
+class _Uncertain(Exception):
+    """The working set cannot certify the next move: redo the repair on every point."""
+
+
+def _best_chain(E: np.ndarray, sources: np.ndarray, sinks: np.ndarray, bound: np.ndarray | None = None
+                ) -> tuple[float, list[int]]:
     """Cheapest chain of single moves from a source cluster to a sink cluster.
 
     Bellman–Ford on the K-node cluster graph with every source at distance 0. The plan
     stays optimal for its sizes throughout, so there is no negative cycle and K − 1
-    relaxation rounds suffice.
+    relaxation rounds suffice. ``bound`` (K, K), when given, is a lower bound on the cost of
+    moving any point *outside* the working set (the locked points); the search runs on
+    min(E, bound), and if the cheapest chain uses an edge where the bound is below the
+    working set's own cost — a locked point might be cheaper — or the bounded graph has a
+    negative cycle, :class:`_Uncertain` is raised. Otherwise the chain is the true optimum:
+    every real chain costs at least its bounded cost.
     """
     K = E.shape[0]
+    Eb = E if bound is None else np.minimum(E, bound)
     dist = np.where(sources, 0.0, math.inf)
     prev = np.full(K, -1)
-    for _ in range(K - 1):
-        cand = dist[:, None] + E  # cand[a, b]: reach b through a
+    settled = False
+    for _ in range(K if bound is not None else K - 1):
+        cand = dist[:, None] + Eb  # cand[a, b]: reach b through a
         a_best = cand.argmin(0)
         best = cand[a_best, np.arange(K)]
         better = best < dist - 1e-9
         if not better.any():
+            settled = True
             break
         dist = np.where(better, best, dist)
         prev = np.where(better, a_best, prev)
+    if bound is not None and not settled:
+        raise _Uncertain("negative cycle under the locked points' bounds")
     cost = np.where(sinks & (prev >= 0), dist, math.inf)
     b = int(cost.argmin())
     if not math.isfinite(cost[b]):
@@ -255,17 +440,21 @@ def _best_chain(E: np.ndarray, sources: np.ndarray, sinks: np.ndarray) -> tuple[
     path = [b]
     while prev[path[-1]] >= 0 and len(path) <= K:  # back to a source (prev −1)
         path.append(int(prev[path[-1]]))
-    return float(cost[b]), path[::-1]
+    path = path[::-1]
+    if bound is not None and any(E[a, c] > bound[a, c] for a, c in zip(path[:-1], path[1:])):
+        raise _Uncertain("a locked point may be the cheaper move")
+    return float(cost[b]), path
 
 
-def _repair(S: np.ndarray, labels: np.ndarray, lo: int, hi: int, max_moves: int) -> dict:
+def _repair(S: np.ndarray, labels: np.ndarray, sizes: np.ndarray, lo: int, hi: int, max_moves: int,
+            bound: np.ndarray | None = None) -> dict:
     """Successive shortest paths to sizes in [lo, hi], then negative-chain clean-up.
 
-    :class:`_MoveCosts` keeps the cheapest move between every pair of clusters up to date.
+    ``S`` (K, n) and ``labels`` (n,) are the points that may move (updated in place),
+    ``sizes`` (K,) the sizes of all clusters including locked points (updated in place),
+    ``bound`` the locked points' lower bounds for :func:`_best_chain`.
     """
-    K = S.shape[0]
     costs = _MoveCosts(S, labels)
-    sizes = np.bincount(labels, minlength=K)
     moves = improving = 0
     while moves + improving < max_moves:
         if (sizes < lo).any():  # fill the under-full first, from anyone above lo
@@ -276,7 +465,11 @@ def _repair(S: np.ndarray, labels: np.ndarray, lo: int, hi: int, max_moves: int)
             sources, sinks, improve_only = sizes > lo, sizes < hi, True
         if not sources.any() or not sinks.any():
             break
-        cost, path = _best_chain(costs.E, sources, sinks)
+        if improve_only and bound is not None:
+            Eb = np.minimum(costs.E, bound)
+            if _best_chain(Eb, sources, sinks)[0] >= -1e-6:
+                break  # not even the lower bounds allow an improvement: done
+        cost, path = _best_chain(costs.E, sources, sinks, bound)
         if not path or (improve_only and cost >= -1e-6):
             break
         chain = [(int(costs.who[a, b]), a, b) for a, b in zip(path[:-1], path[1:])]
@@ -289,114 +482,167 @@ def _repair(S: np.ndarray, labels: np.ndarray, lo: int, hi: int, max_moves: int)
     return {"repair_moves": moves, "improving_chains": improving}
 
 
-def _excess(sizes: np.ndarray, lo: int, hi: int) -> int:
-    """Points that must move before every size is in [lo, hi]."""
-    return int(np.clip(sizes - hi, 0, None).sum() + np.clip(lo - sizes, 0, None).sum())
+class _Outside(Exception):
+    """A chain of moves may need a point outside the scored set: score every point."""
 
 
-def _argmax_labels(S: np.ndarray, prices: np.ndarray | None = None) -> np.ndarray:
-    """argmax_k (S[k] − prices[k]) per column of the (K, N) scores, first maximum on ties.
+def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[np.ndarray, float] | None = None,
+            tolerance: int = 0, max_sweeps: int = 4, max_moves: int | None = None, max_rounds: int = 6,
+            sample: int = 32768, working_set: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Exact balanced assignment from scores ``S`` (n, K) float32 torch; see
+    :func:`balanced_assignment`. Most of the work is done on a *working set* of the points
+    nearest a cluster boundary, which is what makes it cheap:
 
-    A running maximum over the K rows (contiguous, vectorised by torch) instead of
-    ``ndarray.argmax(0)``, which strides across rows: ~2x faster at K = 16, and this is
-    the inner loop of the price search. Returns (N,) int64.
+    1. Rounds of: a full pass for the price-induced labels and each point's gap to its
+       second-best cluster (one top-2); if the sizes are within 2K of balanced, stop.
+       Otherwise the prices are improved by Newton steps (and Gauss–Seidel sweeps when
+       they stall) on the points with the smallest gaps, the others *locked*: their labels
+       cannot change while the prices stay within :class:`_Limits`. When the sizes are far
+       off, the first round uses an evenly strided sample of ``sample`` points instead.
+    2. The exact repair runs on the working set of the last pass; a locked point costs at
+       least the :class:`_Limits` bound to move, and if a chain would need one, the repair is
+       redone on every point. The result is the exact optimum either way.
+
+    ``outer = (counts (K,), T)`` describes further points that are not in ``S`` at all
+    (:meth:`BalancedKMeans.fit` skips scoring points that provably keep their cluster):
+    their labels are fixed, ``counts`` per cluster, and each has reduced gap ≥ T at the
+    given prices. They enter the sizes and the limits; if a chain would need one of them,
+    :class:`_Outside` is raised.
+
+    ``tolerance`` > 0 stops as soon as at most that many points are misplaced and returns
+    the price-induced labels, which are an optimal plan for their own (nearly balanced)
+    sizes, without the repair: the warm-up steps of :meth:`BalancedKMeans.fit`.
     """
-    St = torch.from_numpy(S)
-    shift = torch.zeros(len(S), dtype=St.dtype) if prices is None else torch.from_numpy(
-        np.asarray(prices, dtype=S.dtype))
-    best = St[0] - shift[0]
-    labels = torch.zeros(S.shape[1], dtype=torch.int64)
-    for k in range(1, len(S)):
-        v = St[k] - shift[k]
-        labels[v > best] = k  # strict: the first maximum wins, as argmax
-        best = torch.maximum(best, v)
-    return labels.numpy()
+    n, K = S.shape
+    prices = np.zeros(K) if prices is None else np.array(prices, dtype=np.float64)
+    start = prices.copy()
+    outer_counts, T = outer if outer is not None else (np.zeros(K, np.int64), math.inf)
+    N = n + int(outer_counts.sum())
+    lo, hi = _bounds(N, K)
+    stats = {"newton_steps": 0, "sweeps": 0, "rounds": 0, "working_set": n, "full_repair": False}
+    if K == 1:
+        return np.zeros(n, dtype=np.int64), prices, {**stats, "repair_moves": 0, "improving_chains": 0}
 
+    def room_outside(p: np.ndarray) -> np.ndarray:  # what the prices moved since ``start`` left of T
+        d = p - start
+        return T - (d[:, None] - d[None, :])
 
-def _newton_prices(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, max_steps: int = 12,
-                   band: float = 0.02) -> tuple[np.ndarray, np.ndarray, int]:
-    """Damped Newton steps on the dual prices (Kitagawa, Mérigot & Thibert, "Convergence of
-    a Newton algorithm for semi-discrete optimal transport", JEMS 2019).
-
-    The size of cluster k as a function of the prices has Jacobian −L, L the graph
-    Laplacian of the densities of points on each k|j boundary (estimated from the points
-    whose best-minus-second-best gap lies in the lowest ``band`` fraction). Each step
-    solves L Δ = n − N/K and backtracks until the excess falls. Returns (prices, labels,
-    steps). O(N·K) per step; typically 3–6 steps take a plan from thousands of misplaced
-    points to a few dozen.
-    """
-    K, N = S.shape
-    cols = np.arange(N)
-    labels = _argmax_labels(S, prices)
-    sizes = np.bincount(labels, minlength=K)
-    excess = _excess(sizes, lo, hi)
-    if prices.any():  # a warm start from moved centroids can be worse than none (empty clusters)
-        cold = _argmax_labels(S)
-        cold_sizes = np.bincount(cold, minlength=K)
-        if _excess(cold_sizes, lo, hi) < excess:
-            prices, labels, sizes, excess = np.zeros(K), cold, cold_sizes, _excess(cold_sizes, lo, hi)
-    steps = 0
-    for steps in range(1, max_steps + 1):
-        if excess <= 2 * K:
+    min_set = min(n, working_set if working_set is not None else max(4096, n // 32))
+    n_free, sampled, grow = min_set, False, False
+    while True:
+        stats["rounds"] += 1
+        labels, gaps = _top2(S, prices)
+        sizes = outer_counts + _counts(labels, K)
+        excess = _excess(sizes, lo, hi)
+        if stats["rounds"] == 1 and excess > N // 16 and prices.any() and outer is None:
+            cold, cold_gaps = _top2(S, np.zeros(K))  # moved centroids can make a warm start worse than none
+            cold_sizes = _counts(cold, K)
+            if _excess(cold_sizes, lo, hi) < excess:
+                prices, labels, gaps, sizes, excess = np.zeros(K), cold, cold_gaps, cold_sizes, _excess(cold_sizes, lo, hi)
+        if excess <= max(2 * K, tolerance) or stats["rounds"] > max_rounds:
+            free, H = _smallest(gaps, min(n, max(min_set, 8 * excess)))
+            limits = _Limits(prices, np.minimum(H, room_outside(prices)))  # every locked gap is ≥ H
             break
-        V = S - prices[:, None].astype(S.dtype)  # (K, N)
-        first = V[labels, cols]
-        V[labels, cols] = _NEG
-        second = _argmax_labels(V)
-        gap = first - V[second, cols]
-        h = float(np.partition(gap, int(band * N))[int(band * N)]) + 1e-12
-        near = gap < h
-        W = np.zeros((K, K))
-        np.add.at(W, (labels[near], second[near]), 1.0 / h)
-        rho = (W + W.T) / 2
-        L = np.diag(rho.sum(1)) - rho + 1e-9 * np.eye(K)
-        delta = np.linalg.lstsq(L, sizes - N / K, rcond=None)[0]
-        delta -= delta.mean()
-        alpha = 1.0
-        while alpha > 1e-3:
-            cand = _argmax_labels(S, prices + alpha * delta)
-            cand_sizes = np.bincount(cand, minlength=K)
-            if _excess(cand_sizes, lo, hi) < excess:
-                break
-            alpha /= 2
-        else:
-            if band >= 0.3:
-                break  # no descent: leave the rest to the sweeps and the exact repair
-            band *= 4  # the density estimate was too local: widen the band and retry
+        n_free = min(n, max(min_set, 8 * excess, min(n // 4, 2 * n_free) if grow else 0))
+        if 8 * excess > n // 4 and n >= 4 * sample and not sampled and outer is None:
+            sampled, grow = True, False
+            sub = S[torch.arange(0, n, n // sample)]
+            s_lo, s_hi = _bounds(sub.shape[0], K)
+            prices, _, steps = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[0],
+                                              stop_when_slow=False)
+            stats["newton_steps"] += steps
             continue
-        prices = prices + alpha * delta
-        labels, sizes, excess = cand, cand_sizes, _excess(cand_sizes, lo, hi)
-    return prices, labels, steps
+        free, H = _smallest(gaps, n_free)
+        room = _locked_room(S, prices, labels, free) if len(free) < n else np.full((K, K), math.inf)
+        limits = _Limits(prices, np.minimum(room, room_outside(prices)))
+        S_free = S[free]
+        base = sizes - _counts(labels[free], K)
+        prices, sub_labels, steps = _newton_prices(S_free, prices, lo, hi, base, N, limits=limits)
+        stats["newton_steps"] += steps
+        sizes = base + _counts(sub_labels, K)
+        if _excess(sizes, lo, hi) > 2 * K and max_sweeps:
+            S_kn = np.ascontiguousarray(S_free.T.numpy())
+            for _ in range(max_sweeps):
+                stats["sweeps"] += 1
+                changed, sweep_labels = _price_sweep(S_kn, prices, lo, hi, base, limits)
+                sub_labels = torch.from_numpy(sweep_labels)
+                sizes = base + np.bincount(sweep_labels, minlength=K)
+                if changed == 0 or _excess(sizes, lo, hi) <= 2 * K:
+                    break
+        labels[free] = sub_labels
+        excess = _excess(sizes, lo, hi)
+        if excess <= max(2 * K, tolerance) or stats["rounds"] >= max_rounds:
+            break
+        grow = True
+    stats["working_set"] = len(free)
+    if tolerance and excess <= tolerance:
+        return labels.numpy(), prices, {**stats, "repair_moves": 0, "improving_chains": 0, "excess": excess}
+    bound = limits.bound() if len(free) < n or outer is not None else None
+    sub_labels = labels[free].numpy().copy()
+    max_moves = max_moves if max_moves is not None else 10 * N
+    try:
+        stats.update(_repair(np.ascontiguousarray(S[free].T.numpy()), sub_labels, sizes.copy(), lo, hi,
+                             max_moves, bound))
+        labels[free] = torch.from_numpy(sub_labels)
+    except _Uncertain:
+        if outer is not None:
+            raise _Outside() from None
+        stats["full_repair"] = True
+        labels[free] = torch.from_numpy(sub_labels)  # the moves made so far were exact
+        labels_np = labels.numpy().copy()
+        stats.update(_repair(np.ascontiguousarray(S.T.numpy()), labels_np, np.bincount(labels_np, minlength=K),
+                             lo, hi, max_moves))
+        labels = torch.from_numpy(labels_np)
+    labels = labels.numpy()
+    sizes = outer_counts + np.bincount(labels, minlength=K)
+    if sizes.min() < lo or sizes.max() > hi:
+        raise RuntimeError(f"balanced assignment failed to reach sizes in [{lo}, {hi}]: {sizes.tolist()}")
+    stats["excess"] = 0
+    return labels, prices, stats
+
+
+def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
+    """Reduced gap of each point to its best *other* cluster, (n,): (s_ia − λ_a) −
+    max_{j≠a}(s_ij − λ_j) for its label a (negative when the repair moved it off its best)."""
+    V = S - torch.from_numpy(prices).to(S.dtype)
+    own = V.gather(1, labels[:, None]).squeeze(1)
+    if V.shape[1] == 1:
+        return torch.full_like(own, math.inf)
+    V.scatter_(1, labels[:, None], _NEG)
+    return own - V.max(1).values
+
+
+def _smallest(gaps: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """The working set: indices (sorted) of every point whose gap is below H, H chosen so
+    that there are about ``n`` of them; returns (indices, H). All points and H = inf when
+    n ≥ N or the gaps do not separate."""
+    N = len(gaps)
+    if n < N:
+        H = float(gaps.kthvalue(n + 1).values)
+        free = torch.nonzero(gaps < H).squeeze(1)
+        if H > 0 and len(free):
+            return free, H
+    return torch.arange(N), math.inf
 
 
 def balanced_assignment(S: np.ndarray, prices: np.ndarray | None = None, *,
-                        max_sweeps: int = 30, max_moves: int | None = None
+                        max_sweeps: int = 30, max_moves: int | None = None, working_set: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Exact balanced assignment of N points to K clusters from scores ``S`` (K, N).
 
     Maximises Σ_i S[a(i), i] subject to every cluster size in [⌊N/K⌋, ⌈N/K⌉] (see the
     module docstring for the method and its optimality). ``prices`` (K,) warm-starts the
-    dual. Returns ``(labels (N,) int64, prices (K,) float64, stats dict)`` with stats
-    ``newton_steps``, ``sweeps``, ``repair_moves``, ``improving_chains``.
+    dual; ``working_set`` sets the least number of boundary points the search works on
+    (default max(4096, N/32)). Returns ``(labels (N,) int64, prices (K,) float64, stats)``
+    with stats ``newton_steps``, ``sweeps``, ``rounds``, ``working_set``, ``full_repair``,
+    ``repair_moves``, ``improving_chains``.
     """
-    S = np.ascontiguousarray(S, dtype=np.float32)
+    S = np.asarray(S, dtype=np.float32)
     K, N = S.shape
     if K < 1 or N < K:
         raise ValueError(f"balanced assignment needs 1 <= K <= N, got K={K}, N={N}")
-    lo, hi = _bounds(N, K)
-    prices = np.zeros(K) if prices is None else np.array(prices, dtype=np.float64)
-    prices, labels, newton = _newton_prices(S, prices, lo, hi) if K > 1 else (prices, np.zeros(N, np.int64), 0)
-    sweeps = 0
-    while sweeps < max_sweeps and _excess(np.bincount(labels, minlength=K), lo, hi) > 2 * K:
-        sweeps += 1  # the exact repair finishes a nearly balanced plan faster than more sweeps
-        changed, labels = _price_sweep(S, prices, lo, hi)
-        if changed == 0:
-            break
-    stats = _repair(S, labels, lo, hi, max_moves if max_moves is not None else 10 * N)
-    sizes = np.bincount(labels, minlength=K)
-    if sizes.min() < lo or sizes.max() > hi:
-        raise RuntimeError(f"balanced assignment failed to reach sizes in [{lo}, {hi}]: {sizes.tolist()}")
-    return labels, prices, {"newton_steps": newton, "sweeps": sweeps, **stats}
+    return _assign(torch.from_numpy(np.ascontiguousarray(S.T)), prices, max_sweeps=max_sweeps,
+                   max_moves=max_moves, working_set=working_set)
 
 
 # ----------------------------------------------------------------------- estimators
@@ -454,7 +700,7 @@ class _CentroidModel:
         C = torch.from_numpy(self.cluster_centers_)
         if not balanced:
             return _nearest(C, Xt, self.spherical, self.chunk_size).numpy()
-        labels, _, _ = balanced_assignment(_scores(C, Xt, self.spherical, self.chunk_size))
+        labels, _, _ = _assign(_scores(C, Xt, self.spherical, self.chunk_size))
         return labels
 
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
@@ -487,6 +733,15 @@ class BalancedKMeans(_CentroidModel):
     seed : seeds k-means++; the same seed and data give the same result.
     chunk_size : rows of X per matmul block.
     max_sweeps : dual price sweeps per assignment before the exact repair.
+    algorithm : ``"bounds"`` (default; spherical only, else as "full") skips scoring the
+        points that provably keep their cluster (see :meth:`fit`); ``"full"`` scores every
+        point every iteration. Both give the same exact assignments.
+    warmup_tol : while the objective still improves by more than this (relative) per
+        iteration — the first iterations, when the centroids move a lot — an assignment
+        step stops once at most 1 % of the points are misplaced, with the price-induced
+        labels (an optimal plan for their own, nearly balanced, sizes) and no repair. Every
+        later step, and always the last one, is exact, so ``labels_`` is always exactly
+        balanced. ``None`` makes every step exact.
 
     Attributes (after ``fit``)
     --------------------------
@@ -495,13 +750,17 @@ class BalancedKMeans(_CentroidModel):
     inertia_ : float, Σ_i |x_i − c_{a(i)}|² (rows normalised first when spherical).
     n_iter_ : int, assignment steps run.
     fit_info_ : dict with per-iteration ``objective`` (mean similarity), ``seconds``,
-        ``sweeps``, ``repair_moves``, final ``sizes`` and ``balance`` (max/min size).
+        ``newton_steps``, ``sweeps``, ``repair_moves``, ``scored`` (points scored: N, or
+        fewer with ``algorithm="bounds"``), ``exact`` (False for warm-up steps), final
+        ``sizes`` and ``balance`` (max/min size).
     """
 
-    _param_names = ("n_clusters", "spherical", "max_iter", "tol", "seed", "chunk_size", "max_sweeps")
+    _param_names = ("n_clusters", "spherical", "max_iter", "tol", "seed", "chunk_size", "max_sweeps", "algorithm",
+                    "warmup_tol")
 
     def __init__(self, n_clusters: int = 2, *, spherical: bool = True, max_iter: int = 50,
-                 tol: float = 1e-6, seed: int = 0, chunk_size: int = 65536, max_sweeps: int = 4):
+                 tol: float = 1e-6, seed: int = 0, chunk_size: int = 65536, max_sweeps: int = 4,
+                 algorithm: str = "bounds", warmup_tol: float | None = 1e-3):
         self.n_clusters = n_clusters
         self.spherical = spherical
         self.max_iter = max_iter
@@ -509,6 +768,8 @@ class BalancedKMeans(_CentroidModel):
         self.seed = seed
         self.chunk_size = chunk_size
         self.max_sweeps = max_sweeps
+        self.algorithm = algorithm
+        self.warmup_tol = warmup_tol
 
     def _validate(self, n: int) -> None:
         if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1:
@@ -517,9 +778,23 @@ class BalancedKMeans(_CentroidModel):
             raise ValueError(f"n_clusters={self.n_clusters} is larger than the number of samples {n}")
         if self.max_iter < 1 or self.chunk_size < 1:
             raise ValueError("max_iter and chunk_size must be >= 1")
+        if self.algorithm not in ("bounds", "full"):
+            raise ValueError(f"algorithm: must be 'bounds' or 'full', got {self.algorithm!r}")
+        if self.warmup_tol is not None and not self.warmup_tol >= 0:
+            raise ValueError(f"warmup_tol: must be None or >= 0, got {self.warmup_tol!r}")
 
     def fit(self, X: Any, y: Any = None, init: np.ndarray | None = None) -> "BalancedKMeans":
-        """Fit on X (N, D); ``init`` (K, D) optionally replaces k-means++. Returns self."""
+        """Fit on X (N, D); ``init`` (K, D) optionally replaces k-means++. Returns self.
+
+        Each iteration: score the points against the centroids, solve the balanced
+        assignment exactly (:func:`_assign`), then move each centroid to the (normalised)
+        mean of its members. With ``algorithm="bounds"`` (spherical only) an iteration
+        scores only the points whose cluster could change: every point keeps a lower bound
+        on its reduced gap to its second-best cluster, lowered by how far the centroids and
+        prices moved (|Δ(x·c_k)| ≤ |Δc_k| for unit x; Hamerly, "Making k-means even faster",
+        SDM 2010), and points whose bound stays above a threshold T are left out with their
+        labels fixed, which is exact while no price difference moves by T (:class:`_Limits`).
+        """
         Xt = self._prepare(X, fitting=True)
         N = Xt.shape[0]
         self._validate(N)
@@ -528,44 +803,108 @@ class BalancedKMeans(_CentroidModel):
         C = _as_tensor(init).clone() if init is not None else _kmeans_pp(Xt, K, self.spherical, rng)
         if self.spherical:
             C = _normalise(C)
-        prices, prev_labels, prev_obj = None, None, -math.inf
+        use_bounds = self.algorithm == "bounds" and self.spherical and K > 1
+        prices, labels, gaps, drift, sums, prev_obj, prev_exact = None, None, None, None, None, -math.inf, False
         info: dict[str, list] = {"objective": [], "seconds": [], "newton_steps": [], "sweeps": [],
-                                 "repair_moves": []}
+                                 "repair_moves": [], "scored": [], "exact": []}
+        warming = self.warmup_tol is not None
         for it in range(1, self.max_iter + 1):
             t0 = time.perf_counter()
-            S = _scores(C, Xt, self.spherical, self.chunk_size)  # (K, N)
-            labels, prices, stats = balanced_assignment(S, prices, max_sweeps=self.max_sweeps)
-            obj = float(S[labels, np.arange(N)].mean(dtype=np.float64))
-            converged = prev_labels is not None and (
-                np.array_equal(labels, prev_labels) or obj - prev_obj <= self.tol * abs(prev_obj))
+            exact = not warming or it == self.max_iter
+            old_prices = prices
+            step = (self._bounded_step(Xt, C, labels, gaps, drift, prices, last_move)
+                    if exact and prev_exact and use_bounds else None)
+            if step is None:
+                S = _scores(C, Xt, self.spherical, self.chunk_size)  # (N, K)
+                new, prices, stats = _assign(S, prices, max_sweeps=self.max_sweeps,
+                                             tolerance=0 if exact else max(1, N // 100))
+                new = torch.from_numpy(new)
+                gaps = _label_gaps(S, prices, new) if use_bounds and exact else None  # for the next bounded step
+                stats["scored"] = N
+            else:
+                new, prices, gaps, stats = step
+            last_move = _range(prices - old_prices) if old_prices is not None else math.inf
+            sums = _update_sums(Xt, new, labels, sums, K)
+            obj = self._objective(C, sums, new) / N
+            gain = obj - prev_obj
+            converged = exact and prev_exact and (torch.equal(new, labels) or gain <= self.tol * abs(prev_obj))
+            if labels is not None:  # once the gain is small, every step from now on is exact
+                warming = warming and gain > self.warmup_tol * abs(prev_obj)
+            labels, prev_obj, prev_exact = new, obj, exact
             if not converged and it < self.max_iter:
-                C = self._update(Xt, torch.from_numpy(labels), K, C)
+                C_new = self._centroids(sums, labels, C)
+                drift = (C_new.double() - C.double()).norm(dim=1).numpy() + 1e-6  # (K,) float32 slack
+                C = C_new
             info["objective"].append(obj)
             info["seconds"].append(time.perf_counter() - t0)
             info["newton_steps"].append(stats["newton_steps"])
             info["sweeps"].append(stats["sweeps"])
             info["repair_moves"].append(stats["repair_moves"] + stats["improving_chains"])
-            prev_labels, prev_obj = labels, obj
+            info["scored"].append(stats["scored"])
+            info["exact"].append(exact)
             if converged:
                 break
-        self._finish(Xt, C, labels, S, it, info)
+        self._finish(Xt, C, labels, sums, it, info)
         return self
 
-    def _update(self, X: torch.Tensor, labels: torch.Tensor, K: int, C: torch.Tensor) -> torch.Tensor:
-        """Centroid step: mean of members (normalised when spherical). (K, D)."""
-        sums = _cluster_sums(X, labels, K)
-        if self.spherical:
-            return _normalise(sums)
-        counts = np.bincount(labels.numpy(), minlength=K).clip(1)
-        return sums / torch.from_numpy(counts).to(X.dtype)[:, None]
+    def _bounded_step(self, X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor, gaps: torch.Tensor,
+                      drift: np.ndarray, prices: np.ndarray, last_move: float):
+        """One assignment scoring only the points whose gap bound falls below T; returns
+        (labels (N,), prices, gap bounds (N,), stats), or None when too many points could
+        move: then score everything. T leaves room for the prices to move twice as far as
+        they did last time; if a repair chain still needs an unscored point, T grows."""
+        N, K = X.shape[0], C.shape[0]
+        d = torch.from_numpy(drift).to(gaps.dtype)
+        bound = gaps - d[labels] - d.max()
+        want = max(4096, N // 16, 2 * int((bound <= 0).sum()), int((bound < 2 * last_move).sum()))
+        while 3 * want <= N:
+            T = float(bound.kthvalue(want).values)
+            if not T > 0:
+                return None
+            scored = torch.nonzero(bound < T).squeeze(1)
+            S = X[scored] @ C.T  # (n, K)
+            outside = _counts(labels, K) - _counts(labels[scored], K)
+            try:
+                sub, new_prices, stats = _assign(S, prices, outer=(outside, T), max_sweeps=self.max_sweeps)
+            except _Outside:
+                want *= 4
+                continue
+            new = labels.clone()
+            new[scored] = torch.from_numpy(sub)
+            moved = new_prices - prices  # an unscored point's gap falls by at most δ_a − min δ
+            bound -= torch.from_numpy(moved - moved.min()).to(bound.dtype)[labels]
+            bound[scored] = _label_gaps(S, new_prices, new[scored])
+            stats["scored"] = len(scored)
+            return new, new_prices, bound, stats
+        return None
 
-    def _finish(self, X, C, labels, S, n_iter, info) -> None:
+    def _objective(self, C: torch.Tensor, sums: torch.Tensor, labels: torch.Tensor) -> float:
+        """Σ_i s(x_i, c_{a(i)}) from the member sums: Σ_k c_k·sums_k, minus Σ_k n_k |c_k|²
+        for Euclidean scores (2 x·c − |c|²)."""
+        C64 = C.double()
+        total = float((C64 * sums).sum())
+        if self.spherical:
+            return total
+        counts = torch.bincount(labels, minlength=len(C)).double()
+        return 2 * total - float((counts * (C64 * C64).sum(1)).sum())
+
+    def _centroids(self, sums: torch.Tensor, labels: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """Centroid step from the float64 member sums (K, D): their mean, normalised when
+        spherical. A cluster with no members keeps its centroid. (K, D) float32."""
+        counts = torch.bincount(labels, minlength=len(sums))
+        new = _normalise(sums) if self.spherical else sums / counts.clamp_min(1).to(sums.dtype)[:, None]
+        return torch.where((counts > 0)[:, None], new.to(C.dtype), C)
+
+    def _finish(self, X, C, labels, sums, n_iter, info) -> None:
+        labels = labels.numpy()
         sizes = np.bincount(labels, minlength=C.shape[0])
-        assigned = S[labels, np.arange(len(labels))].astype(np.float64)
-        sq = (X * X).sum(1).double().numpy()
+        C64 = C.double()
+        sq = float((X.norm(dim=1).double() ** 2).sum())  # Σ|x_i|², one pass without an (N, D) temporary
+        # Σ_i |x_i − c_a|² = Σ|x|² − 2 Σ_k c_k·sums_k + Σ_k n_k |c_k|²
+        self.inertia_ = sq - 2 * float((C64 * sums).sum()) + float((torch.from_numpy(sizes).double()
+                                                                     * (C64 * C64).sum(1)).sum())
         self.cluster_centers_ = C.numpy().astype(np.float32, copy=True)
         self.labels_ = labels
-        self.inertia_ = float((sq - assigned if not self.spherical else sq - 2 * assigned + 1).sum())
         self.n_iter_ = n_iter
         info["sizes"] = sizes.tolist()
         info["balance"] = float(sizes.max()) / max(1.0, float(sizes.min()))

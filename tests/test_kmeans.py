@@ -75,6 +75,75 @@ def test_assignment_optimal_when_prices_far_off():
     assert stats["repair_moves"] > 0
 
 
+def lp_optimum(S):
+    """Optimum of the balanced assignment LP (N x K transport problem) by HiGHS."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
+
+    K, N = S.shape
+    lo, hi = N // K, -(-N // K)
+    var = np.arange(N * K).reshape(N, K)  # x[i, k]
+    each = coo_matrix((np.ones(N * K), (np.repeat(np.arange(N), K), var.ravel())), shape=(N, N * K))
+    size = coo_matrix((np.ones(N * K), (np.tile(np.arange(K), N), var.ravel())), shape=(K, N * K))
+    res = linprog(-S.T.astype(np.float64).ravel(), A_ub=np.vstack([size.toarray(), -size.toarray()]),
+                  b_ub=np.r_[np.full(K, hi), np.full(K, -lo)], A_eq=each, b_eq=np.ones(N), bounds=(0, 1),
+                  method="highs")
+    assert res.status == 0
+    return -res.fun
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_working_set_assignment_is_exact(seed):
+    # a tiny working set locks most points: the repair must either certify its chains by the
+    # locked points' bounds or redo the repair on every point; either way the LP optimum
+    rng = np.random.default_rng(seed)
+    n, k = 3001, int(rng.integers(3, 9))
+    S = (unit(rng.normal(size=(k, 5))) @ unit(rng.normal(size=(n, 5))).T).astype(np.float32)
+    _, prices, _ = balanced_assignment(S)
+    near = prices + rng.normal(scale=0.005 * (1 + seed), size=k)  # a warm start, as in k-means
+    labels, _, stats = balanced_assignment(S, near, working_set=32, max_sweeps=2)
+    assert stats["working_set"] < n // 2
+    sizes = np.bincount(labels, minlength=k)
+    assert sizes.max() - sizes.min() <= 1
+    assert S.astype(np.float64)[labels, np.arange(n)].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
+
+
+def test_bounds_skip_points_and_match_full_scoring():
+    # Hamerly-style bounds leave most points unscored in late iterations, with the very
+    # same exact assignments as scoring every point
+    X, _ = blobs([2600, 2500, 2500, 2400, 2500, 2500, 2500, 2500], d=16, spread=0.3, seed=6)
+    common = dict(seed=1, max_iter=12, tol=0.0, warmup_tol=None)
+    full = BalancedKMeans(8, algorithm="full", **common).fit(X)
+    bounded = BalancedKMeans(8, algorithm="bounds", **common).fit(X)
+    assert min(bounded.fit_info_["scored"]) < len(X) // 4
+    assert set(full.fit_info_["scored"]) == {len(X)}
+    assert np.array_equal(full.labels_, bounded.labels_)
+    np.testing.assert_allclose(full.cluster_centers_, bounded.cluster_centers_, atol=1e-6)
+    np.testing.assert_allclose(full.fit_info_["objective"], bounded.fit_info_["objective"], rtol=1e-9)
+
+
+def test_warmup_steps_then_exact_steps():
+    X, _ = blobs([9000, 7000, 4000], d=24, spread=0.7, seed=6)
+    warm = BalancedKMeans(8, seed=1).fit(X)
+    exact = warm.fit_info_["exact"]
+    assert not exact[0] and exact[-1]  # warm-up first, exact from the switch on
+    assert exact == sorted(exact)
+    sizes = np.bincount(warm.labels_, minlength=8)
+    assert sizes.max() - sizes.min() <= 1
+    cold = BalancedKMeans(8, seed=1, warmup_tol=None).fit(X)
+    assert all(cold.fit_info_["exact"])
+    # the warm-up changes the path, not the quality
+    assert warm.fit_info_["objective"][-1] == pytest.approx(cold.fit_info_["objective"][-1], rel=2e-3)
+    # the last step is exact even when max_iter cuts the warm-up short
+    short = BalancedKMeans(8, seed=1, max_iter=2).fit(X)
+    assert short.fit_info_["exact"] == [False, True]
+    assert np.bincount(short.labels_, minlength=8).max() - np.bincount(short.labels_, minlength=8).min() <= 1
+    with pytest.raises(ValueError, match="warmup_tol"):
+        BalancedKMeans(2, warmup_tol=-1.0).fit(X[:10])
+    with pytest.raises(ValueError, match="algorithm"):
+        BalancedKMeans(2, algorithm="elkan").fit(X[:10])
+
+
 def test_quality_close_to_unbalanced_kmeans_and_recovers_blobs():
     from sklearn.metrics import adjusted_rand_score
 
