@@ -104,14 +104,16 @@ def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | Non
                  K: int) -> torch.Tensor:
     """Member sums Σ_{i: label k} x_i (K, D) float64 for ``labels``, updated from the sums
     for ``prev`` by only the points that changed cluster (after the first iterations a few
-    percent), or recomputed when many did. float64 keeps the running sums from drifting."""
+    percent), or recomputed when many did. The running sums are float64 so that they do
+    not drift; each update is summed in float32 first (it is small)."""
     if prev is None or sums is None:
         return _cluster_sums(X, labels, K).double()
     changed = torch.nonzero(labels != prev).squeeze(1)
-    if len(changed) > X.shape[0] // 4:
+    if len(changed) > X.shape[0] // 8:
         return _cluster_sums(X, labels, K).double()
-    rows = X[changed].double()
-    return sums.index_add(0, labels[changed], rows).index_add_(0, prev[changed], rows, alpha=-1)
+    rows = X[changed]
+    delta = torch.zeros_like(sums, dtype=X.dtype).index_add_(0, labels[changed], rows)
+    return sums + delta.index_add_(0, prev[changed], rows, alpha=-1).double()
 
 
 def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
@@ -268,8 +270,8 @@ def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.n
 
 
 def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: np.ndarray, n_total: int, *,
-                   limits: _Limits | None = None, max_steps: int = 12,
-                   stop_when_slow: bool = True) -> tuple[np.ndarray, torch.Tensor, int]:
+                   limits: _Limits | None = None, max_steps: int = 12, stop_when_slow: bool = True,
+                   good_enough: int = 0) -> tuple[np.ndarray, torch.Tensor, int]:
     """Damped Newton steps on the dual prices (Kitagawa, Mérigot & Thibert, "Convergence of
     a Newton algorithm for semi-discrete optimal transport", JEMS 2019).
 
@@ -278,9 +280,10 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     as a function of the prices has Jacobian −L, L the graph Laplacian of the densities of
     points on each k|j boundary, estimated from the points within h of that boundary
     (h = a low quantile of the gaps). Each step solves L Δ = sizes − N/K, is capped so that
-    no price difference moves by more than the median gap (beyond it the linear model is
-    meaningless), kept inside ``limits`` (:class:`_Limits`), and backtracks until the
-    excess falls. Returns (prices, labels (n,), steps); stops when the excess is ≤ 2K or,
+    no price difference moves by more than the widest gap (beyond it every point could
+    change sides), kept inside ``limits`` (:class:`_Limits`), and backtracks until the
+    excess falls. Returns (prices, labels (n,), steps); stops when the excess is
+    ≤ max(2K, ``good_enough``) or,
     with ``stop_when_slow``, a step removes less than a third of it (the sweeps and the
     exact repair finish faster).
     """
@@ -290,21 +293,21 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     sizes = base + _counts(labels, K)
     excess = _excess(sizes, lo, hi)
     band, steps = max(64 * K, n // 10), 0
-    while steps < max_steps and excess > 2 * K:
+    while steps < max_steps and excess > max(2 * K, good_enough):
         steps += 1
         V = S - torch.from_numpy(prices).to(S.dtype)
         G = V.gather(1, labels[:, None]) - V  # (n, K) ≥ 0: how far each other cluster is
         G.scatter_(1, labels[:, None], math.inf)
         gaps = G.min(1).values
         h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
-        median = float(gaps.kthvalue(max(1, n // 2)).values) + 1e-9
+        widest = float(gaps.max()) + 1e-9
         W = torch.zeros(K, K, dtype=torch.float64).index_add_(0, labels, (G < h).to(torch.float64)) / h
         rho = ((W + W.T) / 2).numpy()
         L = np.diag(rho.sum(1)) - rho
         delta = np.linalg.lstsq(L, sizes - target, rcond=None)[0]
         delta -= delta.mean()
-        if _range(delta) > median:
-            delta *= median / _range(delta)
+        if _range(delta) > widest:
+            delta *= widest / _range(delta)
         alpha, accepted = 1.0 if limits is None else limits.step(prices, delta), False
         if alpha <= 0:
             break  # the limits bind: a new working set is needed
@@ -498,7 +501,8 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
        Otherwise the prices are improved by Newton steps (and Gauss–Seidel sweeps when
        they stall) on the points with the smallest gaps, the others *locked*: their labels
        cannot change while the prices stay within :class:`_Limits`. When the sizes are far
-       off, the first round uses an evenly strided sample of ``sample`` points instead.
+       off, the first round uses an evenly strided sample of ``sample`` points instead
+       (solved to 1 %: beyond that its sampling noise dominates).
     2. The exact repair runs on the working set of the last pass; a locked point costs at
        least the :class:`_Limits` bound to move, and if a chain would need one, the repair is
        redone on every point. The result is the exact optimum either way.
@@ -534,7 +538,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
         labels, gaps = _top2(S, prices)
         sizes = outer_counts + _counts(labels, K)
         excess = _excess(sizes, lo, hi)
-        if stats["rounds"] == 1 and excess > N // 16 and prices.any() and outer is None:
+        if stats["rounds"] == 1 and sizes.min() < lo // 2 and prices.any() and outer is None:
             cold, cold_gaps = _top2(S, np.zeros(K))  # moved centroids can make a warm start worse than none
             cold_sizes = _counts(cold, K)
             if _excess(cold_sizes, lo, hi) < excess:
@@ -549,7 +553,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
             sub = S[torch.arange(0, n, n // sample)]
             s_lo, s_hi = _bounds(sub.shape[0], K)
             prices, _, steps = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[0],
-                                              stop_when_slow=False)
+                                              stop_when_slow=False, good_enough=sub.shape[0] // 100)
             stats["newton_steps"] += steps
             continue
         free, H = _smallest(gaps, n_free)
@@ -807,7 +811,7 @@ class BalancedKMeans(_CentroidModel):
         prices, labels, gaps, drift, sums, prev_obj, prev_exact = None, None, None, None, None, -math.inf, False
         info: dict[str, list] = {"objective": [], "seconds": [], "newton_steps": [], "sweeps": [],
                                  "repair_moves": [], "scored": [], "exact": []}
-        warming = self.warmup_tol is not None
+        warming, gain = self.warmup_tol is not None, math.inf
         for it in range(1, self.max_iter + 1):
             t0 = time.perf_counter()
             exact = not warming or it == self.max_iter
@@ -817,7 +821,7 @@ class BalancedKMeans(_CentroidModel):
             if step is None:
                 S = _scores(C, Xt, self.spherical, self.chunk_size)  # (N, K)
                 new, prices, stats = _assign(S, prices, max_sweeps=self.max_sweeps,
-                                             tolerance=0 if exact else max(1, N // 100))
+                                             tolerance=0 if exact else max(1, int(N * min(0.01, gain / 10))))
                 new = torch.from_numpy(new)
                 gaps = _label_gaps(S, prices, new) if use_bounds and exact else None  # for the next bounded step
                 stats["scored"] = N
@@ -826,10 +830,9 @@ class BalancedKMeans(_CentroidModel):
             last_move = _range(prices - old_prices) if old_prices is not None else math.inf
             sums = _update_sums(Xt, new, labels, sums, K)
             obj = self._objective(C, sums, new) / N
-            gain = obj - prev_obj
-            converged = exact and prev_exact and (torch.equal(new, labels) or gain <= self.tol * abs(prev_obj))
-            if labels is not None:  # once the gain is small, every step from now on is exact
-                warming = warming and gain > self.warmup_tol * abs(prev_obj)
+            gain = (obj - prev_obj) / abs(prev_obj) if labels is not None and prev_obj else math.inf  # relative
+            converged = exact and prev_exact and (torch.equal(new, labels) or gain <= self.tol)
+            warming = warming and gain > self.warmup_tol  # once the gain is small, every step is exact
             labels, prev_obj, prev_exact = new, obj, exact
             if not converged and it < self.max_iter:
                 C_new = self._centroids(sums, labels, C)
