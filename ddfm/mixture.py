@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mixture_log_probs", "posterior_update", "top_k_renormalise", "normalise_log"]
+__all__ = ["mixture_log_probs", "Mixture", "posterior_update", "top_k_renormalise", "normalise_log"]
 
 
 def normalise_log(log_weights: torch.Tensor) -> torch.Tensor:
@@ -46,24 +46,55 @@ def mixture_log_probs(log_weights: torch.Tensor, expert_log_probs: torch.Tensor)
     Returns:
         (B, V) log-probabilities of the mixture (rows sum to 1 in probability space).
     """
-    if log_weights.dim() != 2 or expert_log_probs.dim() != 3:
-        raise ValueError(f"expected log_weights (B,K) and expert_log_probs (B,K,V), got "
-                         f"{tuple(log_weights.shape)} and {tuple(expert_log_probs.shape)}")
-    if expert_log_probs.shape[:2] != log_weights.shape:
-        raise ValueError(f"log_weights {tuple(log_weights.shape)} does not match "
-                         f"expert_log_probs {tuple(expert_log_probs.shape)}")
-    single = torch.isfinite(log_weights)  # (B, K)
-    if bool((single.sum(1) == 1).all()):
+    return Mixture(log_weights)(expert_log_probs)
+
+
+class Mixture:
+    """Eq. 24 with the weights fixed: ``Mixture(log_w)(lp) == mixture_log_probs(log_w, lp)``.
+
+    Decoding mixes with the same weights at every step (every routing mode but
+    ``posterior``), so the checks and the renormalisation of ``log_w`` (B, K) are done
+    once here and each call costs one add and one logsumexp over K (no masking when
+    every row runs all its experts), or one gather for top-1 rows.
+    """
+
+    def __init__(self, log_weights: torch.Tensor):
+        if log_weights.dim() != 2:
+            raise ValueError(f"expected log_weights (B,K), got {tuple(log_weights.shape)}")
+        self.log_weights = log_weights
+        finite = torch.isfinite(log_weights)  # (B, K)
         # top-1 routing: each row's mixture is its one expert's distribution, exactly
         # (log 1 + log p); a gather instead of a (B, K, V) logsumexp keeps decoding lean
-        return expert_log_probs[torch.arange(len(single)), single.to(torch.int8).argmax(1)]
-    log_w = normalise_log(log_weights.to(expert_log_probs.dtype))
-    skip = torch.isneginf(log_w)  # (B, K): expert not run for this row
-    # zero-weight experts may hold garbage (or -inf) rows; mask them so -inf + -inf
-    # and -inf + nan never reach logsumexp.
-    lp = expert_log_probs.masked_fill(skip.unsqueeze(-1), 0.0)
-    joint = (log_w.unsqueeze(-1) + lp).masked_fill(skip.unsqueeze(-1), float("-inf"))
-    return torch.logsumexp(joint, dim=1)  # (B, V)
+        self.single = (torch.arange(len(finite)), finite.to(torch.int8).argmax(1)) \
+            if bool((finite.sum(1) == 1).all()) else None
+        self._dtype = None
+
+    def _prepare(self, dtype: torch.dtype) -> None:
+        log_w = normalise_log(self.log_weights.to(dtype))
+        skip = torch.isneginf(log_w)  # (B, K): expert not run for this row
+        self._log_w = log_w.unsqueeze(-1)  # (B, K, 1)
+        self._skip = skip.unsqueeze(-1) if bool(skip.any()) else None
+        self._dtype = dtype
+
+    def __call__(self, expert_log_probs: torch.Tensor) -> torch.Tensor:
+        """(B, K, V) each expert's log-probabilities -> (B, V) the mixture's."""
+        if expert_log_probs.dim() != 3:
+            raise ValueError(f"expected log_weights (B,K) and expert_log_probs (B,K,V), got "
+                             f"{tuple(self.log_weights.shape)} and {tuple(expert_log_probs.shape)}")
+        if expert_log_probs.shape[:2] != self.log_weights.shape:
+            raise ValueError(f"log_weights {tuple(self.log_weights.shape)} does not match "
+                             f"expert_log_probs {tuple(expert_log_probs.shape)}")
+        if self.single is not None:
+            return expert_log_probs[self.single]
+        if self._dtype != expert_log_probs.dtype:
+            self._prepare(expert_log_probs.dtype)
+        if self._skip is None:
+            return torch.logsumexp(self._log_w + expert_log_probs, dim=1)  # (B, V)
+        # zero-weight experts may hold garbage (or -inf) rows; mask them so -inf + -inf
+        # and -inf + nan never reach logsumexp.
+        lp = expert_log_probs.masked_fill(self._skip, 0.0)
+        joint = (self._log_w + lp).masked_fill(self._skip, float("-inf"))
+        return torch.logsumexp(joint, dim=1)  # (B, V)
 
 
 def posterior_update(log_weights: torch.Tensor, token_log_probs: torch.Tensor) -> torch.Tensor:
