@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ddfm.config import arg
-from ddfm.mixture import mixture_log_probs, normalise_log, posterior_update, top_k_renormalise
+from ddfm.mixture import Mixture, mixture_log_probs, normalise_log, posterior_update, top_k_renormalise
 from ddfm.router import Router
 
 log = logging.getLogger(__name__)
@@ -194,42 +194,73 @@ class _ExpertRun:
 
     rows: (n,) indices into the batch. Prefill returns log-probabilities (n, T, V) of all
     positions (``all_positions``) or (n, V) of the last one; ``step`` feeds one token per
-    row and returns (n, V).
+    row and returns (n, V). ``index`` selects the rows from a (B, ...) tensor: a plain
+    slice when the expert runs on the whole batch (no gather/scatter per step).
     """
 
     def __init__(self, model, rows: torch.Tensor, batch: _Batch, encoder_outputs: Any = None):
         self.model, self.rows = model, rows
+        self.index = slice(None) if rows.tolist() == list(range(len(batch.input_ids))) else rows
         mask = batch.attention_mask[rows]
         keep = int(mask.sum(0).nonzero()[0]) if mask.numel() else 0  # drop padding shared by all rows
         self.input_ids, self.mask = batch.input_ids[rows][:, keep:], mask[:, keep:]
         self.position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        # decode steps pass a mask only when some row is left-padded: without one
+        # transformers skips building and checking it (for sdpa it is None either way)
+        self.padded = bool((self.mask == 0).any())
         pixels = [batch.pixel_values[r] for r in rows.tolist() if batch.pixel_values[r] is not None]
         self.extra: dict[str, Any] = {}
         if encoder_outputs is not None:
             self.extra["mm_encoder_outputs"] = encoder_outputs
         elif pixels:
             self.extra["pixel_values"] = torch.cat(pixels).to(model.device, model.dtype)
+        self.decode = _decode_forward(model)
         self.cache = None
 
     @torch.inference_mode()
     def prefill(self, all_positions: bool = False) -> torch.Tensor:
         dev = self.model.device
-        out = self.model(input_ids=self.input_ids.to(dev), attention_mask=self.mask.to(dev),
+        self.mask = self.mask.to(dev)
+        out = self.model(input_ids=self.input_ids.to(dev), attention_mask=self.mask,
                          position_ids=self.position_ids.to(dev), use_cache=True,
                          logits_to_keep=0 if all_positions else 1, **self.extra)
-        self.cache, self.next_pos = out.past_key_values, self.position_ids[:, -1:] + 1
+        self.cache, self.next_pos = out.past_key_values, self.position_ids[:, -1:].to(dev) + 1  # (n, 1)
         logits = out.logits.float().cpu()
         return torch.log_softmax(logits if all_positions else logits[:, -1], dim=-1)
 
-    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        dev = self.model.device
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        out = self.model(input_ids=tokens.view(-1, 1).to(dev), attention_mask=self.mask.to(dev),
-                         position_ids=self.next_pos.to(dev), use_cache=True,
-                         **{_cache_argument(type(self.model)): self.cache})
-        self.cache, self.next_pos = out.past_key_values, self.next_pos + 1
-        return torch.log_softmax(out.logits[:, -1].float().cpu(), dim=-1)
+        """One decode step (under inference mode): tokens (n,) -> log-probs (n, V)."""
+        inputs = {"input_ids": tokens.view(-1, 1).to(self.mask.device), "position_ids": self.next_pos}
+        if self.padded:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            inputs["attention_mask"] = self.mask
+        logits = self.decode(inputs, self.cache)  # (n, 1, V)
+        self.next_pos = self.next_pos + 1
+        return torch.log_softmax(logits[:, -1].float().cpu(), dim=-1)
+
+
+# Classes whose forward at a decode step (text tokens only, a KV cache, logits of every
+# position) is exactly lm_head(decoder(...)): the presets' LLaVA and Llama. Their steps call
+# the two directly and skip the wrapper's per-call work (LLaVA's image-token checks, output
+# dataclasses, decorators), which at tiny-model scale is ~10 % of a step. Same modules, same
+# inputs, same numbers; any other class runs its full forward.
+_DECODER_THEN_HEAD = ("LlavaForConditionalGeneration", "LlamaForCausalLM")
+
+
+def _decode_forward(model) -> Callable[[dict, Any], torch.Tensor]:
+    """``decode(inputs, cache)`` -> logits (n, 1, V) of one decode step; the cache is updated in place."""
+    cls = type(model)
+    if cls.__name__ in _DECODER_THEN_HEAD:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        key = _cache_argument(type(decoder))
+
+        def decode(inputs: dict, cache) -> torch.Tensor:
+            hidden = decoder(**inputs, use_cache=True, **{key: cache}).last_hidden_state  # (n, 1, H)
+            return head(hidden)
+
+        return decode
+    key = _cache_argument(cls)
+    return lambda inputs, cache: model(**inputs, use_cache=True, **{key: cache}).logits
 
 
 @functools.lru_cache(maxsize=None)
@@ -539,32 +570,37 @@ class Ensemble:
         B, K = log_w.shape
         posterior = self.mode == "posterior"
         V = next(iter(last_lp.values())).shape[-1]
-        lp = torch.zeros(B, K, V)
+        lp = torch.zeros(B, K, V)  # each expert's next-token log-probs; rows it does not run stay 0, never read
         run_mask = torch.zeros(B, K, dtype=torch.bool)
         for k, run in runs.items():
             lp[run.rows, k] = last_lp[k][:, -1] if posterior else last_lp[k]
             run_mask[run.rows, k] = True
+        # the mixture weights change per token only under the posterior router
+        fixed = None if posterior else Mixture(self._mixing(log_w).masked_fill(~run_mask, float("-inf")))
         streams = _Streams(self.tokenizer, B, stop_strings, on_token)
         done = torch.zeros(B, dtype=torch.bool)
+        active = list(range(B))  # rows still generating (Python-side: no tensor op per row per step)
         reasons = ["length"] * B
         rows = torch.arange(B)
         for t in range(max_new_tokens):
-            mixed = mixture_log_probs(self._mixing(log_w).masked_fill(~run_mask, float("-inf")), lp)  # (B, V)
-            token = _choose(mixed, do_sample, temperature, top_p, generator)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            mixture = fixed if fixed is not None else Mixture(self._mixing(log_w).masked_fill(~run_mask, float("-inf")))
+            token = _choose(mixture(lp), do_sample, temperature, top_p, generator)  # (B,)
+            if len(active) < B:
+                token = torch.where(done, torch.full_like(token, self.pad_id), token)
             if posterior:
                 updated = posterior_update(log_w.masked_fill(~run_mask, float("-inf")), lp[rows, :, token])
                 log_w = torch.where(done.unsqueeze(1), log_w, updated)
             last = t == max_new_tokens - 1
-            for i in (~done).nonzero().squeeze(1).tolist():
-                tok = int(token[i])
-                if streams.push(i, tok, final=last or tok in stop_ids) or tok in stop_ids:
+            ids = token.tolist()
+            for i in list(active):
+                if streams.push(i, ids[i], final=last or ids[i] in stop_ids) or ids[i] in stop_ids:
                     done[i], reasons[i] = True, "stop"
+                    active.remove(i)
                     streams.finish(i)
-            if done.all() or last:
+            if not active or last:
                 break
             for k, run in runs.items():
-                lp[run.rows, k] = run.step(token[run.rows])
+                lp[run.index, k] = run.step(token[run.index])
         return [self._result(i, streams, reasons[i], log_w[i], prior[i], batch.lengths[i], stop_ids)
                 for i in range(B)]
 

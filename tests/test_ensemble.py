@@ -74,9 +74,15 @@ def _next_log_probs(model, proc, prompt, image=None):
 
 
 def _count_calls(model):
+    """Batch sizes of the expert's language-model passes (prefill and every decode step
+    run its decoder; decode steps may skip the wrapper's forward)."""
     calls = []
-    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
-                                with_kwargs=True)
+
+    def hook(m, args, kwargs, out):
+        x = kwargs.get("input_ids")
+        calls.append((x if x is not None else kwargs["inputs_embeds"]).shape[0])
+
+    model.get_decoder().register_forward_hook(hook, with_kwargs=True)
     return calls
 
 
