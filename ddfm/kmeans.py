@@ -6,8 +6,9 @@
     km.fit_info_          # objective, sizes and seconds per iteration (data, not log lines)
 
 The paper clusters unique-image features into K clusters "of equal sizes". Its code
-balances while fitting but takes the final labels from an unbalanced argmin; here every
-assignment step, including the last, solves the balanced assignment *exactly*:
+balances while fitting but takes the final labels from an unbalanced argmin; here the
+final labels, and every assignment step once the warm-up is over, solve the balanced
+assignment *exactly*:
 
     maximise  Σ_i s(x_i, c_{a(i)})   subject to  ⌊N/K⌋ ≤ |{i : a(i) = k}| ≤ ⌈N/K⌉  for all k,
 
@@ -24,19 +25,28 @@ solves it in two phases:
    of a Newton algorithm for semi-discrete optimal transport", JEMS 2019: the Jacobian of
    the sizes is a graph Laplacian of boundary densities), then, if still needed,
    Gauss–Seidel coordinate steps that set one λ_k at a time so that the number of points
-   preferring k lands in [⌊N/K⌋, ⌈N/K⌉] (an O(N) selection). Prices are warm-started from
-   the previous k-means iteration.
+   preferring k lands in [⌊N/K⌋, ⌈N/K⌉]. Prices are warm-started from the previous
+   k-means iteration. Both run on a *working set*, the points nearest a boundary; the
+   others are locked, and :class:`_Limits` keeps the prices where no locked point could
+   change sides.
 2. **Exact repair** by successive shortest paths on the K-node cluster graph (Ahuja,
    Magnanti & Orlin, *Network Flows*, 1993, §9.7): the cost of moving one point from
    cluster a to b is min_{i∈a} (s_ia − s_ib); Bellman–Ford finds the cheapest chain of
    moves from an over-full to an under-full cluster, and shortest-path augmentation keeps
    the plan optimal for the new sizes. Afterwards, while a chain of moves from a cluster
-   at ⌈N/K⌉ to one at ⌊N/K⌋ has negative cost, it is applied. The result is an optimal
-   solution of the linear program above (exact up to float32 rounding of the scores; the
-   tests check it against ``scipy.optimize.linear_sum_assignment`` on the expanded
-   problem).
+   at ⌈N/K⌉ to one at ⌊N/K⌋ has negative cost, it is applied. Locked points enter with a
+   certified lower bound on their cost; a chain that might need one sends the repair to
+   every point. The result is an optimal solution of the linear program above (exact up to
+   float32 rounding of the scores; the tests check it against
+   ``scipy.optimize.linear_sum_assignment`` and the HiGHS LP solver).
 
-Memory: the score matrix is (K, N) float32, computed in row chunks of X by BLAS matmuls,
+:class:`BalancedKMeans` adds two savings around it. While the objective still gains more
+than ``warmup_tol`` per iteration, a step may stop at a few misplaced points (at most 1 %;
+the price-induced plan, optimal for its own sizes) and skip the repair; every later step
+and always the last is exact. And with ``algorithm="bounds"`` a step scores only the
+points whose cluster could change (Hamerly's bounds, see :meth:`BalancedKMeans.fit`).
+
+Memory: the score matrix is (N, K) float32, computed in row chunks of X by BLAS matmuls,
 i.e. O(N·D + N·K) with K ≤ D; no (N, K, D) tensor ever exists.
 :meth:`BalancedKMeans.predict` with ``balanced=False`` streams in chunks (O(chunk·K)).
 
@@ -336,36 +346,43 @@ class _MoveCosts:
     """The cheapest single move between every pair of clusters, kept up to date cheaply.
 
     ``E[a, b] = min_{i∈a}(s_ia − s_ib)`` and ``who[a, b]`` that point, over the points of
-    ``S`` (K, n). For each edge a sorted short list of the ``depth`` cheapest candidates is
-    kept (invariant: it holds every member of a whose cost is at most its last entry); a
-    moved point is dropped lazily and inserted into its new cluster's lists, so a move costs
-    O(K log depth) instead of O(n). An edge whose list runs dry is rebuilt from its members.
+    ``S`` (K, n); both start from one vectorised pass per cluster. The next-cheapest moves
+    of an edge are only needed once its cheapest point has moved, so each edge's sorted
+    short list of its ``depth`` cheapest candidates is built on first need (invariant: it
+    holds every member of a whose cost is at most its last entry). A moved point is dropped
+    lazily and inserted into its new cluster's edges, so a move costs O(K log depth)
+    instead of O(n); an edge whose list runs dry is rebuilt from its members.
     """
 
     def __init__(self, S: np.ndarray, labels: np.ndarray, depth: int = 64):
         self.S, self.labels, self.depth = S, labels, depth
-        K = S.shape[0]
+        K, n = S.shape
         self.E = np.full((K, K), math.inf)
         self.who = np.full((K, K), -1, dtype=np.int64)
-        self.lists: dict[tuple[int, int], list] = {}
+        self.lists: dict[tuple[int, int], list] = {}  # (a, b) -> [costs, points, complete?]
+        order = np.argsort(labels, kind="stable")
+        ends = np.cumsum(np.bincount(labels, minlength=K))
         for a in range(K):
-            self._build_row(a, range(K))
-
-    def _build_row(self, a: int, targets) -> None:
-        members = np.flatnonzero(self.labels == a)
-        loss = self.S[a, members][None, :] - self.S[:, members]  # (K, n_a)
-        for b in targets:
-            if b == a:
+            members = order[(ends[a - 1] if a else 0):ends[a]]
+            if len(members) == 0:
                 continue
-            costs = loss[b]
-            idx = np.argpartition(costs, self.depth)[:self.depth] if len(costs) > self.depth else np.arange(len(costs))
-            idx = idx[np.argsort(costs[idx], kind="stable")]
-            # [costs, points, complete?]
-            self.lists[a, b] = [costs[idx].astype(np.float64).tolist(), members[idx].tolist(),
-                                len(costs) <= self.depth]
-            self._head(a, b)
+            loss = S[a, members][None, :] - S[:, members]  # (K, n_a)
+            best = loss.argmin(1)
+            self.E[a] = loss[np.arange(K), best]
+            self.who[a] = members[best]
+            self.E[a, a], self.who[a, a] = math.inf, -1
+
+    def _build(self, a: int, b: int) -> None:
+        members = np.flatnonzero(self.labels == a)
+        costs = self.S[a, members] - self.S[b, members]
+        idx = np.argpartition(costs, self.depth)[:self.depth] if len(costs) > self.depth else np.arange(len(costs))
+        idx = idx[np.argsort(costs[idx], kind="stable")]
+        self.lists[a, b] = [costs[idx].astype(np.float64).tolist(), members[idx].tolist(), len(costs) <= self.depth]
 
     def _head(self, a: int, b: int) -> None:
+        """E[a, b] and who[a, b] after the current head of the edge left cluster a."""
+        if (a, b) not in self.lists:
+            self._build(a, b)
         costs, points, complete = self.lists[a, b]
         drop = 0
         while drop < len(points) and self.labels[points[drop]] != a:
@@ -373,8 +390,8 @@ class _MoveCosts:
         if drop:
             del costs[:drop], points[:drop]
         if not points and not complete:
-            self._build_row(a, [b])
-            return
+            self._build(a, b)
+            costs, points, complete = self.lists[a, b]
         self.E[a, b] = costs[0] if points else math.inf
         self.who[a, b] = points[0] if points else -1
 
@@ -390,14 +407,19 @@ class _MoveCosts:
             if c == b:
                 continue
             cost = col[b] - col[c]
-            costs, points, complete = self.lists[b, c]
+            entry = self.lists.get((b, c))
+            if entry is None:  # not built yet: it will be built from the members, i included
+                if cost < self.E[b, c]:
+                    self.E[b, c], self.who[b, c] = cost, i
+                continue
+            costs, points, complete = entry
             if complete or (costs and cost <= costs[-1]):
                 at = bisect.bisect_right(costs, cost)
                 costs.insert(at, cost)
                 points.insert(at, i)
                 if len(points) > 4 * self.depth:  # keep lists short; dropping the tail keeps the invariant
                     del costs[2 * self.depth:], points[2 * self.depth:]
-                    self.lists[b, c][2] = False
+                    entry[2] = False
                 if at == 0:
                     self.E[b, c], self.who[b, c] = cost, i
 
