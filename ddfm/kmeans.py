@@ -523,7 +523,8 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
        Otherwise the prices are improved by Newton steps (and Gauss–Seidel sweeps when
        they stall) on the points with the smallest gaps, the others *locked*: their labels
        cannot change while the prices stay within :class:`_Limits`. When the sizes are far
-       off, the first round uses an evenly strided sample of ``sample`` points instead
+       off, the first round uses an evenly strided sample of min(``sample``, n/4) points
+       instead (n ≥ 16,384)
        (solved to 1 %: beyond that its sampling noise dominates).
     2. The exact repair runs on the working set of the last pass; a locked point costs at
        least the :class:`_Limits` bound to move, and if a chain would need one, the repair is
@@ -570,9 +571,9 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
             limits = _Limits(prices, np.minimum(H, room_outside(prices)))  # every locked gap is ≥ H
             break
         n_free = min(n, max(min_set, 8 * excess, min(n // 4, 2 * n_free) if grow else 0))
-        if 8 * excess > n // 4 and n >= 4 * sample and not sampled and outer is None:
+        if 8 * excess > n // 4 and n >= 2 * min(sample, n // 4) >= 8192 and not sampled and outer is None:
             sampled, grow = True, False
-            sub = S[torch.arange(0, n, n // sample)]
+            sub = S[torch.arange(0, n, n // min(sample, n // 4))]
             s_lo, s_hi = _bounds(sub.shape[0], K)
             prices, _, steps = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[0],
                                               stop_when_slow=False, good_enough=sub.shape[0] // 100)
