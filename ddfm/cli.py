@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ddfm.config import add_arguments, from_namespace
@@ -71,6 +72,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # transformers 5 draws a "Loading weights" bar for every checkpoint it opens, dozens in
+    # a demo; our stages show their own progress. Set before transformers is imported; a
+    # user's own HF_HUB_DISABLE_PROGRESS_BARS=0 wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser(argv)
     ns = parser.parse_args(argv)
     config_cls, fn = _resolve(COMMANDS[ns.command][0])

@@ -151,6 +151,16 @@ def _ddfm(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def test_cli_output_has_no_weight_loading_bars(init_dir, data, tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    run = subprocess.run([sys.executable, "-m", "ddfm", "train", "--init", init_dir, "--data", data, "--steps", "1",
+                          "--batch-size", "2", "--out", str(tmp_path / "out")], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Loading weights" not in run.stdout + run.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
     common = ["--init", init_dir, "--data", data, "--steps", 60, "--batch-size", 4, "--lr", 3e-3,
