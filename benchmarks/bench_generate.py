@@ -10,10 +10,13 @@ Three comparisons, each timed side by side, alternating, median of ``--repeats``
    expert it routes to; decode tokens/s = (N-1) / (t(N) - t(1)), so prefill and routing
    cancel. Target ratio >= 0.95.
 2. **top-2** — the mixture of both experts (each with its own KV cache) vs the ideal, the
-   time of generating with expert 0 plus with expert 1 separately. Target >= 0.9. Also
-   against the two experts' plain forwards taking turns per token (no mixing), which a
-   per-token mixture must do: on a CPU the turns can evict each expert's weights from the
-   cache, and this row shows how much of the top-2 gap the turns alone cost.
+   time of generating with expert 0 plus with expert 1 separately. Target >= 0.9. Where
+   the gap goes: top-2 vs the two experts' plain forwards taking turns per token (no
+   mixing), as a per-token mixture must; vs the ensemble's own ``expert:J`` runs one after
+   the other (the same decode loop, so the ratio is what mixing and taking turns cost and
+   nothing else); and the plain forwards taking turns vs the same forwards one expert
+   after the other: what the turns alone cost on this machine, where each expert's weights
+   leave the CPU cache between its tokens, a cost the ideal's separate runs never pay.
 3. **router share** of one request's time (route + generate ``--request-tokens``): a
    separate encoder (efficientnet-lite0, real weights) and the shared encoder (the
    experts' own vision tower, whose output the chosen expert reuses). The paper reports
@@ -92,16 +95,26 @@ def hf_generate(model, enc, n: int, exactly: bool = True) -> torch.Tensor:
         return model.generate(**enc, max_new_tokens=n, do_sample=False, generation_config=config)
 
 
-def hf_two_interleaved(models, enc, n: int) -> None:
+def hf_two_interleaved(models, enc, n: int, turns: bool = True) -> None:
     """Both experts decode n greedy tokens with plain transformers forwards, taking turns per
-    token as a per-token mixture must (each keeps its own KV cache; no mixing)."""
+    token as a per-token mixture must (each keeps its own KV cache; no mixing), or with
+    ``turns=False`` the same forwards one expert after the other."""
     from ddfm.ensemble import _cache_argument
 
+    def greedy(model, out):
+        return model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True,
+                     **{_cache_argument(type(model)): out.past_key_values})
+
     with torch.inference_mode():
+        if not turns:
+            for m in models:
+                out = m(**enc, use_cache=True)
+                for _ in range(n - 1):
+                    out = greedy(m, out)
+            return
         outs = [m(**enc, use_cache=True) for m in models]
         for _ in range(n - 1):
-            outs = [m(input_ids=o.logits[:, -1:].argmax(-1), use_cache=True,
-                      **{_cache_argument(type(m)): o.past_key_values}) for m, o in zip(models, outs)]
+            outs = [greedy(m, o) for m, o in zip(models, outs)]
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -163,11 +176,17 @@ def main(argv: list[str] | None = None) -> dict:
     mix = Ensemble.from_pretrained(experts, router, mode="uniform", top_k=2)
     mix.eos_ids = set()
     other = mix.experts[1 - k]
+    solo = [Ensemble.from_pretrained(experts, mode=f"expert:{j}") for j in (k, 1 - k)]
+    for ens in solo:
+        ens.eos_ids = set()
     tps = decode_tps({"top1": lambda m: nomin.generate(request, max_new_tokens=m),
                       "hf": lambda m: hf_generate(model, enc, m),
                       "top2": lambda m: mix.generate(request, max_new_tokens=m),
                       "hf_other": lambda m: hf_generate(other, enc, m),
-                      "hf_turns": lambda m: hf_two_interleaved([model, other], enc, m)}, n, R)
+                      "hf_turns": lambda m: hf_two_interleaved([model, other], enc, m),
+                      "hf_one_then_other": lambda m: hf_two_interleaved([model, other], enc, m, turns=False),
+                      "solo": lambda m: solo[0].generate(request, max_new_tokens=m),
+                      "solo_other": lambda m: solo[1].generate(request, max_new_tokens=m)}, n, R)
     results.update({f"{name}_tps": v for name, v in tps.items()})
     results["top1_ratio"] = tps["top1"] / tps["hf"]
     # 2. top-2 mixture vs the two experts run one after the other (the ideal)
@@ -177,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     # the same two forwards taking turns per token without any mixing: the part of the
     # gap that is the turns themselves (each expert's weights leaving the CPU cache)
     results["top2_vs_turns"] = tps["top2"] / tps["hf_turns"]
+    # the same plain forwards with and without turns: what the turns alone cost on this machine
+    results["turns_vs_one_then_other"] = tps["hf_turns"] / tps["hf_one_then_other"]
+    # the ensemble's own decode loop on one expert at a time, one after the other
+    results["top2_solo_tps"] = 1.0 / (1.0 / tps["solo"] + 1.0 / tps["solo_other"])
+    results["top2_vs_solo"] = tps["top2"] / results["top2_solo_tps"]
 
     # 3. the router's share of one request (route + generate --request-tokens)
     m = args.request_tokens
@@ -198,7 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"ratio {results['top1_ratio']:.3f} (target >= 0.95)")
     print(f"top-2 mixture decode {results['top2_tps']:.1f} tok/s vs ideal (both experts) {ideal:.1f} tok/s: "
           f"ratio {results['top2_ratio']:.3f} (target >= 0.9); vs the two experts' plain forwards taking turns per "
-          f"token {tps['hf_turns']:.1f} tok/s: ratio {results['top2_vs_turns']:.3f}")
+          f"token {tps['hf_turns']:.1f} tok/s: ratio {results['top2_vs_turns']:.3f}; vs the ensemble's expert:J "
+          f"runs one after the other {results['top2_solo_tps']:.1f} tok/s: ratio {results['top2_vs_solo']:.3f}")
+    print(f"taking turns per token: the two experts' plain forwards {tps['hf_turns']:.1f} tok/s vs the same forwards "
+          f"one expert after the other {tps['hf_one_then_other']:.1f} tok/s: ratio "
+          f"{results['turns_vs_one_then_other']:.3f} (1.0 = the turns cost nothing)")
     print(f"router share of a {m}-token request ({t_request * 1000:.1f} ms): efficientnet-lite0 "
           f"{100 * results['router_share_effnet']:.1f} % (route alone; request vs forced expert: "
           f"{100 * results['router_overhead_effnet']:.1f} %), shared tower "
