@@ -234,7 +234,7 @@ class _ExpertRun:
         if self.padded:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
             inputs["attention_mask"] = self.mask
-        logits = self.decode(inputs, self.cache)  # (n, 1, V)
+        logits, self.cache = self.decode(inputs, self.cache)  # (n, 1, V)
         self.next_pos = self.next_pos + 1
         return torch.log_softmax(logits[:, -1].float().cpu(), dim=-1)
 
@@ -247,20 +247,25 @@ class _ExpertRun:
 _DECODER_THEN_HEAD = ("LlavaForConditionalGeneration", "LlamaForCausalLM")
 
 
-def _decode_forward(model) -> Callable[[dict, Any], torch.Tensor]:
-    """``decode(inputs, cache)`` -> logits (n, 1, V) of one decode step; the cache is updated in place."""
+def _decode_forward(model) -> Callable[[dict, Any], tuple[torch.Tensor, Any]]:
+    """``decode(inputs, cache)`` -> (logits (n, 1, V), cache) of one decode step."""
     cls = type(model)
     if cls.__name__ in _DECODER_THEN_HEAD:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         key = _cache_argument(type(decoder))
 
-        def decode(inputs: dict, cache) -> torch.Tensor:
-            hidden = decoder(**inputs, use_cache=True, **{key: cache}).last_hidden_state  # (n, 1, H)
-            return head(hidden)
+        def decode(inputs: dict, cache) -> tuple[torch.Tensor, Any]:
+            out = decoder(**inputs, use_cache=True, **{key: cache})
+            return head(out.last_hidden_state), out.past_key_values  # last_hidden_state: (n, 1, H)
 
         return decode
     key = _cache_argument(cls)
-    return lambda inputs, cache: model(**inputs, use_cache=True, **{key: cache}).logits
+
+    def forward(inputs: dict, cache) -> tuple[torch.Tensor, Any]:
+        out = model(**inputs, use_cache=True, **{key: cache})
+        return out.logits, out.past_key_values
+
+    return forward
 
 
 @functools.lru_cache(maxsize=None)
