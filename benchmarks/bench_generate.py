@@ -1,6 +1,6 @@
 """Decode speed of the ensemble vs plain `transformers` generate, and the router's share, in one run.
 
-    .venv/bin/python benchmarks/bench_generate.py                   # tiny experts built here
+    .venv/bin/python benchmarks/bench_generate.py                   # tiny and small experts built here
     .venv/bin/python benchmarks/bench_generate.py --experts runs/expert-0 runs/expert-1 \\
         --router runs/partition/router.json --new-tokens 64 --repeats 5
 
@@ -21,6 +21,12 @@ Three comparisons, each timed side by side, alternating, median of ``--repeats``
    separate encoder (efficientnet-lite0, real weights) and the shared encoder (the
    experts' own vision tower, whose output the chosen expert reuses). The paper reports
    5.4 % for a separate CLIP ViT-B/16 and 0 % for a shared encoder.
+
+Each comparison runs on two pairs of experts built here (``--preset``): ``tiny-llava``
+(7 MB of fp32 weights each: one expert's weights stay in this CPU's cache between tokens,
+two do not, so every per-token turn between experts is a cache refill the ideal never
+pays) and ``small-llava`` (109 MB each, more than the L3: decoding streams the weights from
+memory either way, as real experts do).
 
 Greedy decoding; the ensemble's tokens are checked equal to transformers' before timing.
 Timed runs decode exactly N tokens on both sides with eos switched off: the ensemble with
@@ -49,12 +55,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from common import fmnist_images, write_image_records  # noqa: E402
 
 
-def build_experts(root: Path, images) -> list[str]:
-    """Two tiny-llava experts (``ddfm init``, seeds 0 and 1) sharing one tokenizer and one tower."""
+def build_experts(root: Path, images, preset: str = "tiny-llava") -> list[str]:
+    """Two experts of ``preset`` (``ddfm init``, seeds 0 and 1) sharing one tokenizer and one tower."""
     from ddfm.models import InitConfig, init, load_model, save_checkpoint
 
     data = write_image_records(root, images)
-    experts = [str(init(InitConfig(preset="tiny-llava", data=str(data), out=str(root / f"expert-{k}"),
+    experts = [str(init(InitConfig(preset=preset, data=str(data), out=str(root / f"expert-{k}"),
                                    seed=k))) for k in range(2)]
     # the LLaVA recipe trains with a frozen vision tower: give expert 1 expert 0's tower
     m0, _ = load_model(experts[0])
@@ -140,8 +146,10 @@ def decode_tps(gens: dict, n: int, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts", nargs="*", default=None, help="two expert directories (default: build tiny ones)")
+    p.add_argument("--experts", nargs="*", default=None, help="two expert directories (default: build them)")
     p.add_argument("--router", default=None, help="router.json for --experts (default: efficientnet-lite0 router)")
+    p.add_argument("--preset", nargs="+", default=["tiny-llava", "small-llava"],
+                   help="model presets of the experts built here, one comparison each")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per timed generation")
     p.add_argument("--request-tokens", type=int, default=16, help="tokens of a request for the router share")
     p.add_argument("--repeats", type=int, default=5)
@@ -151,13 +159,27 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from ddfm.embed import get_encoder
-    from ddfm.ensemble import Ensemble, Request
 
     images = fmnist_images(24)
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    experts = args.experts or build_experts(tmp, images)
     effnet = get_encoder("efficientnet-lite0")
     router = args.router or str(write_router(tmp / "router-effnet", effnet, images))
+    pairs = {"given": args.experts} if args.experts else {
+        preset: build_experts(tmp / preset, images, preset) for preset in args.preset}
+    results = {}
+    for name, experts in pairs.items():
+        size = sum((Path(e) / "model.safetensors").stat().st_size for e in experts) / len(experts) / 1e6
+        print(f"== {name} experts ({size:.0f} MB of weights each) ==")
+        results[name] = measure(experts, router, images, tmp / name, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def measure(experts: list[str], router: str, images, tmp: Path, args) -> dict:
+    """The three comparisons for one pair of experts; prints them and returns the numbers."""
+    from ddfm.ensemble import Ensemble, Request
+
     image, prompt = images[0], "What is this?"
     request = Request(prompt, image=image)
     n, R = args.new_tokens, args.repeats
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     if got != want:
         sys.exit(f"bench_generate: the ensemble's tokens differ from transformers' ({got[:8]} vs {want[:8]})")
     nomin = Ensemble.from_pretrained(experts, router)
-    nomin.eos_ids = set()  # decode exactly n tokens, like min_new_tokens in the reference
+    nomin.eos_ids = set()  # decode exactly n tokens, as hf_generate does with eos switched off
     mix = Ensemble.from_pretrained(experts, router, mode="uniform", top_k=2)
     mix.eos_ids = set()
     other = mix.experts[1 - k]
@@ -231,8 +253,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"{100 * results['router_share_effnet']:.1f} % (route alone; request vs forced expert: "
           f"{100 * results['router_overhead_effnet']:.1f} %), shared tower "
           f"{100 * results['router_overhead_shared_tower']:.1f} % (paper: 5.4 % CLIP ViT-B/16, 0 % shared)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -12,8 +12,9 @@ plain ``transformers``::
 :func:`load_model` does exactly that and accepts any local HF VLM or causal-LM directory.
 
 Presets are data (:data:`PRESETS`): ``tiny-llava`` is a ``LlavaForConditionalGeneration``
-(a small CLIP vision tower, the LLaVA MLP projector, a small Llama) and ``tiny-lm`` a
-``LlamaForCausalLM`` for text-only corpora. Their tokenizer is a byte-level BPE trained on
+(a small CLIP vision tower, the LLaVA MLP projector, a small Llama), ``small-llava`` the
+same with a 27 M-parameter Llama, and ``tiny-lm`` a ``LlamaForCausalLM`` for text-only
+corpora. Their tokenizer is a byte-level BPE trained on
 the training text with ``tokenizers`` (:func:`train_tokenizer`).
 
 The prompt format used by train, ensemble, eval and serve is one chain:
@@ -73,6 +74,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                      max_position_embeddings=1024, tie_word_embeddings=True),
         "projector_hidden_act": "gelu",
         # CLIP feature of the last layer, CLS dropped ("default"), as LLaVA does.
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+    },
+    # tiny-llava with a 27 M-parameter language model (109 MB in fp32, > this CPU's L3):
+    # decoding is memory-bound, as with real experts; bench_generate times both
+    "small-llava": {
+        "kind": "llava",
+        "vocab_size": 2048,
+        "image_size": 28,
+        "vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                       num_attention_heads=4, patch_size=7),
+        "text": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=8,
+                     max_position_embeddings=1024, tie_word_embeddings=True),
+        "projector_hidden_act": "gelu",
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
     },

@@ -88,6 +88,14 @@ def test_init_loads_with_plain_transformers(llava_dir):
     assert meta["preset"] == "tiny-llava" and meta["stage"] == "init"
 
 
+def test_small_llava_preset_is_the_tiny_one_with_a_bigger_language_model(data, tmp_path):
+    small, _ = load_model(init(InitConfig(preset="small-llava", data=str(data), out=str(tmp_path / "small"))))
+    text = sum(p.numel() for p in small.model.language_model.parameters())
+    assert 2.5e7 < text < 3e7  # 109 MB in fp32: more than the L3 of the machines we bench on
+    assert small.config.text_config.hidden_size == 512 and small.config.text_config.num_hidden_layers == 8
+    assert PRESETS["small-llava"]["vision"] == PRESETS["tiny-llava"]["vision"]
+
+
 def test_image_expansion_matches_processor(llava_dir, data):
     model, processor = load_model(llava_dir)
     assert not model.training
