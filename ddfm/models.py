@@ -77,21 +77,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
     },
-    # tiny-llava with a 27 M-parameter language model (109 MB in fp32, > this CPU's L3):
-    # decoding is memory-bound, as with real experts; bench_generate times both
-    "small-llava": {
-        "kind": "llava",
-        "vocab_size": 2048,
-        "image_size": 28,
-        "vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-                       num_attention_heads=4, patch_size=7),
-        "text": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                     num_attention_heads=8, num_key_value_heads=8,
-                     max_position_embeddings=1024, tie_word_embeddings=True),
-        "projector_hidden_act": "gelu",
-        "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "default",
-    },
     "tiny-lm": {
         "kind": "lm",
         "vocab_size": 4096,
@@ -100,6 +85,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      max_position_embeddings=1024, tie_word_embeddings=True),
     },
 }
+# tiny-llava with a 27 M-parameter language model (109 MB in fp32, more than a CPU's L3):
+# decoding is memory-bound, as with real experts; bench_generate times both.
+PRESETS["small-llava"] = {**PRESETS["tiny-llava"], "text": {
+    **PRESETS["tiny-llava"]["text"], "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+    "num_attention_heads": 8, "num_key_value_heads": 8}}
 
 
 # ---------------------------------------------------------------------------------------
