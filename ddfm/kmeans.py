@@ -523,9 +523,8 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
        Otherwise the prices are improved by Newton steps (and Gauss–Seidel sweeps when
        they stall) on the points with the smallest gaps, the others *locked*: their labels
        cannot change while the prices stay within :class:`_Limits`. When the sizes are far
-       off, the first round uses an evenly strided sample of min(``sample``, n/4) points
-       instead (n ≥ 16,384)
-       (solved to 1 %: beyond that its sampling noise dominates).
+       off (and n ≥ 16,384), the first round fits the prices on an evenly strided sample of
+       min(``sample``, n/4) points instead, to 1 %: beyond that its sampling noise dominates.
     2. The exact repair runs on the working set of the last pass; a locked point costs at
        least the :class:`_Limits` bound to move, and if a chain would need one, the repair is
        redone on every point. The result is the exact optimum either way.
