@@ -813,8 +813,9 @@ class BalancedKMeans(_CentroidModel):
         """Fit on X (N, D); ``init`` (K, D) optionally replaces k-means++. Returns self.
 
         Each iteration: score the points against the centroids, solve the balanced
-        assignment exactly (:func:`_assign`), then move each centroid to the (normalised)
-        mean of its members. With ``algorithm="bounds"`` (spherical only) an iteration
+        assignment (:func:`_assign`; exactly once the warm-up of ``warmup_tol`` is over, and
+        always in the last iteration), then move each centroid to the (normalised) mean of
+        its members. With ``algorithm="bounds"`` (spherical only) an iteration
         scores only the points whose cluster could change: every point keeps a lower bound
         on its reduced gap to its second-best cluster, lowered by how far the centroids and
         prices moved (|Δ(x·c_k)| ≤ |Δc_k| for unit x; Hamerly, "Making k-means even faster",
