@@ -667,6 +667,8 @@ def balanced_assignment(S: np.ndarray, prices: np.ndarray | None = None, *,
     K, N = S.shape
     if K < 1 or N < K:
         raise ValueError(f"balanced assignment needs 1 <= K <= N, got K={K}, N={N}")
+    if working_set is not None and working_set < 1:
+        raise ValueError(f"working_set: must be a positive number of points, got {working_set}")
     return _assign(torch.from_numpy(np.ascontiguousarray(S.T)), prices, max_sweeps=max_sweeps,
                    max_moves=max_moves, working_set=working_set)
 

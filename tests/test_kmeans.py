@@ -106,6 +106,8 @@ def test_working_set_assignment_is_exact(seed):
     sizes = np.bincount(labels, minlength=k)
     assert sizes.max() - sizes.min() <= 1
     assert S.astype(np.float64)[labels, np.arange(n)].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
+    with pytest.raises(ValueError, match="working_set"):
+        balanced_assignment(S, working_set=0)
 
 
 def test_bounds_skip_points_and_match_full_scoring():
