@@ -34,10 +34,12 @@ demo: $(STAMP) data-packages
 	$(BIN)/ddfm demo
 
 test: $(STAMP) data-packages
+	$(BIN)/ruff check .
 	@if [ "$$CI" = "true" ]; then $(BIN)/python -m pytest -q -ra; \
 	else $(BIN)/python -m pytest -q -ra -m "not slow"; fi
 
 test-all: $(STAMP) data-packages
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP) data-packages

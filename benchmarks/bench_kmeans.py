@@ -64,8 +64,8 @@ def faiss_run(X: np.ndarray, k: int, iters: int, seed: int) -> dict:
     t = time.perf_counter()
     km.train(X)
     total = time.perf_counter() - t
-    _, I = km.index.search(X, 1)
-    sizes = np.bincount(I[:, 0], minlength=k)
+    _, nearest = km.index.search(X, 1)
+    sizes = np.bincount(nearest[:, 0], minlength=k)
     return {"per_iter": total / iters, "total": total, "max": int(sizes.max()), "min": int(sizes.min())}
 
 

@@ -50,9 +50,9 @@ def real_data(out: Path, n: int = 400, with_text: bool = False) -> Path:
         cfg = PrepareConfig(source="mix", out=str(out / "mix"), train_size=n, test_size=50)
         path = Path(prepare(cfg)) / "train.jsonl"
         if not with_text:
-            lines = [l for l in path.read_text().splitlines() if json.loads(l).get("image")]
+            lines = [line for line in path.read_text().splitlines() if json.loads(line).get("image")]
             path = path.with_name("train-images.jsonl")
-            path.write_text("".join(l + "\n" for l in lines))
+            path.write_text("".join(line + "\n" for line in lines))
         return path
     except ImportError:
         pass

@@ -1,12 +1,8 @@
-"""The ``ddfm`` command: one table of subcommands, each a stage function and its config.
+"""The ``ddfm`` command line; ``ddfm --help`` prints :data:`DESCRIPTION` and the commands.
 
-    ddfm prepare mix --out data/mix
-    ddfm embed data/mix/train.jsonl --encoder efficientnet-lite0 --out runs/embed
-    ddfm partition data/mix/train.jsonl --features runs/embed --k 2 --out runs/partition
-
-Each entry names ``module:Config:function``; the module is imported only when its
-subcommand runs, so ``ddfm --help`` stays fast and a stage's heavy imports (torch,
-transformers, fastapi) cost nothing to the others.
+One table (:data:`COMMANDS`) maps each subcommand to ``module:Config:function``; the
+module is imported only when its subcommand runs, so ``ddfm --help`` stays fast and a
+stage's heavy imports (torch, transformers, fastapi) cost nothing to the others.
 """
 
 from __future__ import annotations
@@ -18,6 +14,22 @@ import os
 import sys
 
 from ddfm.config import add_arguments, from_namespace
+
+DESCRIPTION = """\
+Train a vision-language model (or a language model) as K experts that never talk to
+each other, each on one cluster of the data, then generate with them together as one
+model (Decentralized Autoregressive Generation).
+
+The pipeline, one command per stage:
+  ddfm prepare mix --out data/mix                     real data -> LLaVA-style JSON Lines
+  ddfm embed data/mix/train.jsonl --out runs/features image (or text) features
+  ddfm partition data/mix/train.jsonl --features runs/features -k 2 --out runs/partition
+  ddfm init --preset tiny-llava --out runs/init       the checkpoint every run starts from
+  ddfm train --init runs/init --data runs/partition/shard-00.jsonl --out runs/expert-0 ...
+  ddfm generate | eval | serve --experts runs/expert-0 runs/expert-1 --router runs/partition
+
+`ddfm demo` runs all of it on the embedded data and writes REPORT.md;
+`ddfm COMMAND --help` lists a command's options."""
 
 # name -> ("module:ConfigClass:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,7 +69,8 @@ def _resolve(spec: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddfm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ddfm", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if has_default:
                 kwargs["nargs"] = kwargs.get("nargs", "?")
                 kwargs["default"] = default
-            parser.add_argument(f.name, metavar=f.name.upper(), **kwargs)
+            parser.add_argument(f.name, metavar=f.name.upper(), **_plain_help(kwargs))
             continue
         names = ["--" + f.name.replace("_", "-")]
         if meta.get("short"):
@@ -88,7 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["help"] += f" (default: {default})"
         else:
             kwargs["required"] = True
-        parser.add_argument(*names, dest=f.name, **kwargs)
+        parser.add_argument(*names, dest=f.name, **_plain_help(kwargs))
+
+
+def _plain_help(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # argparse %-formats help strings; ours are plain text ("+5% text"), so escape every %
+    return {**kwargs, "help": kwargs["help"].replace("%", "%%")} if kwargs.get("help") else kwargs
 
 
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:

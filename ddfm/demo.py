@@ -262,9 +262,9 @@ def stage_experts(p: Pipeline, preset: dict, part: str, k: int, prefix: str = ""
 def stage_eval(p: Pipeline, preset: dict, name: str, experts: list[str], part: str,
                routing: dict | None) -> Path:
     """Evaluate the dense model (``routing`` None) or the ensemble of ``experts``."""
-    from ddfm.evaluate import chance_levels, evaluate, write_result
     from ddfm.data import load_records
     from ddfm.ensemble import Ensemble
+    from ddfm.evaluate import chance_levels, evaluate, write_result
     from ddfm.router import Router
 
     ev = preset["eval"]

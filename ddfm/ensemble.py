@@ -627,7 +627,7 @@ class Ensemble:
         V = next(iter(last_lp.values())).shape[-1]
         lp = torch.zeros(1, K, V)
         run_mask = torch.zeros(1, K, dtype=torch.bool)
-        for k, run in runs.items():
+        for k in runs:
             lp[0, k] = last_lp[k][0, -1] if last_lp[k].dim() == 3 else last_lp[k][0]
             run_mask[0, k] = True
         mix_w = self._mixing(log_w).masked_fill(~run_mask, float("-inf"))

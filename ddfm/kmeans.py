@@ -834,6 +834,7 @@ class BalancedKMeans(_CentroidModel):
             C = _normalise(C)
         use_bounds = self.algorithm == "bounds" and self.spherical and K > 1
         prices, labels, gaps, drift, sums, prev_obj, prev_exact = None, None, None, None, None, -math.inf, False
+        last_move = math.inf  # how far the prices moved in the previous iteration
         info: dict[str, list] = {"objective": [], "seconds": [], "newton_steps": [], "sweeps": [],
                                  "repair_moves": [], "scored": [], "exact": []}
         warming, gain = self.warmup_tol is not None, math.inf
@@ -1001,7 +1002,7 @@ def weighted_balanced_assignment(S: np.ndarray, weights: np.ndarray, *, prices: 
             break
     labels = (Sn - prices[:, None]).argmax(0)
     moves = 0
-    for moves in range(max_moves):
+    for moves in range(max_moves):  # noqa: B007 - the count is returned
         sizes = np.bincount(labels, weights=w, minlength=K)
         a, b = int(sizes.argmax()), int(sizes.argmin())
         gap = sizes[a] - sizes[b]

@@ -132,8 +132,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, with_image: bool, 
 
 def _build_llava(preset: dict, tokenizer) -> tuple[Any, Any]:
     """``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from a preset."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     try:  # transformers 5: the PIL backend, no torchvision needed
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:  # transformers 4: the slow processor is the PIL one
@@ -288,8 +287,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
     (``AutoModelForImageTextToText`` + ``AutoProcessor``) or ``(model, tokenizer)`` for a
     causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``).
     """
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoProcessor, AutoTokenizer)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -290,7 +290,7 @@ _DROP = {"index", "module", "currentmodule", "moduleauthor", "sectionauthor", "t
          "highlight", "testsetup", "testcleanup", "testoutput", "include", "literalinclude",
          "tabularcolumns", "raw", "image", "figure", "contents", "only", "program",
          "audit-event", "productionlist", "list-table", "table", "miscnews", "limited-api-list",
-         "csv-table", "literalinclude", "sidebar"}
+         "csv-table", "sidebar"}
 # directives kept as a lead-in phrase (arguments: the version)
 _LABELS = {"note": "Note:", "warning": "Warning:", "seealso": "See also:", "important": "Important:",
            "caution": "Caution:", "versionadded": "New in version {v}.",

@@ -541,7 +541,7 @@ def ngram_experts(documents: list[np.ndarray], labels: np.ndarray, k: int, order
     """
     a = add_k * VOCAB
     central = SmoothedNGram(NGramCounts(documents, order), a)
-    shards = [NGramCounts([d for d, l in zip(documents, labels) if l == j], order) for j in range(k)]
+    shards = [NGramCounts([d for d, lab in zip(documents, labels) if lab == j], order) for j in range(k)]
     shares = np.array([s.total for s in shards], dtype=np.float64) / central.counts.total
     masses = {"share": shares * a, "full": np.full(k, a)}[split]
     return central, [SmoothedNGram(s, m) for s, m in zip(shards, masses)], shares
@@ -643,7 +643,7 @@ class DocumentEval:
 
 
 def _torch_mixture():
-    from ddfm import mixture   # the shared mixture code of the neural ensemble
+    from ddfm import mixture  # the shared mixture code of the neural ensemble
     return mixture
 
 
@@ -746,7 +746,7 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperatur
     if temperature is None:
         from ddfm.partition import calibrate_temperature
         temperature = calibrate_temperature(f_train, centroids, labels, seed=seed)["temperature"]
-    from ddfm.router import Router     # the neural ensemble's router: eq. 29 on the prompt's features
+    from ddfm.router import Router  # the neural ensemble's router: eq. 29 on the prompt's features
     router = Router(centroids, temperature, top_k=k, modality="text", cluster_shares=shares)
     weights = router.probabilities(f_prompt).double().numpy()                  # (Q, K)
     totals: dict[str, dict[str, float]] = {}

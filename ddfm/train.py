@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 import math
 import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,16 @@ from typing import Any
 from ddfm.config import arg, to_dict
 from ddfm.data import load_records, open_image
 from ddfm.io import atomic_path, read_json
-from ddfm.models import (encode_conversation, get_tokenizer, image_token, is_vision_language,
-                         load_model, num_image_tokens, save_checkpoint, versions)
+from ddfm.models import (
+    encode_conversation,
+    get_tokenizer,
+    image_token,
+    is_vision_language,
+    load_model,
+    num_image_tokens,
+    save_checkpoint,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 

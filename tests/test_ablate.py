@@ -16,7 +16,7 @@ def test_variants_change_one_setting_of_the_baseline():
     rows = variants(preset, list(ABLATIONS))
     assert len(rows) == sum(len(v) for v in ABLATIONS.values())
     base = {"encoder": preset["encoder"], "k": preset["k"], "algorithm": preset["algorithm"], "routing": "top-1"}
-    for group, setting in rows:
+    for _group, setting in rows:
         changed = {k for k in base if setting[k] != base[k]}
         assert len(changed) <= 1
     assert ("K", {**base, "k": 4}) in rows

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ddfm.config import add_arguments, arg, from_namespace
 from ddfm.cli import COMMANDS, main
+from ddfm.config import add_arguments, arg, from_namespace
 
 
 @dataclass

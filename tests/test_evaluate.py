@@ -112,7 +112,7 @@ def test_ddfm_eval_end_to_end_single_model_and_ensemble(tiny_run, capsys):
     assert 0.0 <= result["by_task"]["name"]["accuracy"] <= 1.0
     # chance from the test answers (no prepare.json beside this test file)
     assert 0 < result["chance"]["name"] <= 1
-    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 12 and all(p["n_tokens"] > 0 and p["nll"] > 0 for p in preds)
     assert all((p["prediction"] is None) == (p["task"] == "sum") for p in preds)
     assert "| name |" in (out / "eval.md").read_text()

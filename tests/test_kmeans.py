@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from ddfm.kmeans import (BalancedKMeans, TwoStageKMeans, balanced_assignment, spherical_kmeans,
-                         weighted_balanced_assignment)
+from ddfm.kmeans import (
+    BalancedKMeans,
+    TwoStageKMeans,
+    balanced_assignment,
+    spherical_kmeans,
+    weighted_balanced_assignment,
+)
 
 
 def unit(x):

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from ddfm.data import load_records, open_image
-from ddfm.models import (PRESETS, InitConfig, encode_conversation, init, load_model, num_image_tokens,
-                         render_prompt, to_chat_messages)
+from ddfm.models import (
+    PRESETS,
+    InitConfig,
+    encode_conversation,
+    init,
+    load_model,
+    num_image_tokens,
+    render_prompt,
+    to_chat_messages,
+)
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FM_NAMES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -127,7 +135,7 @@ def test_to_chat_messages_and_render():
 
 def test_tiny_lm_init_and_text_only(data, tmp_path):
     text_only = tmp_path / "text.jsonl"
-    text_only.write_text("".join(l + "\n" for l in data.read_text().splitlines() if '"image": null' in l))
+    text_only.write_text("".join(line + "\n" for line in data.read_text().splitlines() if '"image": null' in line))
     out = init(InitConfig(preset="tiny-lm", data=str(text_only), out=str(tmp_path / "lm")))
     model, tok = load_model(out)
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -165,7 +165,9 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     from sklearn.datasets import load_digits
     full = load_digits()
     # the two splits are the whole dataset, each image once
-    as_bytes = lambda xs: Counter(x.tobytes() for x in xs)
+    def as_bytes(xs):
+        return Counter(x.tobytes() for x in xs)
+
     ref = np.round(full.images * (255 / 16)).astype(np.uint8)
     assert as_bytes(x_tr) + as_bytes(x_te) == as_bytes(ref)
     assert np.allclose(np.bincount(y_te) / len(y_te), np.bincount(full.target) / len(full.target), atol=0.01)

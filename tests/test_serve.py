@@ -244,6 +244,7 @@ def test_models_health_metrics(server):
 
 def test_openai_client_matches_ensemble_generate(server, ensemble, assets):
     import openai
+
     from ddfm.ensemble import Request
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

@@ -207,6 +207,7 @@ def test_prefix_posterior_in_one_update_equals_token_by_token_updates():
     # router_log_weights multiplies the likelihoods of the whole prefix in one
     # posterior_update; the ensemble renormalises after every token: same weights
     import torch
+
     from ddfm.mixture import posterior_update
     rng = np.random.default_rng(0)
     token_logp = np.log(rng.dirichlet(np.ones(5), size=(30, 3))[..., 0])       # (T, K)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_models import make_data
 
 from ddfm.models import InitConfig, init, load_model
 from ddfm.train import TrainConfig, parse_match, sample_order, train
-from test_models import make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -32,7 +32,7 @@ def init_dir(data, tmp_path_factory):
 
 
 def _log(out):
-    return [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
 def _cfg(init_dir, data, out, **kw):
@@ -42,8 +42,8 @@ def _cfg(init_dir, data, out, **kw):
 
 def test_train_end_to_end(init_dir, data, tmp_path):
     shard = tmp_path / "shard-03.jsonl"  # cluster id comes from the name
-    shard.write_text("".join(l.replace('"images/', f'"{data.parent}/images/') + "\n"
-                             for l in data.read_text().splitlines()))
+    shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n"
+                             for line in data.read_text().splitlines()))
     out = train(_cfg(init_dir, shard, tmp_path / "expert", match="dense:12,16,2"))
     rows = _log(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -81,7 +81,7 @@ def test_internvl_recipe_trains_vision(init_dir, data, tmp_path):
 def test_align_recipe_trains_through_text_only_groups(init_dir, data, tmp_path):
     # the shard mixes image and text-only records; under "align" (projector only) a
     # text-only micro-batch touches nothing trainable and must not stop the run
-    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
     for r in rows:
         if r["image"] is None:  # long passages: length grouping runs them as a group of their own
             r["conversations"][1]["value"] = " ".join(["plus one"] * 40)
@@ -137,7 +137,7 @@ def test_bad_input_fails_before_training(init_dir, data, tmp_path):
 
 def test_images_need_a_vision_checkpoint(data, tmp_path):
     text = tmp_path / "text.jsonl"
-    text.write_text("".join(l + "\n" for l in data.read_text().splitlines() if '"image": null' in l))
+    text.write_text("".join(line + "\n" for line in data.read_text().splitlines() if '"image": null' in line))
     lm = init(InitConfig(preset="tiny-lm", data=str(text), out=str(tmp_path / "lm")))
     with pytest.raises(ValueError, match="text-only"):
         train(_cfg(lm, data, tmp_path / "o"))
