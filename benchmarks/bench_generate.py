@@ -76,7 +76,7 @@ def write_router(out: Path, encoder, images, k: int = 2) -> Path:
     from ddfm.partition import write_router as _write
 
     X = encoder.encode(images)
-    km = BalancedKMeans(n_clusters=k, seed=0).fit(X)
+    km = BalancedKMeans(n_clusters=k, random_state=0).fit(X)
     out.mkdir(parents=True, exist_ok=True)
     _write(out, km.cluster_centers_.astype(np.float32), {
         "k": k, "temperature": 20.0, "top_k": 1, "encoder": encoder.spec, "modality": "image",

@@ -1,7 +1,7 @@
 """Spherical balanced k-means with exactly balanced final labels (paper §4.2, Table 9).
 
     from ddfm.kmeans import BalancedKMeans, TwoStageKMeans
-    km = BalancedKMeans(16, seed=0).fit(X)          # X: (N, D) float32
+    km = BalancedKMeans(16, random_state=0).fit(X)  # X: (N, D) float32
     km.labels_            # (N,) int64, cluster sizes differ by at most one
     km.fit_info_          # objective, sizes and seconds per iteration (data, not log lines)
 
@@ -59,24 +59,38 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_array, check_is_fitted, check_scalar, validate_data
 
 _NEG = float("-inf")
 
 
 # ----------------------------------------------------------------------------- scores
-def _as_tensor(X: Any) -> torch.Tensor:
-    """A float32 contiguous (N, D) torch view of ``X`` (no copy when already so)."""
-    arr = np.ascontiguousarray(np.asarray(X, dtype=np.float32))
-    if arr.ndim != 2:
-        raise ValueError(f"X: expected a 2-D array (n_samples, n_features), got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError("X: contains NaN or infinite values")
-    return torch.from_numpy(arr)
+def _tensor(X: np.ndarray, dtype: Any = np.float32) -> torch.Tensor:
+    """A C-contiguous (N, D) torch tensor of ``dtype`` on X's memory when X already is one
+    (no copy; a read-only array, e.g. a memmap, is only ever read)."""
+    X = np.ascontiguousarray(X, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(X)
+
+
+def _unit_rows(X: torch.Tensor) -> torch.Tensor:
+    """Rows of X (N, D) scaled to unit L2 norm (zero rows stay zero). X itself when every
+    row already has norm 1 ± 1e-6 (features saved normalised): dividing would move each
+    value by at most ~8 float32 ulps, and skipping it saves an (N, D) copy."""
+    norms = X.norm(dim=1)
+    if len(norms) and float((norms - 1).abs().max()) <= 1e-6:
+        return X
+    return X / norms.clamp_min(1e-12)[:, None]
 
 
 def _normalise(X: torch.Tensor) -> torch.Tensor:
@@ -674,6 +688,16 @@ def balanced_assignment(S: np.ndarray, prices: np.ndarray | None = None, *,
 
 
 # ----------------------------------------------------------------------- estimators
+def _seed(random_state: Any) -> int:
+    """One integer seed (for numpy's Generator and faiss) from scikit-learn's ``random_state``,
+    checked by :func:`sklearn.utils.check_random_state`: an int is used as it is; None or a
+    RandomState gives a draw from that generator."""
+    rng = check_random_state(random_state)
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    return int(rng.randint(np.iinfo(np.int32).max))
+
+
 def _kmeans_pp(X: torch.Tensor, k: int, spherical: bool, rng: np.random.Generator,
                sample_size: int = 10_000) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) on a seeded sample; (k, D)."""
@@ -693,72 +717,85 @@ def _kmeans_pp(X: torch.Tensor, k: int, spherical: bool, rng: np.random.Generato
     return _normalise(C) if spherical else C
 
 
-class _CentroidModel:
-    """Shared sklearn-style plumbing: params, predict, transform, score."""
+def _random_init(X: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """k distinct rows of X chosen uniformly at random (faiss's initialisation); (k, D)."""
+    return X[torch.from_numpy(np.sort(rng.choice(X.shape[0], size=k, replace=False)))].clone()
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in self._param_names}
 
-    def set_params(self, **params) -> "_CentroidModel":
-        for name, value in params.items():
-            if name not in self._param_names:
-                raise ValueError(f"invalid parameter {name!r} for {type(self).__name__}")
-            setattr(self, name, value)
-        return self
+class _CentroidModel(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, BaseEstimator):
+    """What both estimators do once fitted, as scikit-learn's ``KMeans``: ``predict`` (the
+    nearest centroid), ``transform`` (distances), ``score`` (negative inertia). Parameters,
+    ``clone`` and ``repr`` come from ``BaseEstimator``; input checks (2-D, finite, dense,
+    ``n_features_in_``) from ``sklearn.utils.validation``."""
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
+    spherical = True  # a parameter of BalancedKMeans; TwoStageKMeans is spherical only
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "cluster_centers_"):
-            raise ValueError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]  # transform keeps X's dtype
+        return tags
 
-    def _prepare(self, X: Any, fitting: bool = False) -> torch.Tensor:
-        Xt = _as_tensor(X)
-        if not fitting and hasattr(self, "cluster_centers_") and Xt.shape[1] != self.cluster_centers_.shape[1]:
-            raise ValueError(f"X has {Xt.shape[1]} features, the model was fitted on {self.cluster_centers_.shape[1]}")
-        return _normalise(Xt) if self.spherical else Xt
+    @property
+    def _n_features_out(self) -> int:  # transform's columns, named by ClassNamePrefixFeaturesOutMixin
+        return self.cluster_centers_.shape[0]
+
+    def _points(self, X: Any, *, reset: bool, dtype: Any = np.float32, unit: bool = True) -> torch.Tensor:
+        """X checked by scikit-learn (2-D, dense: sparse input is refused naming it, finite,
+        at least one sample and one feature; ``reset`` records ``n_features_in_``, otherwise
+        the model must be fitted and the width is checked) as an (N, D) torch tensor of
+        ``dtype`` (no copy when X already is one), rows unit-norm when spherical and ``unit``."""
+        if not reset:
+            check_is_fitted(self)
+        X = validate_data(self, X, reset=reset, accept_sparse=False, dtype=[np.float64, np.float32], order="C")
+        Xt = _tensor(X, dtype)
+        return _unit_rows(Xt) if self.spherical and unit else Xt
 
     def predict(self, X: Any, balanced: bool = False) -> np.ndarray:
-        """Cluster of each row of X (N, D): nearest centroid (the router's top-1, eq. 29)
-        or, with ``balanced=True``, the exact balanced assignment. Returns (N,) int64."""
-        self._check_fitted()
-        Xt = self._prepare(X)
+        """Cluster of each row of X (N, D): the nearest centroid (the router's top-1, eq. 29)
+        or, with ``balanced=True``, the exact balanced assignment of X. Returns (N,) int64.
+
+        On the training data the nearest centroid can differ from ``labels_``, which is the
+        balanced assignment (cluster sizes within one)."""
+        # argmax_k x·c_k is the same for x and x/|x|: the nearest centroid needs no normalising
+        Xt = self._points(X, reset=False, unit=balanced)
         C = torch.from_numpy(self.cluster_centers_)
         if not balanced:
             return _nearest(C, Xt, self.spherical, self.chunk_size).numpy()
-        labels, _, _ = _assign(_scores(C, Xt, self.spherical, self.chunk_size))
-        return labels
-
-    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
-        return self.fit(X).labels_
+        return _assign(_scores(C, Xt, self.spherical, self.chunk_size))[0]
 
     def transform(self, X: Any) -> np.ndarray:
-        """Euclidean distance of every row to every centroid, (N, K) float32 (as sklearn);
-        for unit rows it is sqrt(2 − 2 cos)."""
-        self._check_fitted()
-        Xt = self._prepare(X)
-        C = torch.from_numpy(self.cluster_centers_)
+        """Euclidean distance of every row to every centroid, (N, K) in X's float dtype (as
+        scikit-learn); rows normalised first when spherical, so it is sqrt(2 − 2 cos)."""
+        check_is_fitted(self)
+        dtype = np.float32 if getattr(X, "dtype", None) == np.float32 else np.float64
+        Xt = self._points(X, reset=False, dtype=dtype)
+        C = torch.from_numpy(self.cluster_centers_).to(Xt.dtype)
         d2 = (Xt * Xt).sum(1, keepdim=True) - 2 * Xt @ C.T + (C * C).sum(1)
         return d2.clamp_min(0).sqrt().numpy()
 
     def score(self, X: Any, y: Any = None) -> float:
-        """Negative inertia of X under nearest-centroid routing (sklearn's convention)."""
+        """Negative inertia of X under nearest-centroid routing (scikit-learn's convention)."""
         return -float((self.transform(X).min(1).astype(np.float64) ** 2).sum())
 
 
 class BalancedKMeans(_CentroidModel):
     """Spherical balanced k-means: every cluster gets ⌊N/K⌋ or ⌈N/K⌉ points.
 
+    A scikit-learn estimator (``BaseEstimator``, ``ClusterMixin``, ``TransformerMixin``; it
+    passes ``sklearn.utils.estimator_checks.check_estimator``): ``clone``, ``Pipeline`` and
+    ``GridSearchCV`` work with it.
+
     Parameters
     ----------
-    n_clusters : K, the number of clusters (experts).
-    spherical : cosine similarity with unit-norm centroids (the paper's choice) if True,
-        else squared Euclidean distance.
+    n_clusters : int, K, the number of clusters (experts).
+    init : ``"k-means++"`` (Arthur & Vassilvitskii 2007, on a seeded sample of 10,000
+        points), ``"random"`` (K distinct points, as faiss) or an array (K, D).
+    spherical : bool, cosine similarity with unit-norm centroids (the paper's choice) if
+        True, else squared Euclidean distance.
     max_iter, tol : stop after ``max_iter`` assignment steps or when the objective
         improves by less than ``tol`` (relative) or no label changes.
-    seed : seeds k-means++; the same seed and data give the same result.
+    random_state : None, int or RandomState (scikit-learn's convention): seeds the
+        initialisation; the same int and data give the same result.
     chunk_size : rows of X per matmul block.
     max_sweeps : dual price sweeps per assignment before the exact repair.
     algorithm : ``"bounds"`` (default; spherical only, else as "full") skips scoring the
@@ -773,46 +810,63 @@ class BalancedKMeans(_CentroidModel):
 
     Attributes (after ``fit``)
     --------------------------
-    cluster_centers_ : (K, D) float32, unit rows when spherical.
-    labels_ : (N,) int64, balanced assignment to the final centroids.
+    cluster_centers_ : ndarray of shape (K, D) float32, unit rows when spherical.
+    labels_ : ndarray of shape (N,) int64, balanced assignment to the final centroids.
     inertia_ : float, Σ_i |x_i − c_{a(i)}|² (rows normalised first when spherical).
     n_iter_ : int, assignment steps run.
+    n_features_in_ : int, D.
     fit_info_ : dict with per-iteration ``objective`` (mean similarity), ``seconds``,
         ``newton_steps``, ``sweeps``, ``repair_moves``, ``scored`` (points scored: N, or
         fewer with ``algorithm="bounds"``), ``exact`` (False for warm-up steps), final
-        ``sizes`` and ``balance`` (max/min size).
+        ``sizes`` and ``balance`` (max/min size), and ``seconds_init`` / ``seconds_finish``
+        (the initialisation, and the inertia and attributes after the last iteration).
     """
 
-    _param_names = ("n_clusters", "spherical", "max_iter", "tol", "seed", "chunk_size", "max_sweeps", "algorithm",
-                    "warmup_tol")
-
-    def __init__(self, n_clusters: int = 2, *, spherical: bool = True, max_iter: int = 50,
-                 tol: float = 1e-6, seed: int = 0, chunk_size: int = 65536, max_sweeps: int = 4,
-                 algorithm: str = "bounds", warmup_tol: float | None = 1e-3):
+    def __init__(self, n_clusters: int = 2, *, init: Any = "k-means++", spherical: bool = True,
+                 max_iter: int = 50, tol: float = 1e-6, random_state: Any = None, chunk_size: int = 65536,
+                 max_sweeps: int = 4, algorithm: str = "bounds", warmup_tol: float | None = 1e-3):
         self.n_clusters = n_clusters
+        self.init = init
         self.spherical = spherical
         self.max_iter = max_iter
         self.tol = tol
-        self.seed = seed
+        self.random_state = random_state
         self.chunk_size = chunk_size
         self.max_sweeps = max_sweeps
         self.algorithm = algorithm
         self.warmup_tol = warmup_tol
 
-    def _validate(self, n: int) -> None:
-        if not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1:
-            raise ValueError(f"n_clusters: must be a positive integer, got {self.n_clusters!r}")
-        if self.n_clusters > n:
-            raise ValueError(f"n_clusters={self.n_clusters} is larger than the number of samples {n}")
-        if self.max_iter < 1 or self.chunk_size < 1:
-            raise ValueError("max_iter and chunk_size must be >= 1")
+    def _check_params(self, n_samples: int, n_features: int) -> None:
+        """Hyper-parameters checked at fit (``__init__`` only stores them), with the names
+        and messages of scikit-learn's ``check_scalar`` and ``KMeans``."""
+        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1)
+        if n_samples < self.n_clusters:
+            raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
+        check_scalar(self.max_iter, "max_iter", numbers.Integral, min_val=1)
+        check_scalar(self.tol, "tol", numbers.Real, min_val=0)
+        check_scalar(self.chunk_size, "chunk_size", numbers.Integral, min_val=1)
+        check_scalar(self.max_sweeps, "max_sweeps", numbers.Integral, min_val=0)
         if self.algorithm not in ("bounds", "full"):
             raise ValueError(f"algorithm: must be 'bounds' or 'full', got {self.algorithm!r}")
-        if self.warmup_tol is not None and not self.warmup_tol >= 0:
-            raise ValueError(f"warmup_tol: must be None or >= 0, got {self.warmup_tol!r}")
+        if self.warmup_tol is not None:
+            check_scalar(self.warmup_tol, "warmup_tol", numbers.Real, min_val=0)
+        if isinstance(self.init, str):
+            if self.init not in ("k-means++", "random"):
+                raise ValueError(f"init: must be 'k-means++', 'random' or an array, got {self.init!r}")
+        elif np.shape(self.init) != (self.n_clusters, n_features):
+            raise ValueError(f"init: an array of shape (n_clusters, n_features) = ({self.n_clusters}, "
+                             f"{n_features}) is needed, got shape {np.shape(self.init)}")
 
-    def fit(self, X: Any, y: Any = None, init: np.ndarray | None = None) -> "BalancedKMeans":
-        """Fit on X (N, D); ``init`` (K, D) optionally replaces k-means++. Returns self.
+    def _initial_centroids(self, X: torch.Tensor, K: int) -> torch.Tensor:
+        rng = np.random.default_rng(_seed(self.random_state))
+        if isinstance(self.init, str):
+            C = _kmeans_pp(X, K, self.spherical, rng) if self.init == "k-means++" else _random_init(X, K, rng)
+        else:
+            C = torch.from_numpy(check_array(self.init, dtype=np.float32, copy=True))
+        return _normalise(C) if self.spherical else C
+
+    def fit(self, X: Any, y: Any = None) -> "BalancedKMeans":
+        """Fit on X (N, D); ``y`` is ignored. Returns self.
 
         Each iteration: score the points against the centroids, solve the balanced
         assignment (:func:`_assign`; exactly once the warm-up of ``warmup_tol`` is over, and
@@ -824,19 +878,18 @@ class BalancedKMeans(_CentroidModel):
         SDM 2010), and points whose bound stays above a threshold T are left out with their
         labels fixed, which is exact while no price difference moves by T (:class:`_Limits`).
         """
-        Xt = self._prepare(X, fitting=True)
+        t_start = time.perf_counter()
+        Xt = self._points(X, reset=True)
         N = Xt.shape[0]
-        self._validate(N)
+        self._check_params(N, Xt.shape[1])
         K = int(self.n_clusters)
-        rng = np.random.default_rng(self.seed)
-        C = _as_tensor(init).clone() if init is not None else _kmeans_pp(Xt, K, self.spherical, rng)
-        if self.spherical:
-            C = _normalise(C)
+        C = self._initial_centroids(Xt, K)
         use_bounds = self.algorithm == "bounds" and self.spherical and K > 1
         prices, labels, gaps, drift, sums, prev_obj, prev_exact = None, None, None, None, None, -math.inf, False
         last_move = math.inf  # how far the prices moved in the previous iteration
-        info: dict[str, list] = {"objective": [], "seconds": [], "newton_steps": [], "sweeps": [],
-                                 "repair_moves": [], "scored": [], "exact": []}
+        info: dict[str, Any] = {"objective": [], "seconds": [], "newton_steps": [], "sweeps": [],
+                                "repair_moves": [], "scored": [], "exact": [],
+                                "seconds_init": time.perf_counter() - t_start}
         warming, gain = self.warmup_tol is not None, math.inf
         for it in range(1, self.max_iter + 1):
             t0 = time.perf_counter()
@@ -873,7 +926,9 @@ class BalancedKMeans(_CentroidModel):
             info["exact"].append(exact)
             if converged:
                 break
+        t0 = time.perf_counter()
         self._finish(Xt, C, labels, sums, it, info)
+        info["seconds_finish"] = time.perf_counter() - t0
         return self
 
     def _bounded_step(self, X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor, gaps: torch.Tensor,
@@ -940,16 +995,28 @@ class BalancedKMeans(_CentroidModel):
         self.fit_info_ = info
 
 
+
+
 # --------------------------------------------------------------------- two-stage
-def spherical_kmeans(X: np.ndarray, k: int, *, n_iter: int = 20, seed: int = 0,
+FAISS_MIN_POINTS_PER_CENTROID = 39  # faiss warns when k-means gets fewer points per centroid
+
+
+def spherical_kmeans(X: Any, k: int, *, n_iter: int = 20, random_state: Any = None,
                      use_faiss: bool | None = None, chunk_size: int = 65536
                      ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Unbalanced spherical k-means: ``(centroids (k, D), labels (N,), backend)``.
+    """Unbalanced spherical k-means of X (N, D): ``(centroids (k, D), labels (N,), backend)``.
 
     faiss (``faiss.Kmeans(spherical=True)``) when installed and ``use_faiss`` is not False,
     else a torch Lloyd loop (k-means++ seeding; an empty cluster keeps its centroid).
     """
-    Xt = _normalise(_as_tensor(X))
+    Xt = _unit_rows(_tensor(check_array(X, dtype=[np.float32, np.float64], order="C")))
+    return _spherical_kmeans(Xt, k, n_iter=n_iter, seed=_seed(random_state), use_faiss=use_faiss,
+                             chunk_size=chunk_size)
+
+
+def _spherical_kmeans(Xt: torch.Tensor, k: int, *, n_iter: int, seed: int, use_faiss: bool | None,
+                      chunk_size: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """:func:`spherical_kmeans` of unit rows ``Xt`` (N, D) float32."""
     if use_faiss is not False:
         try:
             import faiss
@@ -974,13 +1041,19 @@ def weighted_balanced_assignment(S: np.ndarray, weights: np.ndarray, *, prices: 
                                  max_sweeps: int = 50, max_moves: int = 10_000) -> tuple[np.ndarray, dict]:
     """Assign m weighted items (fine clusters) to K clusters with near-equal total weight.
 
-    Same dual prices as :func:`balanced_assignment`, with a weighted selection (cumulative
-    weight of the sorted margins crossing W/K), then a greedy polish that moves the
-    cheapest item from the heaviest to the lightest cluster while that shrinks their gap.
-    Exact balance is impossible in general (items are indivisible): what is guaranteed is
-    that the polish stops only when no single item lighter than the heaviest−lightest gap
-    sits in the heaviest cluster; the achieved max/min is returned in the stats.
-    ``S`` is (K, m). Returns ``(labels (m,), stats)``.
+    ``S`` (K, m) scores, ``weights`` (m,) positive. Same dual prices as
+    :func:`balanced_assignment`, with a weighted selection (cumulative weight of the sorted
+    margins crossing W/K), then a greedy polish: while some item of the heaviest cluster
+    weighs less than the gap between the heaviest and the lightest cluster, the cheapest
+    such item moves to the lightest. Each move lowers Σ_k size_k² (by 2w(gap − w) > 0), so
+    the polish cannot cycle and ends after finitely many moves.
+
+    Guarantee (items are indivisible, so exact balance is impossible in general): when the
+    polish completes (``stats["polish_complete"]``; it stops early only after ``max_moves``
+    moves), max_k size_k − min_k size_k ≤ ``stats["gap_bound"]``, the weight of the lightest
+    item in the heaviest cluster, which is at most the heaviest item. Nothing bounds how far
+    the assignment is from the best balanced one by score. Returns ``(labels (m,), stats)``
+    with ``polish_moves``, ``polish_complete``, ``gap_bound``, ``weighted_sizes``, ``prices``.
     """
     K, m = S.shape
     w = np.asarray(weights, dtype=np.float64)
@@ -1001,87 +1074,112 @@ def weighted_balanced_assignment(S: np.ndarray, weights: np.ndarray, *, prices: 
         if np.allclose(prices, old):
             break
     labels = (Sn - prices[:, None]).argmax(0)
-    moves = 0
-    for moves in range(max_moves):  # noqa: B007 - the count is returned
+    moves, complete = 0, False
+    while moves < max_moves:
         sizes = np.bincount(labels, weights=w, minlength=K)
         a, b = int(sizes.argmax()), int(sizes.argmin())
         gap = sizes[a] - sizes[b]
         cand = np.nonzero((labels == a) & (w < gap))[0]
         if gap <= 0 or cand.size == 0:
+            complete = True
             break
         j = cand[np.argmin(Sn[a, cand] - Sn[b, cand])]
         labels[j] = b
+        moves += 1
     sizes = np.bincount(labels, weights=w, minlength=K)
-    return labels, {"polish_moves": moves, "weighted_sizes": sizes.tolist(), "prices": prices}
+    heaviest = labels == int(sizes.argmax())
+    return labels, {"polish_moves": moves, "polish_complete": complete,
+                    "gap_bound": float(w[heaviest].min()) if heaviest.any() else 0.0,
+                    "weighted_sizes": sizes.tolist(), "prices": prices}
 
 
 class TwoStageKMeans(_CentroidModel):
-    """Two-stage balanced spherical k-means (paper Table 9; McAllister et al. 2025).
+    """Two-stage balanced spherical k-means (paper §5.3, Table 9, after McAllister et al. 2025).
 
-    Stage 1: unbalanced spherical k-means of X (N, D) into ``n_fine`` clusters (faiss
-    when installed, else torch). Stage 2: balanced k-means of the fine centroids into
-    ``n_clusters``; every sample takes the cluster of its fine centroid.
+    Stage 1: unbalanced spherical k-means of X (N, D) into m fine clusters (faiss when
+    installed, else torch), m = min(``n_fine``, max(K, N // ``min_fine_size``)): the
+    paper's m = 1,024 needs N ≥ 39,936 points to give every fine cluster the 39 points
+    below which faiss warns that k-means is ill-determined, so a smaller data set gets
+    fewer fine clusters (``fit_info_["n_fine"]`` is the m used). Stage 2 clusters the m
+    fine centroids into ``n_clusters`` = K coarse clusters; every sample takes the coarse
+    cluster of its fine cluster.
 
-    ``balance_by="centroids"`` (what the paper's code does): each cluster gets ⌊m/K⌋ or
-    ⌈m/K⌉ fine centroids, exactly; sample counts may differ.
-    ``balance_by="samples"``: fine centroids weighted by their sample counts, clusters get
-    near-equal sample counts; fine clusters are never split, so exact balance is not
-    guaranteed (see :func:`weighted_balanced_assignment`); ``fit_info_["balance"]`` reports
-    the achieved max/min sample count.
+    ``balance_by="centroids"`` (default; the paper's Table 9): stage 2 is
+    :class:`BalancedKMeans` of the fine centroids, unweighted, so each coarse cluster gets
+    ⌊m/K⌋ or ⌈m/K⌉ fine clusters, exactly. Sample counts are *not* balanced: a coarse
+    cluster holds whatever its fine clusters hold (``fit_info_["sizes"]``, ``["balance"]``).
 
-    Attributes: ``cluster_centers_`` (K, D) unit rows (sample-weighted mean of each
-    cluster), ``labels_`` (N,), ``fine_centers_`` (m, D), ``fine_labels_`` (N,),
-    ``inertia_``, ``n_iter_`` (stage-2 steps), ``fit_info_``.
+    ``balance_by="samples"``: stage 2 weights each fine centroid by its number of samples
+    and balances the weights (:func:`weighted_balanced_assignment`). Fine clusters are never
+    split, so equal sample counts are not guaranteed; what is: max − min samples per cluster
+    ≤ the smallest fine cluster in the largest coarse cluster (≤ the largest fine cluster),
+    whenever the polish completes (``fit_info_["stage2"]["polish_complete"]``,
+    ``["gap_bound"]``).
+
+    A scikit-learn estimator like :class:`BalancedKMeans`. ``random_state`` seeds both
+    stages. Attributes: ``cluster_centers_`` (K, D) unit rows (the normalised mean of each
+    cluster's samples), ``labels_`` (N,), ``fine_centers_`` (m, D), ``fine_labels_`` (N,),
+    ``fine_to_coarse_`` (m,) (so ``labels_ == fine_to_coarse_[fine_labels_]``), ``inertia_``, ``n_iter_`` (stage-2 steps), ``n_features_in_``, ``fit_info_``.
     """
 
-    _param_names = ("n_clusters", "n_fine", "balance_by", "spherical", "fine_iter", "max_iter",
-                    "tol", "seed", "use_faiss", "chunk_size")
-
-    def __init__(self, n_clusters: int = 2, n_fine: int = 1024, *, balance_by: str = "samples",
-                 spherical: bool = True, fine_iter: int = 20, max_iter: int = 50, tol: float = 1e-6,
-                 seed: int = 0, use_faiss: bool | None = None, chunk_size: int = 65536):
+    def __init__(self, n_clusters: int = 2, n_fine: int = 1024, *, balance_by: str = "centroids",
+                 min_fine_size: int = FAISS_MIN_POINTS_PER_CENTROID, fine_iter: int = 20, max_iter: int = 50,
+                 tol: float = 1e-6, random_state: Any = None, use_faiss: bool | None = None,
+                 chunk_size: int = 65536):
         self.n_clusters = n_clusters
         self.n_fine = n_fine
         self.balance_by = balance_by
-        self.spherical = spherical
+        self.min_fine_size = min_fine_size
         self.fine_iter = fine_iter
         self.max_iter = max_iter
         self.tol = tol
-        self.seed = seed
+        self.random_state = random_state
         self.use_faiss = use_faiss
         self.chunk_size = chunk_size
 
-    def fit(self, X: Any, y: Any = None) -> "TwoStageKMeans":
+    def _check_params(self, n_samples: int) -> None:
+        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1)
+        if n_samples < self.n_clusters:
+            raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
+        check_scalar(self.n_fine, "n_fine", numbers.Integral, min_val=self.n_clusters)
+        check_scalar(self.min_fine_size, "min_fine_size", numbers.Integral, min_val=1)
+        check_scalar(self.fine_iter, "fine_iter", numbers.Integral, min_val=1)
+        check_scalar(self.max_iter, "max_iter", numbers.Integral, min_val=1)
+        check_scalar(self.tol, "tol", numbers.Real, min_val=0)
+        check_scalar(self.chunk_size, "chunk_size", numbers.Integral, min_val=1)
         if self.balance_by not in ("samples", "centroids"):
             raise ValueError(f"balance_by: must be 'samples' or 'centroids', got {self.balance_by!r}")
-        if not self.spherical:
-            raise ValueError("TwoStageKMeans is spherical only (spherical=False is not supported)")
-        Xt = self._prepare(X, fitting=True)
-        N, K = Xt.shape[0], int(self.n_clusters)
-        m = min(int(self.n_fine), N)
-        if K < 1 or K > m:
-            raise ValueError(f"n_clusters={K} must be between 1 and the number of fine clusters {m}")
+
+    def fit(self, X: Any, y: Any = None) -> "TwoStageKMeans":
+        """Fit on X (N, D); ``y`` is ignored. Returns self."""
+        Xt = self._points(X, reset=True)
+        N = Xt.shape[0]
+        self._check_params(N)
+        K = int(self.n_clusters)
+        m = min(int(self.n_fine), max(K, N // int(self.min_fine_size)))
+        seed = _seed(self.random_state)
         t0 = time.perf_counter()
-        F, fine_labels, backend = spherical_kmeans(Xt.numpy(), m, n_iter=self.fine_iter, seed=self.seed,
-                                                   use_faiss=self.use_faiss, chunk_size=self.chunk_size)
+        F, fine_labels, backend = _spherical_kmeans(Xt, m, n_iter=self.fine_iter, seed=seed,
+                                                    use_faiss=self.use_faiss, chunk_size=self.chunk_size)
         t_fine = time.perf_counter() - t0
         counts = np.bincount(fine_labels, minlength=m)
         t0 = time.perf_counter()
         if self.balance_by == "centroids":
-            coarse = BalancedKMeans(K, max_iter=self.max_iter, tol=self.tol, seed=self.seed).fit(F)
+            coarse = BalancedKMeans(K, max_iter=self.max_iter, tol=self.tol, random_state=seed).fit(F)
             fine_to_coarse, n_iter, extra = coarse.labels_, coarse.n_iter_, {"stage2": coarse.fit_info_}
         else:
-            fine_to_coarse, n_iter, extra = self._weighted_stage(F, counts, K)
+            fine_to_coarse, n_iter, extra = self._weighted_stage(F, counts, K, seed)
         labels = torch.from_numpy(fine_to_coarse[fine_labels])
         C = _normalise(_cluster_sums(Xt, labels, K))
         sizes = np.bincount(labels.numpy(), minlength=K)
-        self.fine_centers_, self.fine_labels_ = F, fine_labels
+        self.fine_centers_, self.fine_labels_, self.fine_to_coarse_ = F, fine_labels, fine_to_coarse
         self.cluster_centers_ = C.numpy()
         self.labels_ = labels.numpy()
         cos = (Xt * C[labels]).sum(1).double()
         self.inertia_ = float((2 - 2 * cos).sum())
         self.n_iter_ = n_iter
-        self.fit_info_ = {"backend": backend, "n_fine": m, "balance_by": self.balance_by,
+        self.fit_info_ = {"backend": backend, "n_fine": m, "n_fine_asked": int(self.n_fine),
+                          "points_per_fine_cluster": N / m, "balance_by": self.balance_by,
                           "seconds_fine": t_fine, "seconds_coarse": time.perf_counter() - t0,
                           "fine_sizes_min_max": [int(counts.min()), int(counts.max())],
                           "centroids_per_cluster": np.bincount(fine_to_coarse, minlength=K).tolist(),
@@ -1089,10 +1187,10 @@ class TwoStageKMeans(_CentroidModel):
                           **extra}
         return self
 
-    def _weighted_stage(self, F: np.ndarray, counts: np.ndarray, K: int):
+    def _weighted_stage(self, F: np.ndarray, counts: np.ndarray, K: int, seed: int):
         """Weighted balanced k-means of the fine centroids (weights = sample counts)."""
         Ft, w = torch.from_numpy(F), counts.astype(np.float64)
-        C = _kmeans_pp(Ft, K, True, np.random.default_rng(self.seed))
+        C = _kmeans_pp(Ft, K, True, np.random.default_rng(seed))
         prev, objective, stats = None, [], {}
         for it in range(1, self.max_iter + 1):
             S = (C @ Ft.T).numpy()  # (K, m)

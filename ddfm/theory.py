@@ -620,7 +620,7 @@ def partition_documents(features: np.ndarray, k: int, seed: int = 0) -> tuple[np
     except ImportError:
         BalancedKMeans = None
     if BalancedKMeans is not None:
-        km = BalancedKMeans(n_clusters=k, seed=seed).fit(features)
+        km = BalancedKMeans(n_clusters=k, random_state=seed).fit(features)
         labels, algorithm = np.asarray(km.labels_), "balanced-kmeans"
     else:
         labels = np.random.default_rng(seed).permutation(np.arange(len(features)) % k)

@@ -44,7 +44,7 @@ def lsa_objective(S):
 @pytest.mark.parametrize("n,k", [(10, 2), (11, 2), (100, 3), (101, 7), (257, 16), (1000, 13), (999, 32), (64, 64)])
 def test_final_labels_exactly_balanced(n, k):
     X, _ = blobs([n // 2, n - n // 2], d=8, spread=0.6, seed=n)
-    km = BalancedKMeans(k, seed=1, max_iter=10).fit(X)
+    km = BalancedKMeans(k, random_state=1, max_iter=10).fit(X)
     sizes = np.bincount(km.labels_, minlength=k)
     assert sizes.max() - sizes.min() <= 1 and sizes.sum() == n
     assert km.fit_info_["sizes"] == sizes.tolist()
@@ -53,7 +53,7 @@ def test_final_labels_exactly_balanced(n, k):
 
 def test_unbalanced_blobs_still_get_balanced_final_labels():
     X, y = blobs([300, 100], seed=3)
-    km = BalancedKMeans(2, seed=0).fit(X)
+    km = BalancedKMeans(2, random_state=0).fit(X)
     assert np.bincount(km.labels_).tolist() == [200, 200]
     # the small blob stays whole in one cluster
     assert len(set(km.labels_[y == 1])) == 1
@@ -119,7 +119,7 @@ def test_bounds_skip_points_and_match_full_scoring():
     # Hamerly-style bounds leave most points unscored in late iterations, with the very
     # same exact assignments as scoring every point
     X, _ = blobs([2600, 2500, 2500, 2400, 2500, 2500, 2500, 2500], d=16, spread=0.3, seed=6)
-    common = dict(seed=1, max_iter=12, tol=0.0, warmup_tol=None)
+    common = dict(random_state=1, max_iter=12, tol=0.0, warmup_tol=None)
     full = BalancedKMeans(8, algorithm="full", **common).fit(X)
     bounded = BalancedKMeans(8, algorithm="bounds", **common).fit(X)
     assert min(bounded.fit_info_["scored"]) < len(X) // 4
@@ -131,18 +131,18 @@ def test_bounds_skip_points_and_match_full_scoring():
 
 def test_warmup_steps_then_exact_steps():
     X, _ = blobs([9000, 7000, 4000], d=24, spread=0.7, seed=6)
-    warm = BalancedKMeans(8, seed=1).fit(X)
+    warm = BalancedKMeans(8, random_state=1).fit(X)
     exact = warm.fit_info_["exact"]
     assert not exact[0] and exact[-1]  # warm-up first, exact from the switch on
     assert exact == sorted(exact)
     sizes = np.bincount(warm.labels_, minlength=8)
     assert sizes.max() - sizes.min() <= 1
-    cold = BalancedKMeans(8, seed=1, warmup_tol=None).fit(X)
+    cold = BalancedKMeans(8, random_state=1, warmup_tol=None).fit(X)
     assert all(cold.fit_info_["exact"])
     # the warm-up changes the path, not the quality
     assert warm.fit_info_["objective"][-1] == pytest.approx(cold.fit_info_["objective"][-1], rel=2e-3)
     # the last step is exact even when max_iter cuts the warm-up short
-    short = BalancedKMeans(8, seed=1, max_iter=2).fit(X)
+    short = BalancedKMeans(8, random_state=1, max_iter=2).fit(X)
     assert short.fit_info_["exact"] == [False, True]
     assert np.bincount(short.labels_, minlength=8).max() - np.bincount(short.labels_, minlength=8).min() <= 1
     with pytest.raises(ValueError, match="warmup_tol"):
@@ -155,9 +155,9 @@ def test_quality_close_to_unbalanced_kmeans_and_recovers_blobs():
     from sklearn.metrics import adjusted_rand_score
 
     X, y = blobs([150, 150, 150, 150], seed=5)
-    km = BalancedKMeans(4, seed=0).fit(X)
+    km = BalancedKMeans(4, random_state=0).fit(X)
     assert adjusted_rand_score(y, km.labels_) == 1.0
-    C, unb, _ = spherical_kmeans(X, 4, n_iter=30, seed=0)
+    C, unb, _ = spherical_kmeans(X, 4, n_iter=30, random_state=0)
     unb_obj = (X * C[unb]).sum(1).mean()
     assert km.fit_info_["objective"][-1] >= unb_obj - 1e-3
     assert km.inertia_ == pytest.approx(((X - km.cluster_centers_[km.labels_]) ** 2).sum(), rel=1e-4)
@@ -165,13 +165,13 @@ def test_quality_close_to_unbalanced_kmeans_and_recovers_blobs():
 
 def test_deterministic_and_seed_matters():
     X, _ = blobs([200, 120, 80], d=10, spread=0.5, seed=2)
-    a, b = BalancedKMeans(3, seed=4).fit(X), BalancedKMeans(3, seed=4).fit(X)
+    a, b = BalancedKMeans(3, random_state=4).fit(X), BalancedKMeans(3, random_state=4).fit(X)
     assert np.array_equal(a.labels_, b.labels_) and np.array_equal(a.cluster_centers_, b.cluster_centers_)
 
 
 def test_predict_routes_to_nearest_cosine_and_balanced_option():
     X, _ = blobs([90, 60], d=12, spread=0.4, seed=9)
-    km = BalancedKMeans(3, seed=0).fit(X)
+    km = BalancedKMeans(3, random_state=0).fit(X)
     Z = np.random.default_rng(1).normal(size=(41, 12)).astype(np.float32) * 3  # not unit
     cos = unit(Z) @ km.cluster_centers_.T
     assert np.array_equal(km.predict(Z), cos.argmax(1))
@@ -183,7 +183,7 @@ def test_predict_routes_to_nearest_cosine_and_balanced_option():
 
 def test_transform_shape_and_values():
     X, _ = blobs([30, 30], seed=1)
-    km = BalancedKMeans(2, seed=0).fit(X)
+    km = BalancedKMeans(2, random_state=0).fit(X)
     D = km.transform(X[:7])
     assert D.shape == (7, 2)
     np.testing.assert_allclose(D, np.sqrt(np.clip(2 - 2 * X[:7] @ km.cluster_centers_.T, 0, None)), atol=1e-3)
@@ -191,8 +191,8 @@ def test_transform_shape_and_values():
 
 def test_chunking_gives_same_result():
     X, _ = blobs([77, 50, 40], d=8, spread=0.5, seed=4)
-    a = BalancedKMeans(3, seed=2, chunk_size=1 << 16).fit(X)
-    b = BalancedKMeans(3, seed=2, chunk_size=13).fit(X)
+    a = BalancedKMeans(3, random_state=2, chunk_size=1 << 16).fit(X)
+    b = BalancedKMeans(3, random_state=2, chunk_size=13).fit(X)
     assert np.array_equal(a.labels_, b.labels_)
     np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-5)
     assert np.array_equal(a.predict(X), b.predict(X))
@@ -201,71 +201,172 @@ def test_chunking_gives_same_result():
 def test_euclidean_mode_balanced():
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (60, 3)), rng.normal(8, 1, (20, 3))]).astype(np.float32)
-    km = BalancedKMeans(2, spherical=False, seed=0).fit(X)
+    km = BalancedKMeans(2, spherical=False, random_state=0).fit(X)
     assert np.bincount(km.labels_).tolist() == [40, 40]
     assert km.inertia_ == pytest.approx(((X - km.cluster_centers_[km.labels_]) ** 2).sum(), rel=1e-4)
 
 
-def test_sklearn_contract():
+@pytest.mark.parametrize("Estimator", [BalancedKMeans, TwoStageKMeans])
+def test_passes_sklearn_check_estimator(Estimator, monkeypatch):
+    """scikit-learn's own estimator checks, all of them, none expected to fail or skipped."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")  # else the numpy array-API check is skipped
+    results = check_estimator(Estimator(), on_fail=None, on_skip=None)
+    assert len(results) > 40
+    assert [(r["check_name"], r["status"], r["exception"]) for r in results if r["status"] != "passed"] == []
+
+
+@pytest.mark.parametrize("Estimator", [BalancedKMeans, TwoStageKMeans])
+def test_clone_pipeline_and_grid_search(Estimator):
     from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
 
-    km = BalancedKMeans(5, seed=3, max_iter=7)
-    assert clone(km).get_params() == km.get_params()
-    assert km.set_params(n_clusters=4).n_clusters == 4
-    assert not hasattr(km, "labels_")  # __init__ stores hyper-parameters only
-    ts = TwoStageKMeans(3, n_fine=64, balance_by="centroids")
-    assert clone(ts).get_params() == ts.get_params()
-    with pytest.raises(ValueError, match="not fitted"):
-        km.predict(np.zeros((2, 3), np.float32))
+    X, y = blobs([600, 600, 600], d=8, spread=0.2, seed=3)
+    est = Estimator(2, random_state=3, max_iter=7)
+    twin = clone(est)
+    assert twin.get_params() == est.get_params() and twin is not est
+    assert not hasattr(est, "labels_") and not hasattr(twin, "n_features_in_")  # __init__ stores parameters only
+    assert "random_state=3" in repr(est) and "seed" not in est.get_params()
+    with pytest.raises(TypeError, match="seed"):
+        Estimator(2, seed=0)
+    fitted = est.fit(X)
+    assert clone(fitted).get_params() == est.get_params() and not hasattr(clone(fitted), "labels_")
+    pipe = make_pipeline(Normalizer(), Estimator(3, random_state=0)).fit(X)
+    assert pipe.predict(X).shape == (1800,) and pipe.transform(X).shape == (1800, 3)
+    assert list(pipe.get_feature_names_out()) == [f"{Estimator.__name__.lower()}{k}" for k in range(3)]
+    search = GridSearchCV(Estimator(random_state=0), {"n_clusters": [2, 3]}, cv=3).fit(X)
+    assert search.best_params_ == {"n_clusters": 3}  # score = −inertia: three blobs want three clusters
+    assert search.best_estimator_.cluster_centers_.shape == (3, 8)
+    # a RandomState is accepted as scikit-learn's estimators accept it, and an int is reproducible
+    a = Estimator(3, random_state=np.random.RandomState(5)).fit(X)
+    assert np.bincount(a.labels_).min() > 0
+    b, c = Estimator(3, random_state=7).fit(X), Estimator(3, random_state=7).fit(X)
+    assert np.array_equal(b.labels_, c.labels_)
 
 
-def test_bad_input():
+def test_unfitted_and_validation_errors():
+    from sklearn.exceptions import NotFittedError
+
     X, _ = blobs([5, 5])
-    with pytest.raises(ValueError, match="larger than the number of samples"):
+    km = BalancedKMeans(5, random_state=3, max_iter=7)
+    with pytest.raises(NotFittedError):
+        km.predict(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="n_samples=10 should be >= n_clusters=11"):
         BalancedKMeans(11).fit(X)
     with pytest.raises(ValueError, match="n_clusters"):
         BalancedKMeans(0).fit(X)
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="Expected 2D array"):
         BalancedKMeans(2).fit(X[0])
     with pytest.raises(ValueError, match="NaN"):
         BalancedKMeans(2).fit(np.full((4, 2), np.nan))
+    with pytest.raises(TypeError, match="[Ss]parse"):
+        BalancedKMeans(2).fit(__import__("scipy.sparse").sparse.csr_matrix(X))
     with pytest.raises(ValueError, match="balance_by"):
         TwoStageKMeans(2, n_fine=4, balance_by="tokens").fit(X)
+    with pytest.raises(ValueError, match="n_fine"):
+        TwoStageKMeans(3, n_fine=2).fit(X)
+    with pytest.raises(ValueError, match="init"):
+        BalancedKMeans(2, init=np.zeros((3, 16))).fit(X)
+
+
+def test_float32_float64_and_read_only_input():
+    X, _ = blobs([60, 40], d=6, spread=0.4, seed=8)
+    a = BalancedKMeans(2, random_state=0).fit(X)
+    b = BalancedKMeans(2, random_state=0).fit(X.astype(np.float64))
+    assert np.array_equal(a.labels_, b.labels_)
+    assert a.transform(X).dtype == np.float32 and a.transform(X.astype(np.float64)).dtype == np.float64
+    np.testing.assert_allclose(a.transform(X), a.transform(X.astype(np.float64)), atol=1e-5)
+    ro = X.copy()
+    ro.setflags(write=False)
+    assert np.array_equal(BalancedKMeans(2, random_state=0).fit(ro).labels_, a.labels_)
+
+
+def test_init_options():
+    X, _ = blobs([100, 80, 60], d=10, spread=0.3, seed=4)
+    random = BalancedKMeans(3, init="random", random_state=0).fit(X)
+    given = BalancedKMeans(3, init=random.cluster_centers_, max_iter=1).fit(X)
+    np.testing.assert_array_equal(np.bincount(given.labels_), [80, 80, 80])
+    # started at a fixed point, one exact step keeps the labels
+    assert np.array_equal(given.labels_, random.labels_)
+
+
+def test_two_stage_default_is_the_papers_balance_of_centroids():
+    """Table 9: unbalanced fine clusters, then *balanced* clustering of the fine centroids."""
+    X, _ = blobs([2400, 1200, 400], d=16, spread=0.5, seed=12)
+    ts = TwoStageKMeans(4, n_fine=64, random_state=0).fit(X)
+    assert ts.balance_by == "centroids" and ts.fit_info_["balance_by"] == "centroids"
+    per = ts.fit_info_["centroids_per_cluster"]
+    assert per == [16, 16, 16, 16]
+    assert np.bincount(ts.fine_to_coarse_, minlength=4).tolist() == per
+    # the coarse clusters hold what their fine clusters hold: sample counts are not balanced
+    sizes = np.bincount(ts.labels_, minlength=4)
+    fine = np.bincount(ts.fine_labels_, minlength=64)
+    assert sizes.tolist() == ts.fit_info_["sizes"] == np.bincount(ts.fine_to_coarse_, fine, 4).astype(int).tolist()
+    assert np.array_equal(ts.labels_, ts.fine_to_coarse_[ts.fine_labels_])
+    assert sizes.max() - sizes.min() > 1
 
 
 @pytest.mark.parametrize("use_faiss", [True, False])
 def test_two_stage_both_backends(use_faiss):
     X, y = blobs([400, 250, 150], d=16, spread=0.3, seed=11)
-    by_centroids = TwoStageKMeans(2, n_fine=40, balance_by="centroids", use_faiss=use_faiss, seed=0).fit(X)
+    common = dict(n_fine=40, min_fine_size=20, use_faiss=use_faiss, random_state=0)
+    by_centroids = TwoStageKMeans(2, balance_by="centroids", **common).fit(X)
     info = by_centroids.fit_info_
-    assert info["backend"] == ("faiss" if use_faiss else "torch")
+    assert info["backend"] == ("faiss" if use_faiss else "torch") and info["n_fine"] == 40
     per = info["centroids_per_cluster"]
     assert max(per) - min(per) <= 1 and sum(per) == 40
     assert by_centroids.fine_centers_.shape == (40, 16) and by_centroids.cluster_centers_.shape == (2, 16)
     # every sample follows its fine cluster
     for f in range(40):
         assert len(set(by_centroids.labels_[by_centroids.fine_labels_ == f])) <= 1
-    by_samples = TwoStageKMeans(2, n_fine=40, balance_by="samples", use_faiss=use_faiss, seed=0).fit(X)
+    by_samples = TwoStageKMeans(2, balance_by="samples", **common).fit(X)
     sizes = np.bincount(by_samples.labels_, minlength=2)
+    stage2 = by_samples.fit_info_["stage2"]
     assert by_samples.fit_info_["sizes"] == sizes.tolist()
-    # fine clusters are whole, so exact balance is not promised; within the largest fine cluster
-    assert sizes.max() - sizes.min() <= max(np.bincount(by_samples.fine_labels_))
+    # fine clusters are whole, so exact balance is not promised: the stated bound is
+    fine = np.bincount(by_samples.fine_labels_, minlength=40)
+    assert stage2["polish_complete"] and stage2["gap_bound"] == fine[by_samples.fine_to_coarse_ == sizes.argmax()].min()
+    assert sizes.max() - sizes.min() <= stage2["gap_bound"] <= fine.max()
     assert by_samples.fit_info_["balance"] == pytest.approx(sizes.max() / sizes.min())
 
 
-def test_weighted_assignment_near_equal():
-    rng = np.random.default_rng(0)
-    w = rng.integers(1, 20, size=200).astype(float)
-    S = (unit(rng.normal(size=(4, 5))) @ unit(rng.normal(size=(200, 5))).T).astype(np.float32)
+@pytest.mark.parametrize("seed", range(20))
+def test_weighted_assignment_guarantee(seed):
+    """The samples variant's stated guarantee: max − min ≤ the lightest item of the heaviest
+    cluster (≤ the heaviest item), on instances from easy to lopsided."""
+    rng = np.random.default_rng(seed)
+    m, K = int(rng.integers(8, 300)), int(rng.integers(2, 9))
+    w = np.ceil(rng.pareto(1.0 + seed % 3, size=m) * 5 + 1)  # heavy-tailed fine-cluster sizes
+    S = (unit(rng.normal(size=(K, 5))) @ unit(rng.normal(size=(m, 5))).T).astype(np.float32)
     labels, stats = weighted_balanced_assignment(S, w)
-    sizes = np.bincount(labels, weights=w, minlength=4)
-    assert sizes.max() - sizes.min() <= w.max()
-    assert stats["weighted_sizes"] == pytest.approx(sizes.tolist()) and stats["prices"].shape == (4,)
+    sizes = np.bincount(labels, weights=w, minlength=K)
+    assert stats["polish_complete"]
+    assert stats["gap_bound"] == w[labels == sizes.argmax()].min()
+    assert sizes.max() - sizes.min() <= stats["gap_bound"] <= w.max()
+    assert stats["weighted_sizes"] == pytest.approx(sizes.tolist()) and stats["prices"].shape == (K,)
+    _, cut = weighted_balanced_assignment(S, w, prices=np.array([5.0] + [0.0] * (K - 1)), max_moves=0)
+    assert not cut["polish_complete"] or cut["polish_moves"] == 0
+
+
+def test_two_stage_adapts_fine_clusters_to_the_data(capfd):
+    """The paper's m = 1,024 on 1,760 points would give faiss under 2 points per fine cluster
+    (it warns on stderr); m adapts to N // 39 and fit_info_ records it."""
+    X, _ = blobs([900, 860], d=32, spread=0.6, seed=2)
+    ts = TwoStageKMeans(2, n_fine=1024, random_state=0, use_faiss=True).fit(X)
+    assert ts.fit_info_["n_fine"] == 1760 // 39 == 45 and ts.fine_centers_.shape == (45, 32)
+    assert ts.fit_info_["n_fine_asked"] == 1024
+    assert "WARNING" not in capfd.readouterr().err
+    assert TwoStageKMeans(2, n_fine=16, random_state=0).fit(X).fit_info_["n_fine"] == 16  # the cap holds
+    small = TwoStageKMeans(4, random_state=0).fit(X[:100])  # under 39 per cluster: m = K, never below
+    assert small.fit_info_["n_fine"] == 4
 
 
 def test_refit_on_other_width_and_predict_width_check():
-    km = BalancedKMeans(2, seed=0).fit(blobs([10, 10], d=4)[0])
+    km = BalancedKMeans(2, random_state=0).fit(blobs([10, 10], d=4)[0])
     km.fit(blobs([10, 10], d=6)[0])  # a refit may change the width
-    assert km.cluster_centers_.shape == (2, 6)
-    with pytest.raises(ValueError, match="fitted on 6"):
+    assert km.cluster_centers_.shape == (2, 6) and km.n_features_in_ == 6
+    with pytest.raises(ValueError, match="X has 4 features, but BalancedKMeans is expecting 6 features"):
         km.predict(np.ones((3, 4), np.float32))
