@@ -56,9 +56,14 @@ class PartitionConfig:
     k: int = arg("number of clusters K (= experts)", short="-k")
     out: str = arg("output directory for shards, router and report", default="runs/partition")
     algorithm: str = arg("clustering algorithm", default="balanced", choices=("balanced", "two-stage"))
-    fine_clusters: int = arg("two-stage: number m of fine (unbalanced) clusters", default=1024)
-    balance_by: str = arg("two-stage: balance equal numbers of fine centroids or of samples",
-                          default="samples", choices=("samples", "centroids"))
+    fine_clusters: int = arg("two-stage: the most fine (unbalanced) clusters m; a data set of N items gets "
+                             "m = min(this, N // 39), at least k (39 points per fine cluster, below which faiss "
+                             "warns); router.json records the m used", default=1024)
+    balance_by: str = arg("two-stage: 'centroids' (the paper's Table 9): every cluster gets the same number of "
+                          "fine clusters (within one), sample counts are not balanced; 'samples': fine clusters "
+                          "weighted by their sample counts, so that max - min samples per cluster is at most the "
+                          "smallest fine cluster in the largest cluster (fine clusters are never split)",
+                          default="centroids", choices=("samples", "centroids"))
     temperature: Optional[float] = arg("router temperature τ of eq. 29 (default: calibrated on the features)",
                                        default=None)
     seed: int = arg("seed of k-means++ and of the text-only spreading", default=0)
@@ -139,14 +144,15 @@ def map_items(records: list[Record], keys: list[str], meta: dict, features_dir: 
 
 
 # ----------------------------------------------------------------------- clustering
-def make_model(cfg: PartitionConfig, n_items: int):
-    """The clustering estimator named by ``cfg.algorithm`` (presets as data)."""
+def make_model(cfg: PartitionConfig):
+    """The clustering estimator named by ``cfg.algorithm`` (presets as data). Two-stage
+    adapts the number of fine clusters to the data (:class:`ddfm.kmeans.TwoStageKMeans`)."""
     from ddfm.kmeans import BalancedKMeans, TwoStageKMeans
 
     if cfg.algorithm == "balanced":
-        return BalancedKMeans(cfg.k, seed=cfg.seed, max_iter=cfg.max_iter)
-    return TwoStageKMeans(cfg.k, n_fine=min(cfg.fine_clusters, n_items), balance_by=cfg.balance_by,
-                          seed=cfg.seed, max_iter=cfg.max_iter)
+        return BalancedKMeans(cfg.k, random_state=cfg.seed, max_iter=cfg.max_iter)
+    return TwoStageKMeans(cfg.k, n_fine=cfg.fine_clusters, balance_by=cfg.balance_by,
+                          random_state=cfg.seed, max_iter=cfg.max_iter)
 
 
 def spread_free(n_free: int, k: int, seed: int) -> np.ndarray:
@@ -162,7 +168,11 @@ def calibrate_temperature(X: np.ndarray, centroids: np.ndarray, labels: np.ndarr
 
     X (U, D) unit rows, centroids (K, D) unit rows, labels (U,). Minimises the mean
     −log softmax_k(τ·cos(x, c_k))[label] over log τ in ``bounds`` (golden-section search;
-    the NLL is convex in τ). Returns τ, its NLL, the mean top router weight and the sample size.
+    the NLL is convex in τ). Returns τ, its NLL, the mean top router weight, the sample size
+    and ``at_bound``: "upper" when the NLL still falls at the upper bound (its slope
+    mean_i Σ_k w_ik (cos_ik − cos_i,label) < 0 there: the clusters are so well separated
+    that the likelihood wants τ → ∞, and τ is the bound's, not the data's), "lower" when it
+    still falls below the lower bound, else None; a bound also logs a warning.
     """
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(X), CALIBRATION_SAMPLE, replace=False)) if len(X) > CALIBRATION_SAMPLE \
@@ -170,11 +180,17 @@ def calibrate_temperature(X: np.ndarray, centroids: np.ndarray, labels: np.ndarr
     cos = (X[idx] @ centroids.T).astype(np.float64)  # (n, K)
     own = cos[np.arange(len(idx)), labels[idx]]
 
+    gap = cos - own[:, None]  # (n, K), 0 at the label
+
     def nll(log_tau: float) -> float:
-        z = math.exp(log_tau) * cos
-        zmax = z.max(1)
-        lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(1))
-        return float((lse - math.exp(log_tau) * own).mean())
+        # −log softmax(τ cos)[label] = log Σ_k exp(τ gap_k) = top + log1p(Σ_{k ≠ top} ...): the top
+        # term is exactly 1, and log1p keeps the rest even when it is 1e-30 (separable
+        # clusters), where log(1 + rest) would round to 0 and leave the search a flat NLL
+        d = math.exp(log_tau) * gap
+        top = d.argmax(1)
+        e = np.exp(d - d[np.arange(len(d)), top][:, None])
+        e[np.arange(len(d)), top] = 0
+        return float((d.max(1) + np.log1p(e.sum(1))).mean())
 
     a, b = math.log(bounds[0]), math.log(bounds[1])
     g = (math.sqrt(5) - 1) / 2
@@ -190,14 +206,45 @@ def calibrate_temperature(X: np.ndarray, centroids: np.ndarray, labels: np.ndarr
             d = a + g * (b - a)
             fd = nll(d)
     tau = round(math.exp((a + b) / 2), 4)
-    z = tau * cos
-    w = np.exp(z - z.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
+    at_bound = _bound_reached(cos, own, bounds)
+    if at_bound:
+        log.warning("partition: the calibrated router temperature tau = %g is at the %s bound of its search "
+                    "range [%g, %g]: %s; tau is set by the bound, not by the data (pass --temperature to choose "
+                    "it)", tau, at_bound, bounds[0], bounds[1], _AT_BOUND[at_bound])
+    w = _softmax(tau * cos)
     return {"method": "max-likelihood temperature scaling of eq. 29 on the training features "
                       "(Guo et al. 2017), golden-section search over log tau",
-            "bounds": list(bounds), "temperature": tau, "nll": nll(math.log(tau)),
+            "bounds": list(bounds), "temperature": tau, "at_bound": at_bound, "nll": nll(math.log(tau)),
             "mean_top_weight": float(w.max(1).mean()), "uniform_top_weight": 1.0 / centroids.shape[0],
             "n": int(len(idx))}
+
+
+_AT_BOUND = {
+    "upper": "the likelihood still improves beyond it, i.e. the clusters are (almost) perfectly separable by "
+             "cosine to the centroids, and the router's weights are close to one-hot (soft routing is "
+             "effectively top-1)",
+    "lower": "the likelihood still improves below it, i.e. the clusters are barely separable by cosine to the "
+             "centroids, and the router's weights are close to uniform",
+}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    w = np.exp(z - z.max(1, keepdims=True))
+    return w / w.sum(1, keepdims=True)
+
+
+def _bound_reached(cos: np.ndarray, own: np.ndarray, bounds: tuple[float, float]) -> str | None:
+    """"upper"/"lower" when the NLL's slope in τ at that bound points out of the range, else
+    None. The slope mean_i Σ_k w_ik (cos_ik − own_i) is summed term by term, so that weights
+    of 1e-20 (well separated clusters at τ = 100) still give its sign."""
+    def slope(tau: float) -> float:
+        return float((_softmax(tau * cos) * (cos - own[:, None])).sum(1).mean())
+
+    if slope(bounds[1]) < 0:
+        return "upper"
+    if slope(bounds[0]) > 0:
+        return "lower"
+    return None
 
 
 # ----------------------------------------------------------------------- report
@@ -278,7 +325,8 @@ def report_markdown(report: dict) -> str:
     for c in report["clusters"]:
         lines.append(f"* cluster {c['cluster']}: " + ", ".join(f"{k} {v}" for k, v in c["by_task"].items()))
     cal = report["temperature"]
-    lines += ["", f"Router temperature τ = {cal['temperature']} ({cal['source']}); "
+    bound = f", at the {cal['at_bound']} bound of {cal['bounds']}" if cal.get("at_bound") else ""
+    lines += ["", f"Router temperature τ = {cal['temperature']} ({cal['source']}{bound}); "
                   f"mean top router weight on the training features {cal.get('mean_top_weight', float('nan')):.3f}.",
               "", "Timing (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
@@ -357,11 +405,15 @@ def partition(cfg: PartitionConfig) -> Path:
              len(records), len(X), meta["modality"], int((items.record_item < 0).sum()), cfg.algorithm, cfg.k)
 
     t0 = time.perf_counter()
-    model = make_model(cfg, len(X)).fit(X)
+    model = make_model(cfg).fit(X)
     item_labels = model.labels_
     seconds["fit"] = time.perf_counter() - t0
     log.info("partition: %d iterations in %.1f s, unique items per cluster %s",
              model.n_iter_, seconds["fit"], np.bincount(item_labels, minlength=cfg.k).tolist())
+    if "n_fine" in model.fit_info_ and model.fit_info_["n_fine"] < cfg.fine_clusters:
+        log.info("partition: two-stage used m = min(--fine-clusters, max(k, N // %d)) = %d fine clusters for "
+                 "N = %d items (faiss wants at least %d points per fine cluster)", model.min_fine_size,
+                 model.fit_info_["n_fine"], len(X), model.min_fine_size)
 
     labels = np.empty(len(records), dtype=np.int64)
     has = items.record_item >= 0
@@ -376,6 +428,8 @@ def partition(cfg: PartitionConfig) -> Path:
     shares = (np.bincount(labels, minlength=cfg.k) / len(records)).tolist()
     algorithm = {"name": cfg.algorithm, **model.get_params(),
                  "n_iter": int(model.n_iter_), "inertia": float(model.inertia_)}
+    if "n_fine" in model.fit_info_:  # two-stage: the fine clusters m it used (adapted to the data)
+        algorithm["n_fine_used"] = int(model.fit_info_["n_fine"])
 
     t0 = time.perf_counter()
     out = Path(cfg.out)

@@ -115,7 +115,12 @@ def test_given_temperature_and_two_stage_via_cli(mix, tmp_path, capsys):
                  "--temperature", "20", "--plot"]) == 0
     router, report = read_json(out / "router.json"), read_json(out / "report.json")
     assert router["temperature"] == 20 and router["algorithm"]["name"] == "two-stage"
-    assert report["fit_info"]["centroids_per_cluster"] in ([8, 8],)
+    assert router["algorithm"]["balance_by"] == "centroids"
+    # m adapts to the data: at most 16, at most N // 39 (at least k); router.json records it
+    m = min(16, max(2, report["totals"]["unique_items"] // 39))
+    assert router["algorithm"]["n_fine_used"] == report["algorithm"]["n_fine_used"] == m
+    assert report["fit_info"]["n_fine"] == m and report["fit_info"]["n_fine_asked"] == 16
+    assert sorted(report["fit_info"]["centroids_per_cluster"]) == [m // 2, m - m // 2]
     assert (out / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a later run with smaller K leaves no stale shard behind
     (out / "shard-05.jsonl").write_text("")
@@ -167,6 +172,59 @@ def test_text_features_cluster_the_records(mix, tmp_path):
     sizes = [len(v) for v in shard_records(out).values()]
     assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(records)
     assert read_json(out / "router.json")["modality"] == "text"
+
+
+def test_two_stage_default_adapts_fine_clusters(mix, tmp_path, capfd):
+    """The default m = 1,024 on a small data set: m = N // 39 (faiss stays quiet), recorded."""
+    data, feats = mix
+    out = run(data, feats, tmp_path / "p", k=2, algorithm="two-stage")
+    router = read_json(out / "router.json")
+    n = read_json(out / "report.json")["totals"]["unique_items"]
+    assert router["algorithm"]["n_fine"] == 1024 and router["algorithm"]["n_fine_used"] == max(2, n // 39)
+    assert "WARNING clustering" not in capfd.readouterr().err
+
+
+def separable_features(tmp_path, records, k=3):
+    """Text-modality features that put record i at one of k orthogonal directions (+ tiny
+    noise): perfectly separable clusters."""
+    rng = np.random.default_rng(0)
+    X = np.zeros((len(records), 16), np.float32)
+    X[np.arange(len(records)), np.arange(len(records)) % k] = 1
+    X += 0.01 * rng.normal(size=X.shape).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    feats = tmp_path / "emb"
+    feats.mkdir()
+    np.save(feats / "features.npy", X)
+    write_json(feats / "keys.json", ["text:" + r.id for r in records])
+    write_json(feats / "embed.json", {"encoder": "minilm", "modality": "text", "dim": 16,
+                                      "count": len(records), "failed": []})
+    return feats
+
+
+def test_temperature_at_its_search_bound_is_flagged(mix, tmp_path, caplog):
+    from ddfm.partition import calibrate_temperature
+
+    data, _ = mix
+    feats = separable_features(tmp_path, load_records(data).records)
+    with caplog.at_level("WARNING", logger="ddfm.partition"):
+        out = run(data, feats, tmp_path / "p", k=3)
+    router, report = read_json(out / "router.json"), read_json(out / "report.json")
+    assert router["temperature"] == 100 and router["temperature_calibration"]["at_bound"] == "upper"
+    assert report["temperature"]["at_bound"] == "upper"
+    assert "at the upper bound" in (out / "report.md").read_text()
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("tau = 100 is at the upper bound of its search range [1, 100]" in w and "separable" in w
+               for w in warning), warning
+    # labels unrelated to the features: the likelihood wants τ below 1
+    X = np.load(feats / "features.npy")
+    C = np.eye(3, 16, dtype=np.float32)
+    labels = np.random.default_rng(1).integers(3, size=len(X))
+    low = calibrate_temperature(X, C, labels)
+    assert low["at_bound"] == "lower" and low["temperature"] == 1
+    # an interior optimum is not flagged
+    labels = (X @ C.T).argmax(1)
+    labels[:10] = (labels[:10] + 1) % 3
+    assert calibrate_temperature(X, C, labels)["at_bound"] is None
 
 
 def test_bad_input_gives_clear_errors(mix, tmp_path, capsys):
