@@ -370,3 +370,25 @@ def test_refit_on_other_width_and_predict_width_check():
     assert km.cluster_centers_.shape == (2, 6) and km.n_features_in_ == 6
     with pytest.raises(ValueError, match="X has 4 features, but BalancedKMeans is expecting 6 features"):
         km.predict(np.ones((3, 4), np.float32))
+
+
+def test_bench_kmeans_times_the_whole_fit_on_both_sides():
+    """The benchmark's headline is whole fit / whole fit, and per iteration is total /
+    iterations on both sides (not our internal iteration time over faiss's total)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_kmeans.py"
+    spec = importlib.util.spec_from_file_location("bench_kmeans", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    X = bench.sphere_mixture(3000, 16, components=8)
+    [row] = bench.compare(X, 4, iters=4, seed=0, repeats=1, variants=[("", {})])
+    f, o = row["faiss"], row["ours"]
+    assert row["ratio_whole_fit"] == o["total"] / f["total"]
+    assert f["per_iter"] == f["total"] / f["iters"] and f["iters"] == 4
+    assert o["per_iter"] == o["total"] / o["iters"] and 1 <= o["iters"] <= 4
+    assert row["ratio_per_iter"] == o["per_iter"] / f["per_iter"]
+    # ours is the whole fit: initialisation, every iteration and the finish are inside it
+    assert o["total"] >= o["seconds_init"] + o["seconds_iterations"] + o["seconds_finish"]
+    assert o["max"] - o["min"] <= 1 and f["with_labels"] >= f["total"]
