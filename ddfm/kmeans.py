@@ -83,14 +83,15 @@ def _tensor(X: np.ndarray, dtype: Any = np.float32) -> torch.Tensor:
         return torch.from_numpy(X)
 
 
-def _unit_rows(X: torch.Tensor) -> torch.Tensor:
-    """Rows of X (N, D) scaled to unit L2 norm (zero rows stay zero). X itself when every
-    row already has norm 1 ± 1e-6 (features saved normalised): dividing would move each
-    value by at most ~8 float32 ulps, and skipping it saves an (N, D) copy."""
+def _unit_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of X (N, D) scaled to unit L2 norm (zero rows stay zero), and the squared norms
+    (N,) of the rows returned. X itself when every row already has norm 1 ± 1e-6 (features
+    saved normalised): dividing would move each value by at most ~8 float32 ulps, and
+    skipping it saves an (N, D) copy."""
     norms = X.norm(dim=1)
     if len(norms) and float((norms - 1).abs().max()) <= 1e-6:
-        return X
-    return X / norms.clamp_min(1e-12)[:, None]
+        return X, norms * norms
+    return X / norms.clamp_min(1e-12)[:, None], (norms > 1e-12).to(X.dtype)
 
 
 def _normalise(X: torch.Tensor) -> torch.Tensor:
@@ -99,17 +100,17 @@ def _normalise(X: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
-    """Similarity of every point to every centroid, ``(N, K)`` float32.
+    """Similarity of every centroid to every point, ``(K, N)`` float32 (one row per cluster).
 
-    Spherical: cos(x_i, c_k) = x_i·c_k (unit rows). Euclidean: 2 x_i·c_k − |c_k|², which
+    Spherical: cos(x_i, c_k) = c_k·x_i (unit rows). Euclidean: 2 c_k·x_i − |c_k|², which
     is −|x_i − c_k|² + |x_i|², so argmax and the assignment LP are unchanged.
     """
     K, N = C.shape[0], X.shape[0]
-    out = torch.empty((N, K), dtype=torch.float32)
+    out = torch.empty((K, N), dtype=torch.float32)
     for a in range(0, N, chunk_size):
-        torch.mm(X[a:a + chunk_size], C.T, out=out[a:a + chunk_size])  # (chunk, K)
+        torch.mm(C, X[a:a + chunk_size].T, out=out[:, a:a + chunk_size])  # (K, chunk)
     if not spherical:
-        out.mul_(2).sub_((C * C).sum(1))
+        out.mul_(2).sub_((C * C).sum(1)[:, None])
     return out
 
 
@@ -153,8 +154,11 @@ def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int)
 
 
 # ------------------------------------------------------------- balanced assignment
-# Scores are a torch (N, K) float32 matrix (one row per point), so every whole-matrix step
-# (argmax, top-2, gathers) is a single vectorised call. Prices are float64 numpy (K,).
+# Scores are a torch (K, n) float32 matrix, one contiguous row per cluster: a step that runs
+# over the clusters (argmax, top-2, margins, the repair's move costs) is K elementwise,
+# vectorised passes over n points, with no transposed copy (a reduction over a short row of
+# K is several times slower in torch). Prices are float64 numpy (K,); reduced scores
+# s_ki − λ_k are formed in float32, as the scores.
 def _bounds(n: int, k: int) -> tuple[int, int]:
     return n // k, -(-n // k)
 
@@ -168,20 +172,29 @@ def _counts(labels: torch.Tensor, K: int) -> np.ndarray:
     return torch.bincount(labels, minlength=K).numpy().astype(np.int64)
 
 
+def _top2(S: torch.Tensor, prices: np.ndarray, gaps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Price-induced labels argmax_k (s_ki − λ_k) (n,) int64 (the first maximum on ties)
+    and, with ``gaps``, each point's gap between its best and second-best reduced score
+    (n,) float32 (inf when K = 1): how far the prices must move to change its label.
+    ``S`` is (K, n); one pass over its rows."""
+    A, p = S.numpy(), prices.astype(np.float32)
+    K, n = A.shape
+    best, labels = A[0] - p[0], np.zeros(n, dtype=np.int64)
+    second = np.full(n, _NEG, dtype=np.float32) if gaps else None
+    v, lower, better = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, bool)
+    for k in range(1, K):
+        np.subtract(A[k], p[k], out=v)
+        np.greater(v, best, out=better)
+        if gaps:  # the second best is the larger of the old second and min(v, old best)
+            np.maximum(second, np.minimum(v, best, out=lower), out=second)
+        np.maximum(best, v, out=best)
+        np.putmask(labels, better, k)
+    return torch.from_numpy(labels), torch.from_numpy(best - second) if gaps else None
+
+
 def _argmax(S: torch.Tensor, prices: np.ndarray) -> torch.Tensor:
-    """argmax_k (S[i, k] − λ_k) for every row of S (n, K): the price-induced labels (n,)."""
-    return (S - torch.from_numpy(prices).to(S.dtype)).argmax(1)
-
-
-def _top2(S: torch.Tensor, prices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Price-induced labels (n,) and each row's gap between its best and second-best
-    reduced score s_ik − λ_k (n,): how far the prices must move to change the label."""
-    V = S - torch.from_numpy(prices).to(S.dtype)
-    if V.shape[1] == 1:
-        return torch.zeros(V.shape[0], dtype=torch.int64), torch.full((V.shape[0],), math.inf)
-    best, index = V.max(1)  # first maximum on ties, as argmax
-    V.scatter_(1, index[:, None], _NEG)
-    return index, best - V.max(1).values
+    """argmax_k (s_ki − λ_k) for every column of S (K, n): the price-induced labels (n,)."""
+    return _top2(S, prices, gaps=False)[0]
 
 
 class _Limits:
@@ -225,13 +238,13 @@ class _Limits:
 def _locked_room(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, free: torch.Tensor) -> np.ndarray:
     """``room`` of :class:`_Limits` for the points outside ``free``: the smallest reduced gap
     from a locked member of a to cluster j, (K, K) (inf where a has no locked member)."""
-    K = S.shape[1]
-    V = S - torch.from_numpy(prices).to(S.dtype)
-    best = V.gather(1, labels[:, None])  # (N, 1)
-    G = V.neg_().add_(best)  # (N, K): best − V, in place
-    G[free] = math.inf
-    room = torch.full((K, K), math.inf).scatter_reduce_(0, labels[:, None].expand(-1, K), G, "amin")
-    return room.double().numpy()
+    K = S.shape[0]
+    V = S - torch.from_numpy(prices).to(S.dtype)[:, None]
+    best = V.gather(0, labels[None, :])  # (1, n)
+    G = V.neg_().add_(best)  # (K, n): best − V, in place
+    G[:, free] = math.inf
+    room_t = torch.full((K, K), math.inf).scatter_reduce_(1, labels[None, :].expand(K, -1), G, "amin")  # [j, a]
+    return room_t.T.double().numpy().copy()
 
 
 def _range(x: np.ndarray) -> float:
@@ -311,7 +324,7 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     with ``stop_when_slow``, a step removes less than a third of it (the sweeps and the
     exact repair finish faster).
     """
-    n, K = S.shape
+    K, n = S.shape
     target = n_total / K
     labels = _argmax(S, prices)
     sizes = base + _counts(labels, K)
@@ -319,13 +332,13 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     band, steps = max(64 * K, n // 10), 0
     while steps < max_steps and excess > max(2 * K, good_enough):
         steps += 1
-        V = S - torch.from_numpy(prices).to(S.dtype)
-        G = V.gather(1, labels[:, None]) - V  # (n, K) ≥ 0: how far each other cluster is
-        G.scatter_(1, labels[:, None], math.inf)
-        gaps = G.min(1).values
+        V = S - torch.from_numpy(prices).to(S.dtype)[:, None]
+        G = V.gather(0, labels[None, :]) - V  # (K, n) ≥ 0: how far each other cluster is
+        G.scatter_(0, labels[None, :], math.inf)
+        gaps = G.min(0).values
         h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
         widest = float(gaps.max()) + 1e-9
-        W = torch.zeros(K, K, dtype=torch.float64).index_add_(0, labels, (G < h).to(torch.float64)) / h
+        W = torch.zeros(K, K, dtype=torch.float64).index_add_(1, labels, (G < h).to(torch.float64)) / h  # [j, a]
         rho = ((W + W.T) / 2).numpy()
         L = np.diag(rho.sum(1)) - rho
         delta = np.linalg.lstsq(L, sizes - target, rcond=None)[0]
@@ -528,7 +541,7 @@ class _Outside(Exception):
 def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[np.ndarray, float] | None = None,
             tolerance: int = 0, max_sweeps: int = 4, max_moves: int | None = None, max_rounds: int = 6,
             sample: int = 32768, working_set: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Exact balanced assignment from scores ``S`` (n, K) float32 torch; see
+    """Exact balanced assignment from scores ``S`` (K, n) float32 torch; see
     :func:`balanced_assignment`. Most of the work is done on a *working set* of the points
     nearest a cluster boundary, which is what makes it cheap:
 
@@ -553,7 +566,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
     the price-induced labels, which are an optimal plan for their own (nearly balanced)
     sizes, without the repair: the warm-up steps of :meth:`BalancedKMeans.fit`.
     """
-    n, K = S.shape
+    K, n = S.shape
     prices = np.zeros(K) if prices is None else np.array(prices, dtype=np.float64)
     start = prices.copy()
     outer_counts, T = outer if outer is not None else (np.zeros(K, np.int64), math.inf)
@@ -579,29 +592,33 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
             cold_sizes = _counts(cold, K)
             if _excess(cold_sizes, lo, hi) < excess:
                 prices, labels, gaps, sizes, excess = np.zeros(K), cold, cold_gaps, cold_sizes, _excess(cold_sizes, lo, hi)
-        if excess <= max(2 * K, tolerance) or stats["rounds"] > max_rounds:
+        if tolerance and excess <= tolerance:  # a warm-up step: the price-induced labels are close enough
+            stats["working_set"] = n  # gaps: those of the labels returned, for BalancedKMeans's bounds
+            return labels.numpy(), prices, {**stats, "repair_moves": 0, "improving_chains": 0, "excess": excess,
+                                            "gaps": gaps}
+        if excess <= 2 * K or stats["rounds"] > max_rounds:
             free, H = _smallest(gaps, min(n, max(min_set, 8 * excess)))
             limits = _Limits(prices, np.minimum(H, room_outside(prices)))  # every locked gap is ≥ H
             break
         n_free = min(n, max(min_set, 8 * excess, min(n // 4, 2 * n_free) if grow else 0))
         if 8 * excess > n // 4 and n >= 2 * min(sample, n // 4) >= 8192 and not sampled and outer is None:
             sampled, grow = True, False
-            sub = S[torch.arange(0, n, n // min(sample, n // 4))]
-            s_lo, s_hi = _bounds(sub.shape[0], K)
-            prices, _, steps = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[0],
-                                              stop_when_slow=False, good_enough=sub.shape[0] // 100)
+            sub = S[:, ::n // min(sample, n // 4)].contiguous()
+            s_lo, s_hi = _bounds(sub.shape[1], K)
+            prices, _, steps = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[1],
+                                              stop_when_slow=False, good_enough=sub.shape[1] // 100)
             stats["newton_steps"] += steps
             continue
         free, H = _smallest(gaps, n_free)
         room = _locked_room(S, prices, labels, free) if len(free) < n else np.full((K, K), math.inf)
         limits = _Limits(prices, np.minimum(room, room_outside(prices)))
-        S_free = S[free]
+        S_free = S[:, free]  # (K, n_free), contiguous
         base = sizes - _counts(labels[free], K)
         prices, sub_labels, steps = _newton_prices(S_free, prices, lo, hi, base, N, limits=limits)
         stats["newton_steps"] += steps
         sizes = base + _counts(sub_labels, K)
         if _excess(sizes, lo, hi) > 2 * K and max_sweeps:
-            S_kn = np.ascontiguousarray(S_free.T.numpy())
+            S_kn = S_free.numpy()
             for _ in range(max_sweeps):
                 stats["sweeps"] += 1
                 changed, sweep_labels = _price_sweep(S_kn, prices, lo, hi, base, limits)
@@ -621,7 +638,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
     sub_labels = labels[free].numpy().copy()
     max_moves = max_moves if max_moves is not None else 10 * N
     try:
-        stats.update(_repair(np.ascontiguousarray(S[free].T.numpy()), sub_labels, sizes.copy(), lo, hi,
+        stats.update(_repair(S[:, free].numpy(), sub_labels, sizes.copy(), lo, hi,
                              max_moves, bound))
         labels[free] = torch.from_numpy(sub_labels)
     except _Uncertain:
@@ -630,7 +647,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
         stats["full_repair"] = True
         labels[free] = torch.from_numpy(sub_labels)  # the moves made so far were exact
         labels_np = labels.numpy().copy()
-        stats.update(_repair(np.ascontiguousarray(S.T.numpy()), labels_np, np.bincount(labels_np, minlength=K),
+        stats.update(_repair(np.ascontiguousarray(S.numpy()), labels_np, np.bincount(labels_np, minlength=K),
                              lo, hi, max_moves))
         labels = torch.from_numpy(labels_np)
     labels = labels.numpy()
@@ -642,14 +659,18 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
 
 
 def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
-    """Reduced gap of each point to its best *other* cluster, (n,): (s_ia − λ_a) −
-    max_{j≠a}(s_ij − λ_j) for its label a (negative when the repair moved it off its best)."""
-    V = S - torch.from_numpy(prices).to(S.dtype)
-    own = V.gather(1, labels[:, None]).squeeze(1)
-    if V.shape[1] == 1:
-        return torch.full_like(own, math.inf)
-    V.scatter_(1, labels[:, None], _NEG)
-    return own - V.max(1).values
+    """Reduced gap of each point to its best *other* cluster, (n,) float32: (s_ai − λ_a) −
+    max_{j≠a}(s_ji − λ_j) for its label a (negative when the repair moved it off its best;
+    inf when K = 1). ``S`` is (K, n); one pass over its rows."""
+    A, p, lab = S.numpy(), prices.astype(np.float32), labels.numpy()
+    K, n = A.shape
+    own = A[lab, np.arange(n)] - p[lab]
+    other, v = np.full(n, _NEG, dtype=np.float32), np.empty(n, np.float32)
+    for k in range(K):
+        np.subtract(A[k], p[k], out=v)
+        np.putmask(v, lab == k, _NEG)
+        np.maximum(other, v, out=other)
+    return torch.from_numpy(own - other)
 
 
 def _smallest(gaps: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
@@ -683,7 +704,7 @@ def balanced_assignment(S: np.ndarray, prices: np.ndarray | None = None, *,
         raise ValueError(f"balanced assignment needs 1 <= K <= N, got K={K}, N={N}")
     if working_set is not None and working_set < 1:
         raise ValueError(f"working_set: must be a positive number of points, got {working_set}")
-    return _assign(torch.from_numpy(np.ascontiguousarray(S.T)), prices, max_sweeps=max_sweeps,
+    return _assign(torch.from_numpy(np.ascontiguousarray(S)), prices, max_sweeps=max_sweeps,
                    max_moves=max_moves, working_set=working_set)
 
 
@@ -705,14 +726,18 @@ def _kmeans_pp(X: torch.Tensor, k: int, spherical: bool, rng: np.random.Generato
     idx = rng.choice(N, size=sample_size, replace=False) if N > sample_size else np.arange(N)
     Xs = X[torch.from_numpy(np.sort(idx))]
     sq = (Xs * Xs).sum(1)
+
+    def dist2(j: int) -> torch.Tensor:  # |x − x_j|² for the sample, (n,) float64; one matvec
+        return (sq - 2 * (Xs @ Xs[j]) + sq[j]).clamp_min(0).double()
+
     centres = [int(rng.integers(Xs.shape[0]))]
-    d2 = (sq - 2 * Xs @ Xs[centres[0]] + sq[centres[0]]).clamp_min(0).double()
+    d2 = dist2(centres[0])
     for _ in range(1, k):
         p = d2.numpy()
         total = p.sum()
         j = int(rng.choice(len(p), p=p / total)) if total > 0 else int(rng.integers(len(p)))
         centres.append(j)
-        d2 = torch.minimum(d2, (sq - 2 * Xs @ Xs[j] + sq[j]).clamp_min(0).double())
+        d2 = torch.minimum(d2, dist2(j))
     C = Xs[centres].clone()
     return _normalise(C) if spherical else C
 
@@ -748,7 +773,7 @@ class _CentroidModel(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterM
             check_is_fitted(self)
         X = validate_data(self, X, reset=reset, accept_sparse=False, dtype=[np.float64, np.float32], order="C")
         Xt = _tensor(X, dtype)
-        return _unit_rows(Xt) if self.spherical and unit else Xt
+        return _unit_rows(Xt)[0] if self.spherical and unit else Xt
 
     def predict(self, X: Any, balanced: bool = False) -> np.ndarray:
         """Cluster of each row of X (N, D): the nearest centroid (the router's top-1, eq. 29)
@@ -879,7 +904,10 @@ class BalancedKMeans(_CentroidModel):
         labels fixed, which is exact while no price difference moves by T (:class:`_Limits`).
         """
         t_start = time.perf_counter()
-        Xt = self._points(X, reset=True)
+        Xt = self._points(X, reset=True, unit=False)
+        sq = None  # squared norms of the rows, (N,)
+        if self.spherical:
+            Xt, sq = _unit_rows(Xt)
         N = Xt.shape[0]
         self._check_params(N, Xt.shape[1])
         K = int(self.n_clusters)
@@ -895,14 +923,15 @@ class BalancedKMeans(_CentroidModel):
             t0 = time.perf_counter()
             exact = not warming or it == self.max_iter
             old_prices = prices
-            step = (self._bounded_step(Xt, C, labels, gaps, drift, prices, last_move)
-                    if exact and prev_exact and use_bounds else None)
+            tolerance = 0 if exact else max(1, int(N * min(0.01, gain / 10)))
+            step = (self._bounded_step(Xt, C, labels, gaps, drift, prices, last_move, tolerance)
+                    if gaps is not None else None)
             if step is None:
                 S = _scores(C, Xt, self.spherical, self.chunk_size)  # (N, K)
-                new, prices, stats = _assign(S, prices, max_sweeps=self.max_sweeps,
-                                             tolerance=0 if exact else max(1, int(N * min(0.01, gain / 10))))
+                new, prices, stats = _assign(S, prices, max_sweeps=self.max_sweeps, tolerance=tolerance)
                 new = torch.from_numpy(new)
-                gaps = _label_gaps(S, prices, new) if use_bounds and exact else None  # for the next bounded step
+                gaps = stats.pop("gaps", None)  # for the next bounded step
+                gaps = None if not use_bounds else _label_gaps(S, prices, new) if gaps is None else gaps
                 stats["scored"] = N
             else:
                 new, prices, gaps, stats = step
@@ -927,12 +956,12 @@ class BalancedKMeans(_CentroidModel):
             if converged:
                 break
         t0 = time.perf_counter()
-        self._finish(Xt, C, labels, sums, it, info)
+        self._finish(Xt, sq, C, labels, sums, it, info)
         info["seconds_finish"] = time.perf_counter() - t0
         return self
 
     def _bounded_step(self, X: torch.Tensor, C: torch.Tensor, labels: torch.Tensor, gaps: torch.Tensor,
-                      drift: np.ndarray, prices: np.ndarray, last_move: float):
+                      drift: np.ndarray, prices: np.ndarray, last_move: float, tolerance: int):
         """One assignment scoring only the points whose gap bound falls below T; returns
         (labels (N,), prices, gap bounds (N,), stats), or None when too many points could
         move: then score everything. T leaves room for the prices to move twice as far as
@@ -946,10 +975,11 @@ class BalancedKMeans(_CentroidModel):
             if not T > 0:
                 return None
             scored = torch.nonzero(bound < T).squeeze(1)
-            S = X[scored] @ C.T  # (n, K)
+            S = C @ X[scored].T  # (K, n)
             outside = _counts(labels, K) - _counts(labels[scored], K)
             try:
-                sub, new_prices, stats = _assign(S, prices, outer=(outside, T), max_sweeps=self.max_sweeps)
+                sub, new_prices, stats = _assign(S, prices, outer=(outside, T), max_sweeps=self.max_sweeps,
+                                                 tolerance=tolerance)
             except _Outside:
                 want *= 4
                 continue
@@ -957,7 +987,8 @@ class BalancedKMeans(_CentroidModel):
             new[scored] = torch.from_numpy(sub)
             moved = new_prices - prices  # an unscored point's gap falls by at most δ_a − min δ
             bound -= torch.from_numpy(moved - moved.min()).to(bound.dtype)[labels]
-            bound[scored] = _label_gaps(S, new_prices, new[scored])
+            gaps_scored = stats.pop("gaps", None)
+            bound[scored] = _label_gaps(S, new_prices, new[scored]) if gaps_scored is None else gaps_scored
             stats["scored"] = len(scored)
             return new, new_prices, bound, stats
         return None
@@ -979,20 +1010,30 @@ class BalancedKMeans(_CentroidModel):
         new = _normalise(sums) if self.spherical else sums / counts.clamp_min(1).to(sums.dtype)[:, None]
         return torch.where((counts > 0)[:, None], new.to(C.dtype), C)
 
-    def _finish(self, X, C, labels, sums, n_iter, info) -> None:
+    def _finish(self, X, sq, C, labels, sums, n_iter, info) -> None:
         labels = labels.numpy()
         sizes = np.bincount(labels, minlength=C.shape[0])
-        C64 = C.double()
-        sq = float((X.norm(dim=1).double() ** 2).sum())  # Σ|x_i|², one pass without an (N, D) temporary
-        # Σ_i |x_i − c_a|² = Σ|x|² − 2 Σ_k c_k·sums_k + Σ_k n_k |c_k|²
-        self.inertia_ = sq - 2 * float((C64 * sums).sum()) + float((torch.from_numpy(sizes).double()
-                                                                     * (C64 * C64).sum(1)).sum())
+        sq = X.norm(dim=1) ** 2 if sq is None else sq  # (N,) squared row norms: one pass, no (N, D) temporary
+        self.inertia_ = _inertia(sq, C, sums, sizes)
         self.cluster_centers_ = C.numpy().astype(np.float32, copy=True)
         self.labels_ = labels
         self.n_iter_ = n_iter
         info["sizes"] = sizes.tolist()
-        info["balance"] = float(sizes.max()) / max(1.0, float(sizes.min()))
+        info["balance"] = _max_over_min(sizes)
         self.fit_info_ = info
+
+
+def _inertia(sq: torch.Tensor, C: torch.Tensor, sums: torch.Tensor, sizes: np.ndarray) -> float:
+    """Σ_i |x_i − c_a(i)|² from the squared row norms sq (N,), the centroids (K, D), the
+    member sums (K, D) and the sizes (K,): Σ|x|² − 2 Σ_k c_k·sums_k + Σ_k n_k |c_k|², in
+    float64 and without an (N, D) temporary."""
+    C64 = C.double()
+    return (float(sq.double().sum()) - 2 * float((C64 * sums.double()).sum())
+            + float((torch.from_numpy(sizes).double() * (C64 * C64).sum(1)).sum()))
+
+
+def _max_over_min(sizes: np.ndarray) -> float:
+    return float(sizes.max()) / float(sizes.min()) if sizes.min() > 0 else math.inf
 
 
 
@@ -1009,7 +1050,7 @@ def spherical_kmeans(X: Any, k: int, *, n_iter: int = 20, random_state: Any = No
     faiss (``faiss.Kmeans(spherical=True)``) when installed and ``use_faiss`` is not False,
     else a torch Lloyd loop (k-means++ seeding; an empty cluster keeps its centroid).
     """
-    Xt = _unit_rows(_tensor(check_array(X, dtype=[np.float32, np.float64], order="C")))
+    Xt = _unit_rows(_tensor(check_array(X, dtype=[np.float32, np.float64], order="C")))[0]
     return _spherical_kmeans(Xt, k, n_iter=n_iter, seed=_seed(random_state), use_faiss=use_faiss,
                              chunk_size=chunk_size)
 
@@ -1152,7 +1193,7 @@ class TwoStageKMeans(_CentroidModel):
 
     def fit(self, X: Any, y: Any = None) -> "TwoStageKMeans":
         """Fit on X (N, D); ``y`` is ignored. Returns self."""
-        Xt = self._points(X, reset=True)
+        Xt, sq = _unit_rows(self._points(X, reset=True, unit=False))  # (N, D) unit rows, (N,) |x|²
         N = Xt.shape[0]
         self._check_params(N)
         K = int(self.n_clusters)
@@ -1170,20 +1211,20 @@ class TwoStageKMeans(_CentroidModel):
         else:
             fine_to_coarse, n_iter, extra = self._weighted_stage(F, counts, K, seed)
         labels = torch.from_numpy(fine_to_coarse[fine_labels])
-        C = _normalise(_cluster_sums(Xt, labels, K))
+        sums = _cluster_sums(Xt, labels, K)
+        C = _normalise(sums)
         sizes = np.bincount(labels.numpy(), minlength=K)
         self.fine_centers_, self.fine_labels_, self.fine_to_coarse_ = F, fine_labels, fine_to_coarse
         self.cluster_centers_ = C.numpy()
         self.labels_ = labels.numpy()
-        cos = (Xt * C[labels]).sum(1).double()
-        self.inertia_ = float((2 - 2 * cos).sum())
+        self.inertia_ = _inertia(sq, C, sums, sizes)
         self.n_iter_ = n_iter
         self.fit_info_ = {"backend": backend, "n_fine": m, "n_fine_asked": int(self.n_fine),
                           "points_per_fine_cluster": N / m, "balance_by": self.balance_by,
                           "seconds_fine": t_fine, "seconds_coarse": time.perf_counter() - t0,
                           "fine_sizes_min_max": [int(counts.min()), int(counts.max())],
                           "centroids_per_cluster": np.bincount(fine_to_coarse, minlength=K).tolist(),
-                          "sizes": sizes.tolist(), "balance": float(sizes.max()) / max(1, int(sizes.min())),
+                          "sizes": sizes.tolist(), "balance": _max_over_min(sizes),
                           **extra}
         return self
 

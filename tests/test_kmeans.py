@@ -309,6 +309,18 @@ def test_two_stage_default_is_the_papers_balance_of_centroids():
     assert sizes.max() - sizes.min() > 1
 
 
+@pytest.mark.parametrize("Estimator", [BalancedKMeans, TwoStageKMeans])
+def test_inertia_is_the_sum_of_squared_distances(Estimator):
+    """inertia_ = Σ_i |x_i − c_a(i)|² over the normalised rows; a zero row (norm 0 stays 0)
+    is at distance 1 from a unit centroid, not sqrt(2 − 2·0)."""
+    X, _ = blobs([300, 200, 100], d=12, spread=0.4, seed=7)
+    X[5] = 0
+    km = Estimator(3, random_state=0).fit(X)
+    d2 = ((X - km.cluster_centers_[km.labels_]).astype(np.float64) ** 2).sum()
+    assert km.inertia_ == pytest.approx(d2, rel=1e-5)
+    assert km.score(X) >= -km.inertia_ - 1e-3  # the nearest centroid is at least as close as the balanced one
+
+
 @pytest.mark.parametrize("use_faiss", [True, False])
 def test_two_stage_both_backends(use_faiss):
     X, y = blobs([400, 250, 150], d=16, spread=0.3, seed=11)
