@@ -306,6 +306,22 @@ def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.n
     return changed, labels
 
 
+def _near_boundary(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, h: float) -> np.ndarray:
+    """W[j, a] = #{i in cluster a: (s_ai − λ_a) − (s_ji − λ_j) < h}, j ≠ a, (K, K) float64:
+    the points of a within h of the a|j boundary. ``S`` is (K, n); one pass over its rows."""
+    A, p, lab = S.numpy(), prices.astype(np.float32), labels.numpy()
+    K, n = A.shape
+    own = A[lab, np.arange(n)] - p[lab]
+    W, g, near = np.zeros((K, K)), np.empty(n, np.float32), np.empty(n, bool)
+    for j in range(K):
+        np.subtract(A[j], p[j], out=g)
+        np.subtract(own, g, out=g)
+        np.less(g, h, out=near)
+        np.logical_and(near, lab != j, out=near)
+        W[j] = np.bincount(lab[near], minlength=K)
+    return W
+
+
 def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: np.ndarray, n_total: int, *,
                    limits: _Limits | None = None, max_steps: int = 12, stop_when_slow: bool = True,
                    good_enough: int = 0) -> tuple[np.ndarray, torch.Tensor, int]:
@@ -332,14 +348,11 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     band, steps = max(64 * K, n // 10), 0
     while steps < max_steps and excess > max(2 * K, good_enough):
         steps += 1
-        V = S - torch.from_numpy(prices).to(S.dtype)[:, None]
-        G = V.gather(0, labels[None, :]) - V  # (K, n) ≥ 0: how far each other cluster is
-        G.scatter_(0, labels[None, :], math.inf)
-        gaps = G.min(0).values
+        gaps = _label_gaps(S, prices, labels)  # (n,) ≥ 0: how far the nearest other cluster is
         h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
         widest = float(gaps.max()) + 1e-9
-        W = torch.zeros(K, K, dtype=torch.float64).index_add_(1, labels, (G < h).to(torch.float64)) / h  # [j, a]
-        rho = ((W + W.T) / 2).numpy()
+        W = _near_boundary(S, prices, labels, h) / h
+        rho = (W + W.T) / 2
         L = np.diag(rho.sum(1)) - rho
         delta = np.linalg.lstsq(L, sizes - target, rcond=None)[0]
         delta -= delta.mean()
