@@ -982,7 +982,10 @@ class BalancedKMeans(_CentroidModel):
         N, K = X.shape[0], C.shape[0]
         d = torch.from_numpy(drift).to(gaps.dtype)
         bound = gaps - d[labels] - d.max()
-        want = max(4096, N // 16, 2 * int((bound <= 0).sum()), int((bound < 2 * last_move).sum()))
+        # T leaves room for twice last time's price move, but for at most N/4 points: a
+        # warm-up step's prices can jump (a restart from zero prices) without the next
+        # step needing it; if the limits bind after all, T grows below
+        want = max(4096, N // 16, 2 * int((bound <= 0).sum()), min(N // 4, int((bound < 2 * last_move).sum())))
         while 3 * want <= N:
             T = float(bound.kthvalue(want).values)
             if not T > 0:

@@ -129,6 +129,18 @@ def test_bounds_skip_points_and_match_full_scoring():
     np.testing.assert_allclose(full.fit_info_["objective"], bounded.fit_info_["objective"], rtol=1e-9)
 
 
+def test_warmup_steps_also_skip_the_points_that_cannot_move():
+    # once the centroids move little, a warm-up step (balanced to within 1 %) scores only
+    # the points whose bound allows a change too, with the same result as scoring all
+    X, _ = blobs([2600, 2500, 2500, 2400, 2500, 2500, 2500, 2500], d=16, spread=0.3, seed=6)
+    bounded = BalancedKMeans(8, random_state=1).fit(X)
+    info = bounded.fit_info_
+    assert any(s < len(X) for s, e in zip(info["scored"], info["exact"]) if not e)
+    full = BalancedKMeans(8, random_state=1, algorithm="full").fit(X)
+    assert np.array_equal(full.labels_, bounded.labels_)
+    np.testing.assert_allclose(full.fit_info_["objective"], info["objective"], rtol=1e-9)
+
+
 def test_warmup_steps_then_exact_steps():
     X, _ = blobs([9000, 7000, 4000], d=24, spread=0.7, seed=6)
     warm = BalancedKMeans(8, random_state=1).fit(X)
