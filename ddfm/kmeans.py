@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
-from sklearn.utils import check_random_state
+from sklearn.utils import assert_all_finite, check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_scalar, validate_data
 
 _NEG = float("-inf")
@@ -89,6 +89,10 @@ def _unit_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     saved normalised): dividing would move each value by at most ~8 float32 ulps, and
     skipping it saves an (N, D) copy."""
     norms = X.norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):  # the norms show any NaN or infinity in X
+        assert_all_finite(X.numpy(), input_name="X")  # scikit-learn's error naming it
+        norms = X.double().norm(dim=1)  # finite values whose squares overflow float32
+        return (X.double() / norms.clamp_min(1e-12)[:, None]).to(X.dtype), (norms > 1e-12).to(X.dtype)
     if len(norms) and float((norms - 1).abs().max()) <= 1e-6:
         return X, norms * norms
     return X / norms.clamp_min(1e-12)[:, None], (norms > 1e-12).to(X.dtype)
@@ -777,16 +781,22 @@ class _CentroidModel(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterM
     def _n_features_out(self) -> int:  # transform's columns, named by ClassNamePrefixFeaturesOutMixin
         return self.cluster_centers_.shape[0]
 
-    def _points(self, X: Any, *, reset: bool, dtype: Any = np.float32, unit: bool = True) -> torch.Tensor:
+    def _points(self, X: Any, *, reset: bool, dtype: Any = np.float32, unit: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """X checked by scikit-learn (2-D, dense: sparse input is refused naming it, finite,
         at least one sample and one feature; ``reset`` records ``n_features_in_``, otherwise
         the model must be fitted and the width is checked) as an (N, D) torch tensor of
-        ``dtype`` (no copy when X already is one), rows unit-norm when spherical and ``unit``."""
+        ``dtype`` (no copy when X already is one) with rows of unit norm when spherical and
+        ``unit``, and then the squared norms of its rows (N,), else None. Rows that get
+        normalised are checked for NaN and infinity by their norms (scikit-learn's own pass
+        over X then only runs to name the problem)."""
         if not reset:
             check_is_fitted(self)
-        X = validate_data(self, X, reset=reset, accept_sparse=False, dtype=[np.float64, np.float32], order="C")
+        unit = unit and self.spherical
+        X = validate_data(self, X, reset=reset, accept_sparse=False, dtype=[np.float64, np.float32], order="C",
+                          ensure_all_finite=not unit)
         Xt = _tensor(X, dtype)
-        return _unit_rows(Xt)[0] if self.spherical and unit else Xt
+        return _unit_rows(Xt) if unit else (Xt, None)
 
     def predict(self, X: Any, balanced: bool = False) -> np.ndarray:
         """Cluster of each row of X (N, D): the nearest centroid (the router's top-1, eq. 29)
@@ -795,7 +805,7 @@ class _CentroidModel(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterM
         On the training data the nearest centroid can differ from ``labels_``, which is the
         balanced assignment (cluster sizes within one)."""
         # argmax_k x·c_k is the same for x and x/|x|: the nearest centroid needs no normalising
-        Xt = self._points(X, reset=False, unit=balanced)
+        Xt, _ = self._points(X, reset=False, unit=balanced)
         C = torch.from_numpy(self.cluster_centers_)
         if not balanced:
             return _nearest(C, Xt, self.spherical, self.chunk_size).numpy()
@@ -806,7 +816,7 @@ class _CentroidModel(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterM
         scikit-learn); rows normalised first when spherical, so it is sqrt(2 − 2 cos)."""
         check_is_fitted(self)
         dtype = np.float32 if getattr(X, "dtype", None) == np.float32 else np.float64
-        Xt = self._points(X, reset=False, dtype=dtype)
+        Xt, _ = self._points(X, reset=False, dtype=dtype)
         C = torch.from_numpy(self.cluster_centers_).to(Xt.dtype)
         d2 = (Xt * Xt).sum(1, keepdim=True) - 2 * Xt @ C.T + (C * C).sum(1)
         return d2.clamp_min(0).sqrt().numpy()
@@ -917,10 +927,7 @@ class BalancedKMeans(_CentroidModel):
         labels fixed, which is exact while no price difference moves by T (:class:`_Limits`).
         """
         t_start = time.perf_counter()
-        Xt = self._points(X, reset=True, unit=False)
-        sq = None  # squared norms of the rows, (N,)
-        if self.spherical:
-            Xt, sq = _unit_rows(Xt)
+        Xt, sq = self._points(X, reset=True)  # (N, D), and (N,) squared row norms when spherical
         N = Xt.shape[0]
         self._check_params(N, Xt.shape[1])
         K = int(self.n_clusters)
@@ -1209,7 +1216,7 @@ class TwoStageKMeans(_CentroidModel):
 
     def fit(self, X: Any, y: Any = None) -> "TwoStageKMeans":
         """Fit on X (N, D); ``y`` is ignored. Returns self."""
-        Xt, sq = _unit_rows(self._points(X, reset=True, unit=False))  # (N, D) unit rows, (N,) |x|²
+        Xt, sq = self._points(X, reset=True)  # (N, D) unit rows, (N,) |x|²
         N = Xt.shape[0]
         self._check_params(N)
         K = int(self.n_clusters)

@@ -294,6 +294,11 @@ def test_float32_float64_and_read_only_input():
     ro = X.copy()
     ro.setflags(write=False)
     assert np.array_equal(BalancedKMeans(2, random_state=0).fit(ro).labels_, a.labels_)
+    # rows whose squared norm overflows float32 are still finite: spherical k-means sees their directions
+    huge = BalancedKMeans(2, random_state=0).fit(X * np.float32(1e30))
+    assert np.array_equal(huge.labels_, a.labels_)
+    with pytest.raises(ValueError, match="Input X contains infinity"):
+        BalancedKMeans(2).fit(np.where(np.arange(len(X))[:, None] == 3, np.inf, X))
 
 
 def test_init_options():
