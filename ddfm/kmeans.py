@@ -118,6 +118,19 @@ def _scores(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) 
     return out
 
 
+def _scores_of(C: torch.Tensor, X: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Spherical scores C @ X[rows].T, (K, n) float32, gathering the rows in blocks of
+    ``chunk`` into one reused buffer: a fresh (n, D) copy of the rows would cost its page
+    faults, more than the product itself."""
+    out = torch.empty((C.shape[0], len(rows)), dtype=torch.float32)
+    buf = torch.empty((min(chunk, len(rows)), X.shape[1]), dtype=X.dtype)
+    for a in range(0, len(rows), chunk):
+        block = buf[:len(rows[a:a + chunk])]
+        torch.index_select(X, 0, rows[a:a + chunk], out=block)
+        torch.mm(C, block.T, out=out[:, a:a + len(block)])
+    return out
+
+
 def _cluster_sums(X: torch.Tensor, labels: torch.Tensor, K: int, weights: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """Σ_{i: label k} w_i x_i for every cluster, (K, D), as one sparse (K, N) @ (N, D)
@@ -140,9 +153,12 @@ def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | Non
     changed = torch.nonzero(labels != prev).squeeze(1)
     if len(changed) > X.shape[0] // 8:
         return _cluster_sums(X, labels, K).double()
-    rows = X[changed]
-    delta = torch.zeros_like(sums, dtype=X.dtype).index_add_(0, labels[changed], rows)
-    return sums + delta.index_add_(0, prev[changed], rows, alpha=-1).double()
+    # + x_i to the new cluster, − x_i to the old one: a sparse (K, N) @ (N, D) product that
+    # reads the changed rows in place (no gathered copy)
+    index = torch.stack([torch.cat([labels[changed], prev[changed]]), torch.cat([changed, changed])])
+    values = torch.cat([torch.ones(len(changed)), -torch.ones(len(changed))]).to(X.dtype)
+    moves = torch.sparse_coo_tensor(index, values, (K, X.shape[0]), check_invariants=False).coalesce()
+    return sums + torch.sparse.mm(moves, X).double()
 
 
 def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
@@ -998,7 +1014,7 @@ class BalancedKMeans(_CentroidModel):
             if not T > 0:
                 return None
             scored = torch.nonzero(bound < T).squeeze(1)
-            S = C @ X[scored].T  # (K, n)
+            S = _scores_of(C, X, scored)  # (K, n)
             outside = _counts(labels, K) - _counts(labels[scored], K)
             try:
                 sub, new_prices, stats = _assign(S, prices, outer=(outside, T), max_sweeps=self.max_sweeps,
