@@ -62,6 +62,7 @@ import math
 import numbers
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -195,6 +196,22 @@ def _counts(labels: torch.Tensor, K: int) -> np.ndarray:
     return torch.bincount(labels, minlength=K).numpy().astype(np.int64)
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _in_parts(fn: Any, n: int, min_part: int = 32768) -> list:
+    """``fn(a, b)`` over contiguous ranges [a, b) covering [0, n), one per torch thread when
+    n is large (the numpy loops below release the GIL), in order; returns their results."""
+    global _POOL
+    parts = max(1, min(torch.get_num_threads(), n // min_part))
+    if parts == 1:
+        return [fn(0, n)]
+    if _POOL is None or _POOL[0] < parts:
+        _POOL = (parts, ThreadPoolExecutor(parts, thread_name_prefix="ddfm-kmeans"))
+    edges = np.linspace(0, n, parts + 1).astype(np.int64)
+    return list(_POOL[1].map(fn, edges[:-1], edges[1:]))
+
+
 def _top2(S: torch.Tensor, prices: np.ndarray, gaps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Price-induced labels argmax_k (s_ki − λ_k) (n,) int64 (the first maximum on ties)
     and, with ``gaps``, each point's gap between its best and second-best reduced score
@@ -202,17 +219,24 @@ def _top2(S: torch.Tensor, prices: np.ndarray, gaps: bool = True) -> tuple[torch
     ``S`` is (K, n); one pass over its rows."""
     A, p = S.numpy(), prices.astype(np.float32)
     K, n = A.shape
-    best, labels = A[0] - p[0], np.zeros(n, dtype=np.int64)
-    second = np.full(n, _NEG, dtype=np.float32) if gaps else None
-    v, lower, better = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, bool)
-    for k in range(1, K):
-        np.subtract(A[k], p[k], out=v)
-        np.greater(v, best, out=better)
-        if gaps:  # the second best is the larger of the old second and min(v, old best)
-            np.maximum(second, np.minimum(v, best, out=lower), out=second)
-        np.maximum(best, v, out=best)
-        np.putmask(labels, better, k)
-    return torch.from_numpy(labels), torch.from_numpy(best - second) if gaps else None
+    labels, out = np.zeros(n, dtype=np.int64), np.empty(n, np.float32) if gaps else None
+
+    def part(a: int, b: int) -> None:
+        best, lab = A[0, a:b] - p[0], labels[a:b]
+        second = np.full(b - a, _NEG, dtype=np.float32) if gaps else None
+        v, lower, better = np.empty(b - a, np.float32), np.empty(b - a, np.float32), np.empty(b - a, bool)
+        for k in range(1, K):
+            np.subtract(A[k, a:b], p[k], out=v)
+            np.greater(v, best, out=better)
+            if gaps:  # the second best is the larger of the old second and min(v, old best)
+                np.maximum(second, np.minimum(v, best, out=lower), out=second)
+            np.maximum(best, v, out=best)
+            np.putmask(lab, better, k)
+        if gaps:
+            np.subtract(best, second, out=out[a:b])
+
+    _in_parts(part, n)
+    return torch.from_numpy(labels), torch.from_numpy(out) if gaps else None
 
 
 def _argmax(S: torch.Tensor, prices: np.ndarray) -> torch.Tensor:
@@ -332,17 +356,22 @@ def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.n
 def _near_boundary(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, h: float) -> np.ndarray:
     """W[j, a] = #{i in cluster a: (s_ai − λ_a) − (s_ji − λ_j) < h}, j ≠ a, (K, K) float64:
     the points of a within h of the a|j boundary. ``S`` is (K, n); one pass over its rows."""
-    A, p, lab = S.numpy(), prices.astype(np.float32), labels.numpy()
+    A, p, labels = S.numpy(), prices.astype(np.float32), labels.numpy()
     K, n = A.shape
-    own = A[lab, np.arange(n)] - p[lab]
-    W, g, near = np.zeros((K, K)), np.empty(n, np.float32), np.empty(n, bool)
-    for j in range(K):
-        np.subtract(A[j], p[j], out=g)
-        np.subtract(own, g, out=g)
-        np.less(g, h, out=near)
-        np.logical_and(near, lab != j, out=near)
-        W[j] = np.bincount(lab[near], minlength=K)
-    return W
+
+    def part(a: int, b: int) -> np.ndarray:
+        lab = labels[a:b]
+        own = A[lab, np.arange(a, b)] - p[lab]
+        W, g, near = np.zeros((K, K)), np.empty(b - a, np.float32), np.empty(b - a, bool)
+        for j in range(K):
+            np.subtract(A[j, a:b], p[j], out=g)
+            np.subtract(own, g, out=g)
+            np.less(g, h, out=near)
+            np.logical_and(near, lab != j, out=near)
+            W[j] = np.bincount(lab[near], minlength=K)
+        return W
+
+    return sum(_in_parts(part, n))
 
 
 def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: np.ndarray, n_total: int, *,
@@ -698,15 +727,22 @@ def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> to
     """Reduced gap of each point to its best *other* cluster, (n,) float32: (s_ai − λ_a) −
     max_{j≠a}(s_ji − λ_j) for its label a (negative when the repair moved it off its best;
     inf when K = 1). ``S`` is (K, n); one pass over its rows."""
-    A, p, lab = S.numpy(), prices.astype(np.float32), labels.numpy()
+    A, p, labels = S.numpy(), prices.astype(np.float32), labels.numpy()
     K, n = A.shape
-    own = A[lab, np.arange(n)] - p[lab]
-    other, v = np.full(n, _NEG, dtype=np.float32), np.empty(n, np.float32)
-    for k in range(K):
-        np.subtract(A[k], p[k], out=v)
-        np.putmask(v, lab == k, _NEG)
-        np.maximum(other, v, out=other)
-    return torch.from_numpy(own - other)
+    out = np.empty(n, np.float32)
+
+    def part(a: int, b: int) -> None:
+        lab = labels[a:b]
+        own = A[lab, np.arange(a, b)] - p[lab]
+        other, v = np.full(b - a, _NEG, dtype=np.float32), np.empty(b - a, np.float32)
+        for k in range(K):
+            np.subtract(A[k, a:b], p[k], out=v)
+            np.putmask(v, lab == k, _NEG)
+            np.maximum(other, v, out=other)
+        np.subtract(own, other, out=out[a:b])
+
+    _in_parts(part, n)
+    return torch.from_numpy(out)
 
 
 def _smallest(gaps: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
