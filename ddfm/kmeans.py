@@ -46,13 +46,17 @@ the price-induced plan, optimal for its own sizes) and skip the repair; every la
 and always the last is exact. And with ``algorithm="bounds"`` a step scores only the
 points whose cluster could change (Hamerly's bounds, see :meth:`BalancedKMeans.fit`).
 
-Memory: the score matrix is (N, K) float32, computed in row chunks of X by BLAS matmuls,
-i.e. O(N·D + N·K) with K ≤ D; no (N, K, D) tensor ever exists.
+Memory: the score matrix is (K, N) float32 (one row per cluster), computed in chunks of
+X by BLAS matmuls, i.e. O(N·D + N·K) with K ≤ D; no (N, K, D) tensor ever exists.
 :meth:`BalancedKMeans.predict` with ``balanced=False`` streams in chunks (O(chunk·K)).
+
+Both estimators are scikit-learn estimators (``BaseEstimator``, ``ClusterMixin``,
+``TransformerMixin``; ``random_state``; input checked by ``sklearn.utils.validation``) that
+pass ``sklearn.utils.estimator_checks.check_estimator``.
 
 :class:`TwoStageKMeans` is the paper's Table 9 variant after McAllister et al. (2025):
 unbalanced spherical k-means into m fine clusters (faiss when installed), then balanced
-clustering of the m fine centroids into K.
+clustering of the m fine centroids into K (by default exactly balanced in fine clusters).
 """
 
 from __future__ import annotations
@@ -380,7 +384,7 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     """Damped Newton steps on the dual prices (Kitagawa, Mérigot & Thibert, "Convergence of
     a Newton algorithm for semi-discrete optimal transport", JEMS 2019).
 
-    ``S`` (n, K) are the scores of the free points, ``base`` (K,) the points fixed outside
+    ``S`` (K, n) are the scores of the free points, ``base`` (K,) the points fixed outside
     them; the target is sizes in [lo, hi] for all ``n_total`` points. The size of cluster k
     as a function of the prices has Jacobian −L, L the graph Laplacian of the densities of
     points on each k|j boundary, estimated from the points within h of that boundary
