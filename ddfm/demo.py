@@ -47,15 +47,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DemoConfig", "demo", "PRESETS", "QUICK", "resolve_preset", "Pipeline", "ROUTINGS"]
 
-# Routing settings of the ensemble evaluations: name -> Ensemble options ("soft" mixes all
-# K experts with the centroid weights of eq. 29; top_k None = K).
+# Routing settings of the ensemble evaluations: name -> EnsembleConfig options ("soft" mixes
+# all K experts with the centroid weights of eq. 29).
 ROUTINGS: dict[str, dict[str, Any]] = {
     "top-1": {"mode": "centroid", "top_k": 1},
-    "soft": {"mode": "centroid", "top_k": None},
-    "posterior": {"mode": "posterior", "top_k": None},
+    "soft": {"mode": "centroid", "top_k": "all"},
+    "posterior": {"mode": "posterior", "top_k": "all"},
     # the posterior with only answer tokens as evidence: LLaVA-style experts never learn
     # the human turns, so their probabilities of the question are noise
-    "posterior-answers": {"mode": "posterior", "top_k": None, "evidence": "answers"},
+    "posterior-answers": {"mode": "posterior", "top_k": "all", "evidence": "answers"},
 }
 
 # name -> preset (data). Sizes are budgeted for 20 minutes on 2 CPU cores.
@@ -263,7 +263,7 @@ def stage_eval(p: Pipeline, preset: dict, name: str, experts: list[str], part: s
                routing: dict | None) -> Path:
     """Evaluate the dense model (``routing`` None) or the ensemble of ``experts``."""
     from ddfm.data import load_records
-    from ddfm.ensemble import Ensemble
+    from ddfm.ensemble import Ensemble, EnsembleConfig
     from ddfm.evaluate import chance_levels, evaluate, write_result
     from ddfm.router import Router
 
@@ -278,8 +278,9 @@ def stage_eval(p: Pipeline, preset: dict, name: str, experts: list[str], part: s
         if ev["limit"] and len(records) > ev["limit"]:  # spread over the file: every task and source
             records = records[:: -(-len(records) // ev["limit"])]
         router_file = p.path(part) / "router.json"
-        ens = Ensemble.from_pretrained([str(p.path(e)) for e in experts], router_file if routing else None,
-                                       **(routing or {"mode": "uniform"}))
+        ens = Ensemble.from_config(EnsembleConfig(experts=[str(p.path(e)) for e in experts],
+                                                  router=str(router_file) if routing else None, device="cpu",
+                                                  **(routing or {"mode": "uniform"})))
         result = evaluate(ens, records, batch_size=ev["batch_size"], max_new_tokens=ev["max_new_tokens"],
                           cluster_router=Router.load(router_file),
                           chance=chance_levels(records, p.path("data") / "prepare.json"), desc=name)

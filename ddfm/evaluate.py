@@ -41,6 +41,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
 from ddfm.data import IMAGE_TOKEN, Record, load_records
+from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -299,31 +300,25 @@ class EvalConfig:
     """``ddfm eval TEST --experts DIR... [--router FILE --mode M --top-k N] --out DIR``."""
 
     data: str = arg("test file in the canonical format (JSONL or LLaVA JSON list)", positional=True)
-    experts: list[str] = arg("one model directory, or the K expert directories in the router's order")
+    ensemble: EnsembleConfig = arg("the model (one directory) or the ensemble (shared by generate, eval and "
+                                   "serve)", default_factory=EnsembleConfig)
     out: str = arg("output directory (eval.json, eval.md, predictions.jsonl)", default="runs/eval")
-    router: Optional[str] = arg("router.json (or partition directory) of the ensemble", default=None)
-    mode: str = arg("routing: centroid, posterior, uniform or expert:J", default="centroid")
-    top_k: Optional[int] = arg("experts mixed per request (default: router's top_k for centroid, else all)",
-                               default=None)
-    temperature: Optional[float] = arg("router temperature τ of eq. 29 (default: the router file's)", default=None)
-    evidence: str = arg("posterior routing: prompt tokens counted as evidence (prompt = all, answers = only "
-                        "earlier assistant turns)", default="prompt", choices=("prompt", "answers"))
     clusters: Optional[str] = arg("router file whose clusters group the results (default: --router)", default=None)
     prepare_json: Optional[str] = arg("prepare.json with chance levels (default: beside the test file)", default=None)
     batch_size: int = arg("requests per generate/score call", default=32)
     max_new_tokens: int = arg("tokens generated per answer at most", default=12)
     limit: Optional[int] = arg("evaluate only the first N records", default=None)
-    device: str = arg("torch device", default="cpu")
 
     def __post_init__(self):
-        if not self.experts:
+        if not self.ensemble.experts:
             raise ValueError("--experts: give one model directory or the K expert directories")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
-        if len(self.experts) > 1 and self.router is None and self.mode == "centroid":
+        ens = self.ensemble
+        if len(ens.experts) > 1 and ens.router is None and ens.mode == "centroid":
             raise ValueError("--router is required for centroid routing of several experts "
                              "(or use --mode uniform / posterior)")
 
@@ -339,10 +334,8 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     records = load_records(cfg.data).records
     if cfg.limit is not None:
         records = records[:cfg.limit]
-    ens = Ensemble.from_pretrained(cfg.experts, cfg.router, mode=cfg.mode, top_k=cfg.top_k,
-                                   temperature=cfg.temperature, device=cfg.device,
-                                   evidence=cfg.evidence)
-    cluster_file = cfg.clusters or cfg.router
+    ens = Ensemble.from_config(cfg.ensemble)
+    cluster_file = cfg.clusters or cfg.ensemble.router
     cluster_router = Router.load(cluster_file) if cluster_file else None
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"
     chance = chance_levels(records, prepare_json)
@@ -353,8 +346,8 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
 def evaluate_cli(cfg: EvalConfig) -> Path:
     """``ddfm eval``: evaluate and write eval.json, eval.md, predictions.jsonl to ``cfg.out``."""
     result = evaluate_paths(cfg)
-    names = ", ".join(Path(e).name for e in cfg.experts)
-    title = f"Evaluation of {names} ({cfg.mode}" + (f", top-{cfg.top_k}" if cfg.top_k else "") + ")"
+    names = ", ".join(Path(e).name for e in cfg.ensemble.experts)
+    title = f"Evaluation of {names} ({cfg.ensemble.mode}" + (f", top-k {cfg.ensemble.top_k}" if cfg.ensemble.top_k else "") + ")"
     out = write_result(cfg.out, result, title, meta={"config": to_dict(cfg)})
     o = result["overall"]
     log.info("eval: accuracy %s %%, perplexity %s over %d records -> %s", _fmt(o["accuracy"], True),

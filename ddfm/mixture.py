@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mixture_log_probs", "Mixture", "posterior_update", "top_k_renormalise", "normalise_log"]
+__all__ = ["mixture_log_probs", "Mixture", "posterior_update", "top_k_renormalise", "top_k_log", "normalise_log"]
 
 
 def normalise_log(log_weights: torch.Tensor) -> torch.Tensor:
@@ -146,3 +146,29 @@ def top_k_renormalise(weights: torch.Tensor, k: int) -> torch.Tensor:
     if (total <= 0).any():
         raise ValueError("a row of weights sums to 0; cannot renormalise")
     return kept / total
+
+
+def top_k_log(log_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`top_k_renormalise` in log space: keep each row's ``k`` largest log-weights,
+    set the rest to ``-inf`` and renormalise.
+
+    Working in logs keeps weights that a probability would round to 0 (a float32 softmax
+    underflows below ~1e-45, a cosine gap of 1 at τ = 100 is e^-100): they stay finite
+    and comparable. Ties go to the lower expert index, as in :func:`top_k_renormalise`.
+
+    Args:
+        log_weights: (B, K) log-weights, ``-inf`` for excluded experts (float64 recommended).
+        k: experts to keep, ``1 <= k``; ``k >= K`` only renormalises.
+    """
+    if log_weights.dim() != 2:
+        raise ValueError(f"log_weights must be (B, K), got {tuple(log_weights.shape)}")
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if torch.isnan(log_weights).any() or torch.isposinf(log_weights).any():
+        raise ValueError("log_weights must not be NaN or +inf")
+    if k < log_weights.shape[1]:
+        order = torch.sort(log_weights, dim=1, descending=True, stable=True).indices[:, k:]
+        log_weights = log_weights.scatter(1, order, float("-inf"))
+    if torch.isneginf(log_weights).all(1).any():
+        raise ValueError("a row of weights is all zero; cannot renormalise")
+    return normalise_log(log_weights)

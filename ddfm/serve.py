@@ -57,10 +57,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ddfm.config import arg
+from ddfm.ensemble.config import EnsembleConfig
 
 log = logging.getLogger(__name__)
 
-ROUTING_MODES = ("centroid", "posterior", "uniform")
 
 
 # --------------------------------------------------------------------------- config
@@ -69,12 +69,8 @@ ROUTING_MODES = ("centroid", "posterior", "uniform")
 class ServeConfig:
     """``ddfm serve``: the ensemble (or a gateway to remote experts) behind an OpenAI-style API."""
 
-    experts: list[str] = arg("expert checkpoint directories, in cluster order (one directory = a single model)",
-                             default_factory=list)
-    router: Optional[str] = arg("router.json written by `ddfm partition` (none: uniform weights)", default=None)
-    mode: str = arg("routing mode: centroid | posterior | uniform | expert:K", default="centroid")
-    top_k: Optional[int] = arg("experts kept per request (default: the router's top_k)", default=None)
-    temperature: Optional[float] = arg("router temperature tau (default: the router's)", default=None)
+    ensemble: EnsembleConfig = arg("the ensemble (shared by generate, eval and serve); in gateway mode only "
+                                   "--router and --router-temperature apply", default_factory=EnsembleConfig)
     model_name: str = arg("model id reported by /v1/models and accepted in requests", default="ddfm")
     host: str = arg("address to bind; 127.0.0.1 keeps the server local", default="127.0.0.1")
     port: int = arg("TCP port", default=8000)
@@ -97,20 +93,16 @@ class ServeConfig:
     upstream_timeout: float = arg("seconds to wait for an upstream expert's response", default=60.0)
     upstream_connect_timeout: float = arg("seconds to wait for a connection to an upstream expert", default=3.0)
     upstream_api_key: Optional[str] = arg("bearer key sent to upstream experts", default=None)
-    device: str = arg("torch device of the local experts", default="cpu")
     log_level: str = arg("uvicorn log level", default="info",
                          choices=("critical", "error", "warning", "info", "debug"))
 
     def __post_init__(self) -> None:
-        self.experts = [str(e) for e in self.experts]
         self.upstream = [str(u) for u in self.upstream]
-        if not self.experts and not self.upstream:
+        if not self.ensemble.experts and not self.upstream:
             raise ValueError("serve: give --experts DIR... (local experts) or --upstream k=URL... (gateway mode)")
-        if self.experts and self.upstream:
+        if self.ensemble.experts and self.upstream:
             raise ValueError("serve: --experts and --upstream exclude each other (gateway mode forwards, "
                              "it does not load experts)")
-        if self.mode not in ROUTING_MODES and not _is_expert_mode(self.mode):
-            raise ValueError(f"mode: must be one of {', '.join(ROUTING_MODES)} or expert:K, got {self.mode!r}")
         if self.default_max_tokens is None:
             self.default_max_tokens = min(64, self.max_output_tokens)
         for name in ("port", "max_body_bytes", "max_image_pixels", "max_prompt_tokens", "max_output_tokens",
@@ -120,8 +112,6 @@ class ServeConfig:
         if self.default_max_tokens > self.max_output_tokens:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_output_tokens "
                              f"({self.max_output_tokens})")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"top_k: must be positive, got {self.top_k}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
         if self.body_timeout <= 0:
@@ -132,15 +122,10 @@ class ServeConfig:
             raise FileNotFoundError(f"image_root: not a directory: {self.image_root}")
         if self.upstream:
             upstreams = parse_upstreams(self.upstream)
-            if len(upstreams) > 1 and self.router is None:
+            if len(upstreams) > 1 and self.ensemble.router is None:
                 raise ValueError("upstream: gateway mode with several experts needs --router to route requests")
         if self.api_key is None:
             self.api_key = os.environ.get("DDFM_API_KEY") or None
-
-
-def _is_expert_mode(mode: str) -> bool:
-    head, _, k = mode.partition(":")
-    return head == "expert" and k.isdigit()
 
 
 def parse_upstreams(specs: list[str]) -> dict[int, str]:
@@ -672,7 +657,7 @@ class LocalBackend:
         self.ensemble, self.cfg, self.metrics = ensemble, cfg, metrics
         self.batcher = DynamicBatcher(ensemble, window_s=cfg.batch_window_ms / 1000, max_batch=cfg.max_batch_size,
                                       metrics=metrics)
-        self.mode = ensemble.mode if ensemble.mode != "expert" else f"expert:{ensemble.forced}"
+        self.mode = ensemble.mode
         self.expert_names = list(ensemble.expert_names)
         # Prompts are counted in request threads while the batcher thread encodes with the
         # ensemble's processor; a private copy (and a lock) keeps the two tokenizers apart.
@@ -1149,10 +1134,10 @@ def _parse_and_prepare(raw: bytes, limits: Limits, model_ids: list[str], backend
 
 def _build_backend(cfg: ServeConfig, metrics: Metrics, ensemble: Any, router: Any):
     if cfg.upstream:
-        if router is None and cfg.router is not None:
+        if router is None and cfg.ensemble.router is not None:
             from ddfm.router import Router
 
-            router = Router.load(cfg.router)
+            router = Router.load(cfg.ensemble.router, temperature=cfg.ensemble.router_temperature)
         return GatewayBackend(router, parse_upstreams(cfg.upstream), cfg, metrics)
     if ensemble is None:
         ensemble = load_ensemble(cfg)
@@ -1160,15 +1145,10 @@ def _build_backend(cfg: ServeConfig, metrics: Metrics, ensemble: Any, router: An
 
 
 def load_ensemble(cfg: ServeConfig) -> Any:
-    """``Ensemble.from_pretrained`` with the serve config's routing options."""
+    """The ensemble of the serve config."""
     from ddfm.ensemble import Ensemble
 
-    kwargs: dict[str, Any] = {"mode": cfg.mode, "device": cfg.device}
-    if cfg.top_k is not None:
-        kwargs["top_k"] = cfg.top_k
-    if cfg.temperature is not None:
-        kwargs["temperature"] = cfg.temperature
-    return Ensemble.from_pretrained(cfg.experts, cfg.router, **kwargs)
+    return Ensemble.from_config(cfg.ensemble)
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from ddfm.ensemble import EnsembleConfig
 from ddfm.serve import ApiError, Limits, Metrics, ServeConfig, create_app, parse_chat_request, sse
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -118,8 +119,10 @@ class LiveServer:
         self.thread.join(15)
 
 
-def serve_config(assets, **overrides) -> ServeConfig:
-    defaults = dict(experts=assets["experts"], router=assets["router"], max_output_tokens=16, default_max_tokens=4,
+def serve_config(assets, *, experts=None, router="default", **overrides) -> ServeConfig:
+    ens = EnsembleConfig(experts=assets["experts"] if experts is None else experts,
+                         router=assets["router"] if router == "default" else router)
+    defaults = dict(ensemble=ens, max_output_tokens=16, default_max_tokens=4,
                     max_image_pixels=64 * 64, max_prompt_tokens=200, max_body_bytes=64 * 1024,
                     batch_window_ms=20, max_batch_size=8, log_level="warning")
     return ServeConfig(**{**defaults, **overrides})
@@ -624,21 +627,22 @@ def test_gateway_upstream_down_or_silent_gives_503_not_a_hang(assets, upstreams)
 
 
 def test_config_defaults_are_safe(assets):
-    cfg = ServeConfig(experts=assets["experts"])
+    experts = EnsembleConfig(experts=assets["experts"])
+    cfg = ServeConfig(ensemble=experts)
     assert cfg.host == "127.0.0.1" and not cfg.allow_remote_images and cfg.image_root is None
     with pytest.raises(ValueError, match="max_concurrent"):
-        ServeConfig(experts=assets["experts"], max_concurrent=0)
+        ServeConfig(ensemble=experts, max_concurrent=0)
     with pytest.raises(ValueError, match="mode"):
-        ServeConfig(experts=assets["experts"], mode="best")
+        ServeConfig(ensemble=EnsembleConfig(experts=assets["experts"], mode="best"))
 
 
 def test_gateway_config_must_cover_every_expert(assets):
     with pytest.raises(ValueError, match=r"no --upstream for \[1\]"):
         create_app(serve_config(assets, experts=[], upstream=["0=http://127.0.0.1:9/v1"]))
     with pytest.raises(ValueError, match="k=URL"):
-        ServeConfig(upstream=["http://127.0.0.1:9/v1"], router=assets["router"])
+        ServeConfig(upstream=["http://127.0.0.1:9/v1"], ensemble=EnsembleConfig(router=assets["router"]))
     with pytest.raises(ValueError, match="exclude"):
-        ServeConfig(experts=assets["experts"], upstream=["0=http://127.0.0.1:9"])
+        ServeConfig(ensemble=EnsembleConfig(experts=assets["experts"]), upstream=["0=http://127.0.0.1:9"])
 
 
 # ----------------------------------------------------------------------------- load

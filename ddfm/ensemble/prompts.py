@@ -1,0 +1,161 @@
+"""Requests to token ids: the checkpoint's own chat template and processor, one place.
+
+A :class:`Request` (prompt, optional image, earlier turns) becomes an :class:`Encoded`
+prompt: token ids with the image placeholders expanded by the processor, the processor's
+vision inputs (``pixel_values`` and whatever else the family's processor returns), and
+which tokens count as evidence for the posterior router. :func:`left_pad` stacks encoded
+prompts into a batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Request", "Encoded", "Batch", "PromptEncoder", "left_pad", "open_request_image"]
+
+
+@dataclass
+class Request:
+    """One generation request: the user's prompt, an optional image and earlier turns.
+
+    ``history`` holds earlier turns, as LLaVA turns (``{"from", "value"}``) or HF chat
+    messages (``{"role", "content"}``); ``image`` is a PIL image or an image file path.
+    """
+
+    prompt: str
+    image: Any = None
+    history: Optional[list[dict]] = None
+
+
+@dataclass
+class Encoded:
+    """A request's prompt: ``ids`` (T,), ``vision`` (processor outputs other than the
+    ids and mask, each with the image on dim 0, e.g. ``pixel_values`` (1, C, H, W)) or
+    None, the decoded ``image`` or None, and ``evidence`` (T,) for the posterior router."""
+
+    ids: list[int]
+    vision: Optional[dict[str, torch.Tensor]]
+    image: Any
+    evidence: list[bool]
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts. input_ids/attention_mask: (B, T) int64 (on the CPU); evidence
+    (B, T) bool marks the tokens whose probability is evidence for the posterior router;
+    vision[i]: row i's vision inputs or None; images[i]: PIL or None; lengths[i]: prompt
+    tokens of row i (without a scored suffix)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    evidence: torch.Tensor
+    vision: list
+    images: list
+    lengths: list[int] = field(default_factory=list)
+
+
+def open_request_image(image):
+    """A request's image as an RGB PIL image (path or PIL), or None."""
+    if image is None:
+        return None
+    from ddfm.data import open_image
+
+    if isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"request image not found: {image}")
+        return open_image(image)
+    return image.convert("RGB")
+
+
+def _messages(request: Request, with_image: bool) -> list[dict]:
+    from ddfm.models import to_chat_messages
+
+    history = to_chat_messages(request.history or [])
+    has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+                         for m in history)
+    parts = ([{"type": "image"}] if with_image and not has_image_part else []) + [{"type": "text", "text": request.prompt}]
+    return history + [{"role": "user", "content": parts}]
+
+
+class PromptEncoder:
+    """Encodes requests with one checkpoint's processor (or tokenizer) and chat template.
+
+    ``evidence``: ``"prompt"`` (every text token of the prompt) or ``"answers"`` (only
+    the tokens of the history's assistant turns, as the LLaVA loss sees them).
+    """
+
+    def __init__(self, processor, evidence: str = "prompt", image_token_id: int | None = None):
+        from ddfm.models import get_tokenizer, image_token
+
+        self.processor, self.evidence = processor, evidence
+        self.tokenizer = get_tokenizer(processor)
+        self.is_vlm = image_token(processor) is not None
+        self.image_token_id = image_token_id
+        self._n_image_tokens: int | None = None
+
+    def encode(self, request: Request) -> Encoded:
+        from ddfm.models import render_prompt
+
+        image = open_request_image(request.image)
+        if image is not None and not self.is_vlm:
+            raise ValueError("the experts are text-only language models; a request with an image cannot be served")
+        messages = _messages(request, image is not None)
+        text = render_prompt(self.processor, messages)
+        vision = None
+        if self.is_vlm:
+            enc = self.processor(text=text, images=[image] if image is not None else None, return_tensors="pt")
+            ids = enc["input_ids"][0].tolist()
+            vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")} or None
+        else:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return Encoded(ids, vision, image, self._evidence(messages, ids, image is not None))
+
+    def _evidence(self, messages: list[dict], ids: list[int], has_image: bool) -> list[bool]:
+        if self.evidence == "prompt":
+            return [t != self.image_token_id for t in ids]
+        from ddfm.models import encode_conversation, num_image_tokens
+
+        if has_image and self._n_image_tokens is None:
+            self._n_image_tokens = num_image_tokens(self.processor)
+        conv_ids, answer = encode_conversation(self.processor, messages, self._n_image_tokens if has_image else None)
+        n = min(len(ids), len(conv_ids))
+        if conv_ids[:n] != ids[:n]:
+            raise ValueError("the prompt's tokens differ from the conversation's; cannot find its assistant turns")
+        return answer[:n] + [False] * (len(ids) - n)
+
+    def target_ids(self, request: Request, target: str, eos_ids: set[int]) -> list[int]:
+        """Token ids of ``target`` as the assistant's answer, closing eos included (as trained)."""
+        from ddfm.models import render_prompt
+
+        msgs = _messages(request, request.image is not None)
+        prompt = render_prompt(self.processor, msgs, add_generation_prompt=True)
+        full = render_prompt(self.processor, msgs + [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
+                             add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not extend the prompt with the answer; cannot score")
+        ids = self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        eos = [j for j, t in enumerate(ids) if t in eos_ids]
+        return ids[: eos[0] + 1] if eos else ids
+
+
+def left_pad(encoded: list[Encoded], pad_id: int, suffixes: list[list[int]] | None = None) -> Batch:
+    """Stack prompts (each followed by its suffix, if given) into a left-padded :class:`Batch`.
+
+    A suffix (a reference answer to score) is never evidence.
+    """
+    seqs = [e.ids + (suffixes[i] if suffixes else []) for i, e in enumerate(encoded)]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    evidence = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (s, e) in enumerate(zip(seqs, encoded)):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+        evidence[i, T - len(s):T - len(s) + len(e.ids)] = torch.tensor(e.evidence, dtype=torch.bool)
+    return Batch(ids, mask, evidence, [e.vision for e in encoded], [e.image for e in encoded],
+                 [len(e.ids) for e in encoded])
