@@ -11,7 +11,9 @@ never by averaging logits (that would be a product of experts, a different model
 Experts with weight 0 have ``log w_k = -inf``; their entries are never read, so a
 caller may leave them as any finite value (or ``-inf``) without running the expert.
 
-The exact router is the posterior over clusters given the prefix (eq. 26–27):
+For experts that model whole sequences the exact router is the posterior over clusters
+given the prefix (eq. 26–27; for n-gram experts it is the posterior given the context,
+see ``ddfm.theory``):
 
     w_k(x_{1..t}) ∝ w_k(x_{1..t-1}) · p_k(x_t | x_{<t}),
 
@@ -98,7 +100,8 @@ class Mixture:
 
 
 def posterior_update(log_weights: torch.Tensor, token_log_probs: torch.Tensor) -> torch.Tensor:
-    """One step of the exact router (eq. 26–27): ``log w_k + log p_k(x_t)``, renormalised.
+    """One step of the whole-prefix posterior (eq. 26–27; exact for whole-sequence experts):
+    ``log w_k + log p_k(x_t)``, renormalised.
 
     Args:
         log_weights: (B, K) current log-weights (``-inf`` = expert excluded, stays excluded).

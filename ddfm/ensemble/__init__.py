@@ -13,14 +13,16 @@ modes (:mod:`ddfm.ensemble.config`, data) give the weights w:
 * ``centroid`` — the paper's router, fixed for the whole generation: softmax_k(τ·cos(f, c_k))
   of the image (or prompt) features, top-k renormalised (eq. 29). A request without an
   image under an image router starts from the cluster shares π_k.
-* ``posterior`` — the running Bayes posterior (eq. 26–27): start from the centroid prior
-  (or π_k), multiply by each expert's probability of every prompt token and of every
-  generated token, renormalise every step; log-weights in float64, so no expert's
-  weight rounds to 0. Runs every expert; ``top_k`` < K mixes only the top-k of the
-  current posterior. ``evidence="answers"`` counts only the history's assistant turns
-  among the prompt tokens (experts trained LLaVA-style never learn the human turns).
-  It is the exact p(S_k | z) when each expert is its cluster's whole-sequence model;
-  ``docs/theory.md`` shows where it is not (n-gram experts).
+* ``posterior`` — Bayes over the whole prefix (eq. 26–27): start from the centroid prior
+  (π_k for a request without an image; uniform without a router), multiply by each
+  expert's probability of every prompt token and of every generated token, renormalise
+  every step; log-weights in float64, so no expert's weight rounds to 0. Exact for experts
+  that model whole sequences *if* each expert is its cluster's true distribution and the
+  prior is the clusters'; not for every model class (for n-gram experts the exact router
+  is the posterior given the context: ``ddfm theory``, docs/theory.md). Runs every
+  expert; ``top_k`` < K mixes only the top-k of the current posterior.
+  ``evidence="answers"`` counts only the history's assistant turns among the prompt
+  tokens (experts trained LLaVA-style never learn the human turns).
 * ``uniform`` — w_k = 1/K;  ``expert:J`` — all weight on expert J.
 
 ``top_k``: N, ``"all"`` (every expert: the "soft" router), or None for the mode's default
