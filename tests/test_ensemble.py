@@ -456,3 +456,90 @@ def test_experts_from_different_inits_are_mixed_with_a_warning(world, tmp_path, 
     with caplog.at_level("WARNING"):
         Ensemble.from_pretrained([a, c], mode="uniform")
     assert "experts a and c were trained from different initial checkpoints" in caplog.text
+
+
+def test_score_tokens_is_the_mixture_of_every_prompt_token(tmp_path):
+    """Raw prompts (the completions API's ``echo``): log p(x_t | x_<t) under the mixture for
+    every token after the first, top alternatives included, in every routing mode."""
+    data = make_data(tmp_path, n_fashion=0, n_digits=0, n_text=8)
+    experts = [init(InitConfig(preset="tiny-lm", data=str(data), out=str(tmp_path / f"lm-{k}"), seed=k)) for k in range(2)]
+    plain = [load_model(p) for p in experts]
+    tok = plain[0][1]
+    texts = ["The quick brown fox.", "def f(x): return x"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    per = []  # per expert, per text: (T-1,) log p of each token and (T-1, V) log-probs
+    for model, _ in plain:
+        rows = []
+        for x in ids:
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([x])).logits[0, :-1].double().log_softmax(-1)
+            rows.append((lp.gather(1, torch.tensor(x[1:])[:, None])[:, 0], lp))
+        per.append(rows)
+    for mode in ("uniform", "posterior"):
+        ens = Ensemble.from_pretrained(experts, mode=mode)
+        out = ens.score_tokens([Request(t, raw=True) for t in texts], top_logprobs=3)
+        for i, (x, res) in enumerate(zip(ids, out)):
+            assert res["token_ids"] == x and res["token_logprobs"][0] is None and len(res["token_logprobs"]) == len(x)
+            a, b = per[0][i][0], per[1][i][0]
+            if mode == "uniform":
+                w = torch.full((len(x) - 1, 2), 0.5, dtype=torch.float64)
+            else:  # the running posterior: the weights before token t hold the tokens before it
+                cum = torch.stack([torch.cat([torch.zeros(1), a.cumsum(0)[:-1]]),
+                                   torch.cat([torch.zeros(1), b.cumsum(0)[:-1]])], 1)
+                w = torch.softmax(cum, 1)
+            want = torch.log(w[:, 0] * a.exp() + w[:, 1] * b.exp())
+            assert torch.allclose(torch.tensor(res["token_logprobs"][1:], dtype=torch.float64), want, atol=1e-5)
+            mixture = torch.log(w[:, :1] * per[0][i][1].exp() + w[:, 1:] * per[1][i][1].exp())  # (T-1, V)
+            best = mixture.topk(3, dim=-1)
+            assert [[t for t, _ in top] for top in res["top_logprobs"][1:]] == best.indices.tolist()
+        # without top_logprobs the cheaper path gives the same numbers
+        cheap = ens.score_tokens([Request(t, raw=True) for t in texts])
+        assert cheap[0]["top_logprobs"] is None
+        assert cheap[0]["token_logprobs"][1:] == pytest.approx(out[0]["token_logprobs"][1:], abs=1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ens.score_tokens([Request("", token_ids=[1, 10**6])])
+    # a raw prompt also generates without the chat template: token for token transformers' generate
+    one = Ensemble.from_pretrained([experts[0]])
+    [gen] = one.generate(Request(texts[0], raw=True), max_new_tokens=5)
+    with torch.no_grad():
+        ref = plain[0][0].generate(torch.tensor([ids[0]]), max_new_tokens=5, do_sample=False)[0, len(ids[0]):]
+    assert gen.token_ids == ref.tolist()
+
+
+def test_requests_join_and_leave_the_running_batch_with_their_own_parameters(world, plain):
+    """Continuous batching: rows added between steps (caches of other lengths, left-padded
+    and joined), with their own max_new_tokens, stop strings and sampling, decode exactly
+    as each request would alone."""
+    from ddfm.ensemble import DecodeBatch, Sampling
+
+    for mode, top_k in [("centroid", 1), ("centroid", "all"), ("posterior", None)]:
+        ens = Ensemble.from_pretrained(world["experts"], world["router"], mode=mode, top_k=top_k)
+        reqs = [Request("What is this?", image=world["image"][0]),
+                Request("Which digit is shown here, please?", image=world["image"][1]),
+                Request("Tell me a long story about the item", image=world["image"][0]),
+                Request("Hi")]
+        params = [Sampling(max_new_tokens=6), Sampling(max_new_tokens=3),
+                  Sampling(max_new_tokens=8, do_sample=True, temperature=1.3, seed=7), Sampling(max_new_tokens=5)]
+        alone = [ens.generate(r, max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
+                              seed=s.seed)[0] for r, s in zip(reqs, params)]
+        batch = DecodeBatch(ens)
+        handles = batch.add(reqs[:2], params[:2])
+        batch.step()
+        batch.step()
+        handles += batch.add(reqs[2:3], params[2:3])  # joins a running batch with a longer prompt
+        batch.step()
+        handles += batch.add(reqs[3:], params[3:])  # joins after request 1 left
+        while len(batch):
+            batch.step()
+        got = [batch.result(h) for h in handles]
+        for a, g in zip(alone, got):
+            assert g.token_ids == a.token_ids and g.finish_reason == a.finish_reason
+            assert g.weights == pytest.approx(a.weights, abs=1e-6)
+    # a cancelled row stops at the next token boundary
+    batch = DecodeBatch(ens)
+    [h] = batch.add([reqs[0]], [Sampling(max_new_tokens=10)])
+    batch.step()
+    batch.cancel(h)
+    batch.step()
+    res = batch.result(h)
+    assert res.finish_reason == "cancelled" and res.completion_tokens == 2 and len(batch) == 0

@@ -13,10 +13,10 @@ import torch
 
 from ddfm.ensemble.config import EnsembleConfig, Routing, resolve_top_k, routing_mode
 from ddfm.ensemble.decode import DecodeBatch, Generation, Sampling
-from ddfm.ensemble.experts import prefill
+from ddfm.ensemble.experts import full_log_probs, prefill
 from ddfm.ensemble.prompts import Batch, PromptEncoder, Request, left_pad, open_request_image
 from ddfm.ensemble.shared_encoder import SharedTower
-from ddfm.mixture import normalise_log, top_k_log
+from ddfm.mixture import mixture_log_probs, normalise_log, top_k_log
 from ddfm.router import Router
 
 log = logging.getLogger(__name__)
@@ -257,15 +257,72 @@ class Ensemble:
             log_w = normalise_log(log_w)
         return [self._score_row(log_w[i], answer[i, :, :len(s)]) for i, s in enumerate(suffixes)]
 
+    @torch.inference_mode()
+    def score_tokens(self, requests: Sequence[Request], top_logprobs: int = 0) -> list[dict]:
+        """The mixture's log-probability of every prompt token after the first (OpenAI's
+        ``echo`` with ``logprobs``), with the ``top_logprobs`` most likely tokens there.
+
+        The weights at token t are the mode's: fixed, or (updating routing) the prior
+        times every expert's probability of the tokens before t. Returns per request
+        ``{"token_ids", "token_logprobs": [None, lp_1, ...], "top_logprobs": [None,
+        [[id, lp], ...], ...] or None, "weights"}`` (weights after the last token).
+        """
+        requests = list(requests)
+        if not requests:
+            return []
+        batch = left_pad([self.prompts.encode(r) for r in requests], self.pad_id)
+        log_w, run = self.start_weights(requests, batch)
+        K = len(self.experts)
+        lengths = batch.attention_mask.sum(1).tolist()
+        tokens = [torch.full((K, n - 1), float("-inf"), dtype=torch.float64) for n in lengths]
+        full: dict[tuple[int, int], torch.Tensor] = {}
+        for k, model in enumerate(self.experts):
+            rows = run[:, k].nonzero()[:, 0].tolist()
+            if model is None or not rows:
+                continue
+            if top_logprobs:
+                for r, lp in zip(rows, full_log_probs(model, batch, rows)):
+                    full[r, k] = lp
+                    tokens[r][k] = lp.gather(1, batch.input_ids[r, -lengths[r] + 1:, None])[:, 0].double()
+            else:
+                pre = prefill(model, batch, rows, want_tokens=True)
+                for j, r in enumerate(rows):
+                    tokens[r][k] = pre.tokens[j, pre.tokens.shape[1] - lengths[r] + 1:].double()
+        results = []
+        for i, n in enumerate(lengths):
+            ids = batch.input_ids[i, -n:].tolist()
+            steps, final = self._weights_along(log_w[i], tokens[i], batch.evidence[i, -n:][1:])
+            mix = self.mixing(steps)  # (n-1, K)
+            token_lp = torch.logsumexp(mix + tokens[i].T.nan_to_num(neginf=-1e30), dim=1)
+            top = None
+            if top_logprobs:
+                lp = torch.stack([full[i, k] if (i, k) in full else torch.zeros_like(next(iter(full.values())))
+                                  for k in range(K)], 1)  # (n-1, K, V)
+                mixture = mixture_log_probs(mix.float(), lp)  # (n-1, V): eq. 24 at every position
+                best = torch.topk(mixture, min(top_logprobs, mixture.shape[-1]), dim=-1)
+                top = [None] + [[[int(t), float(v)] for v, t in zip(vs, ts)] for vs, ts in zip(best.values, best.indices)]
+            results.append({"token_ids": ids, "token_logprobs": [None] + [float(x) for x in token_lp],
+                            "top_logprobs": top, "weights": [float(x) for x in final.exp()]})
+        return results
+
+    def _weights_along(self, log_w: torch.Tensor, token_lp: torch.Tensor, evidence: torch.Tensor):
+        """Weights before each of n scored tokens (n, K) and after the last (K,).
+
+        log_w (K,) before the first scored token; token_lp (K, n) each expert's log p of
+        each token; evidence (n,) which tokens update an updating routing's weights.
+        """
+        n = token_lp.shape[1]
+        if not self.routing.update:
+            return log_w.expand(n, -1), log_w
+        counted = token_lp.nan_to_num(neginf=-1e30) * evidence.to(token_lp.dtype)  # (K, n)
+        before = torch.cat([torch.zeros(token_lp.shape[0], 1, dtype=token_lp.dtype), counted.cumsum(1)[:, :-1]], 1)
+        steps = normalise_log((log_w[:, None] + before).T)  # (n, K)
+        return steps, normalise_log(log_w + counted.sum(1))
+
     def _score_row(self, log_w: torch.Tensor, answer: torch.Tensor) -> dict:
         """log_w (K,) before the answer, answer (K, n) log p_k of each answer token."""
         n = answer.shape[1]
-        if self.routing.update:  # weights before token t: the prior times the answer so far
-            before = torch.cat([torch.zeros(answer.shape[0], 1, dtype=answer.dtype), answer.cumsum(1)[:, :-1]], 1)
-            steps = normalise_log((log_w[:, None] + before).T)  # (n, K)
-            final = normalise_log(log_w + answer.sum(1))
-        else:
-            steps, final = log_w.expand(n, -1), log_w
+        steps, final = self._weights_along(log_w, answer, torch.ones(n, dtype=torch.bool))
         mix = self.mixing(steps)  # (n, K)
         token = torch.logsumexp(mix + answer.T.nan_to_num(neginf=-1e30), dim=1)  # (n,)
         return {"nll": float(-token.sum()), "n_tokens": n, "weights": [float(x) for x in final.exp()]}

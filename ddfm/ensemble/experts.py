@@ -24,7 +24,7 @@ import torch
 
 from ddfm.ensemble.prompts import Batch
 
-__all__ = ["ExpertRun", "Prefill", "prefill", "token_log_probs"]
+__all__ = ["ExpertRun", "Prefill", "full_log_probs", "prefill", "token_log_probs"]
 
 
 def _to_host(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,20 @@ def prefill(model, batch: Batch, rows: list[int], *, encoder_outputs: Any = None
     last = out.logits[:, -1].float().log_softmax(-1)
     tokens = _to_host(token_log_probs(out.logits, ids_dev)) if want_tokens else None
     return Prefill(_to_host(last), tokens, input_ids, _cache_of(out), mask_dev, position_ids[:, -1:].to(dev) + 1)
+
+
+@torch.inference_mode()
+def full_log_probs(model, batch: Batch, rows: list[int]) -> list[torch.Tensor]:
+    """Next-token log-probabilities at every real position but the last: for each row,
+    (L-1, V) CPU float32 where L is its length and entry t predicts token t+1."""
+    dev = model.device
+    out = []
+    for r in rows:  # one row at a time: a (L, V) float32 copy per row, no padding
+        n = int(batch.attention_mask[r].sum())
+        ids = batch.input_ids[r, -n:][None]
+        logits = model(input_ids=ids.to(dev), use_cache=False).logits[0, :-1]
+        out.append(_to_host(logits.float().log_softmax(-1)))
+    return out
 
 
 class ExpertRun:

@@ -25,11 +25,16 @@ class Request:
 
     ``history`` holds earlier turns, as LLaVA turns (``{"from", "value"}``) or HF chat
     messages (``{"role", "content"}``); ``image`` is a PIL image or an image file path.
+    A *raw* request (OpenAI's completions API) skips the chat template: ``token_ids`` are
+    the prompt as given, or, with ``raw=True``, ``prompt`` is tokenized as plain text
+    (with the tokenizer's own special tokens, e.g. a leading bos).
     """
 
     prompt: str
     image: Any = None
     history: Optional[list[dict]] = None
+    raw: bool = False
+    token_ids: Optional[list[int]] = None
 
 
 @dataclass
@@ -101,6 +106,8 @@ class PromptEncoder:
     def encode(self, request: Request) -> Encoded:
         from ddfm.models import render_prompt
 
+        if request.token_ids is not None or request.raw:
+            return self._encode_raw(request)
         image = open_request_image(request.image)
         if image is not None and not self.is_vlm:
             raise ValueError("the experts are text-only language models; a request with an image cannot be served")
@@ -114,6 +121,19 @@ class PromptEncoder:
         else:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return Encoded(ids, vision, image, self._evidence(messages, ids, image is not None))
+
+    def _encode_raw(self, request: Request) -> Encoded:
+        if request.image is not None or request.history:
+            raise ValueError("a raw (completions) prompt takes no image and no history; use chat messages")
+        ids = list(request.token_ids) if request.token_ids is not None else \
+            self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = len(self.tokenizer)
+        bad = next((t for t in ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        return Encoded([int(t) for t in ids], None, None, [t != self.image_token_id for t in ids])
 
     def _evidence(self, messages: list[dict], ids: list[int], has_image: bool) -> list[bool]:
         if self.evidence == "prompt":
