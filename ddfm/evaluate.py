@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -42,67 +41,12 @@ from typing import Any, Iterable, Optional, Sequence
 from ddfm.config import arg, to_dict
 from ddfm.data import IMAGE_TOKEN, Record, load_records
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
+from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normalize_answer", "exact_match",
-           "aggregate", "chance_levels", "markdown_report"]
-
-# ------------------------------------------------------------------------------ VQA normalisation
-# The official VQA evaluation (vqaEval.py, Antol et al. 2015): contractions, punctuation,
-# number words -> digits, articles dropped.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd",
-    "itll": "it'll", "lets": "let's", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's",
-    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
-    "wheres": "where's", "whos": "who's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're",
-    "youve": "you've",
-}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-          ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def _process_punctuation(text: str) -> str:
-    # as vqaEval.processPunctuation: a mark next to a space (or a digit comma) vanishes,
-    # any other mark becomes a space; periods not inside numbers vanish
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or re.search(_COMMA_STRIP, text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
-
-
-def normalize_answer(text: str) -> str:
-    """VQA-normalised answer: lowercase, punctuation stripped, number words to digits,
-    articles (a, an, the) dropped, contractions restored, whitespace collapsed.
-
-    >>> normalize_answer("  The Two dogs!")
-    '2 dogs'
-    """
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _process_punctuation(text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Normalised exact match of a generated answer against the reference answer."""
-    return normalize_answer(prediction) == normalize_answer(reference)
-
+           "vqa_accuracy", "aggregate", "chance_levels", "markdown_report"]
 
 # ------------------------------------------------------------------------------ aggregation
 

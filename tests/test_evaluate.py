@@ -14,17 +14,67 @@ from ddfm.evaluate import aggregate, chance_levels, exact_match, markdown_report
 @pytest.mark.parametrize("raw, expected", [
     ("Yes", "yes"),
     ("  The sneaker. ", "sneaker"),
+    ("the dog.", "dog"),
     ("an ankle boot", "ankle boot"),
     ("Three", "3"),
+    ("ten", "10"),
+    ("None", "0"),
     ("two dogs!", "2 dogs"),
     ("t-shirt", "t shirt"),         # VQA: a mark not next to a space becomes a space
+    ("t - shirt", "t shirt"),       # ... and one next to a space vanishes
+    ("1,000 t-shirts", "1000 tshirts"),  # a digit comma anywhere: every mark vanishes
     ("dont", "don't"),
     ("3.5", "3.5"),                 # a period inside a number stays
-    ("1,000", "1000"),
+    ("5.", "5"),
     ("a\tthick  handwritten\nthree", "thick handwritten 3"),
+    # contractions the official table has and a 33-entry one lacked
+    ("youll", "you'll"), ("whatll", "what'll"), ("maam", "ma'am"), ("oclock", "o'clock"),
+    ("yall", "y'all"), ("twas", "'twas"), ("shouldnt've", "shouldn't've"), ("somebody'd", "somebodyd"),
+    # the official table's capitalised keys never match after lowercasing: "Im" stays "im"
+    ("Im", "im"), ("Ive", "ive"),
+    ("colon: kept", "colon: kept"),  # ':' and "'" are not in the official punct list
+    ("." * 40, "." * 8),            # periodStrip.sub("", t, re.UNICODE): the flag is sub's count, 32
 ])
-def test_normalize_answer_vqa(raw, expected):
+def test_normalize_answer_is_the_official_vqa_processing(raw, expected):
     assert normalize_answer(raw) == expected
+
+
+def test_vqa_tables_are_the_official_ones():
+    from ddfm import vqa
+
+    assert len(vqa._CONTRACTIONS) == 120     # every entry of vqaEval.py's contractions (a013f00)
+    assert vqa._CONTRACTIONS["dont"] == "don't" and vqa._CONTRACTIONS["Id've"] == "I'd've"
+    assert list(vqa._MANUAL_MAP.items())[-1] == ("ten", "10") and vqa._ARTICLES == ["a", "an", "the"]
+    assert "." not in vqa._PUNCT and "'" not in vqa._PUNCT and len(vqa._PUNCT) == 21
+
+
+@pytest.mark.parametrize("prediction, answers, expected", [
+    # leave-one-out over 10 humans: min(1, #other humans that gave the prediction / 3), averaged
+    ("2", ["2"] * 3 + ["3"] * 7, 0.9),          # 3 humans: (7 * 1 + 3 * 2/3) / 10
+    ("2", ["2"] + ["3"] * 9, 0.3),              # 1 human: (9 * 1/3 + 1 * 0) / 10
+    ("two", ["2"] * 2 + ["3"] * 8, 0.6),        # the humans disagree: both sides normalised ("two" -> "2")
+    # a unanimous panel is compared as written: no normalisation of either side
+    ("Yes", ["yes"] * 10, 0.0),
+    ("yes", ["yes"] * 10, 1.0),
+    ("Yes", ["yes"] * 9 + ["Yes"], 1.0),        # one differing human turns the normalisation on
+    # references get processDigitArticle too (the pre-2021 script gave them punctuation only: 0.6)
+    ("two dogs", ["Two dogs"] * 8 + ["2 dogs"] * 2, 1.0),
+    ("no", ["yes", "no"], 1 / 6),               # two humans: (1/3 + 0) / 2
+])
+def test_vqa_accuracy_follows_the_official_evaluate(prediction, answers, expected):
+    from ddfm.evaluate import vqa_accuracy
+
+    assert vqa_accuracy(prediction, answers) == pytest.approx(expected)
+
+
+def test_one_reference_is_exact_match_after_normalisation():
+    from ddfm.evaluate import vqa_accuracy
+
+    cases = [("The Sneaker.", "sneaker"), ("seven", "7"), ("Dont", "don't"), ("sneaker", "sandal"), ("", "yes")]
+    for p, r in cases:  # a single reference = a panel that agrees on it, both sides normalised
+        assert exact_match(p, r) == (vqa_accuracy(normalize_answer(p), [normalize_answer(r)] * 10) == 1.0)
+    with pytest.raises(ValueError, match="no reference answers"):
+        vqa_accuracy("yes", [])
 
 
 def test_exact_match_uses_normalisation():
