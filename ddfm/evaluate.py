@@ -6,19 +6,23 @@
 
 For every record of a canonical test file:
 
-* question-answer records (those with an image, or any record whose task has a short
-  answer set) get a greedy generation scored by VQA-style normalised exact match
-  (:func:`normalize_answer`: lowercase, punctuation and articles stripped, number words
-  to digits, as in the official VQA evaluation);
+* question-answer records — those whose reference answer is short, at most
+  ``QA_MAX_WORDS`` (5) words (``--qa-max-words``), with an image or text-only alike
+  (:func:`is_qa`) — get a greedy generation scored by the official VQA accuracy against
+  the one reference: exact match after VQA normalisation (:mod:`ddfm.vqa`: punctuation,
+  lowercase, number words to digits, articles dropped, contractions restored);
 * every record gets the negative log-likelihood of its reference answer under the model
   (or the mixture, eq. 24) from :meth:`ddfm.ensemble.Ensemble.score`; perplexity is
-  exp(Σ nll / Σ tokens). Text-only test sets get perplexity only.
+  exp(Σ nll / Σ tokens). Longer answers (passages) get perplexity only.
 
-Results are aggregated per task, per source and per cluster (the cluster a record's image
-routes to under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
-``eval.md`` and ``predictions.jsonl``. The chance level of each task comes from the
-prepare stage's ``prepare.json`` beside the test file, or else from the test answers
-(majority-answer rate).
+Results are aggregated per task, per source (``task``/``source`` fields, or the fallbacks
+of :class:`ddfm.data.Record`) and per cluster (the cluster a record's image routes to
+under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
+``eval.md`` and ``predictions.jsonl``. The chance level of a task (``chance``) is the
+test accuracy of always giving the train split's majority answer, from the prepare
+stage's ``prepare.json`` beside the test file. Without one, the test answers' own
+majority rate is reported instead, under ``chance_oracle`` and marked "(oracle)": it is
+read off the test answers, so it is not a chance level.
 
 Python API::
 
@@ -39,14 +43,19 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import IMAGE_TOKEN, Record, load_records
+from ddfm.data import IMAGE_TOKEN, SHORT_ANSWER_WORDS, Record, load_records
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normalize_answer", "exact_match",
-           "vqa_accuracy", "aggregate", "chance_levels", "markdown_report"]
+           "vqa_accuracy", "is_qa", "QA_MAX_WORDS", "aggregate", "chance_levels", "oracle_chance_levels",
+           "markdown_report"]
+
+# records whose reference answer has at most this many words are question-answer records
+# (accuracy + perplexity); longer ones get perplexity only. --qa-max-words changes it.
+QA_MAX_WORDS = SHORT_ANSWER_WORDS
 
 # ------------------------------------------------------------------------------ aggregation
 
@@ -80,25 +89,40 @@ def aggregate(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
 
 
 def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None) -> dict[str, float]:
-    """Chance accuracy per question-answer task: ``chance_majority`` from prepare.json when
-    given and present, else the test answers' majority-answer rate."""
-    if prepare_json is not None and Path(prepare_json).is_file():
-        tasks = read_json(prepare_json).get("tasks", {})
-        found = {t: v["chance_majority"] for t, v in tasks.items() if v.get("chance_majority") is not None}
-        if found:
-            return found
+    """Chance accuracy per question-answer task: ``chance_majority`` of ``prepare.json`` (the
+    test accuracy of always giving the *train* split's majority answer), for the tasks of
+    ``records``; ``{}`` when there is no prepare.json. The test answers alone cannot give a
+    chance level: see :func:`oracle_chance_levels`."""
+    if prepare_json is None or not Path(prepare_json).is_file():
+        return {}
+    tasks = read_json(prepare_json).get("tasks", {})
+    wanted = {r.task for r in records}
+    return {t: v["chance_majority"] for t, v in tasks.items()
+            if t in wanted and v.get("chance_majority") is not None}
+
+
+def oracle_chance_levels(records: Sequence[Record], *, skip: Iterable[str] = (),
+                         qa_max_words: int = QA_MAX_WORDS) -> dict[str, float]:
+    """Per question-answer task (except ``skip``): the share of its records whose normalised
+    reference is the task's most common one — the best accuracy any constant answer reaches
+    on these records. An *oracle* figure: it picks the answer by looking at the test answers,
+    so it is reported as ``chance_oracle``, never as ``chance``."""
+    skip = set(skip)
     by_task: dict[str, list[str]] = defaultdict(list)
     for r in records:
-        if _is_qa(r):
+        if r.task not in skip and is_qa(r, qa_max_words):
             by_task[r.task].append(normalize_answer(r.answer()))
-    return {t: Counter(a).most_common(1)[0][1] / len(a) for t, a in by_task.items()}
+    return {t: Counter(a).most_common(1)[0][1] / len(a) for t, a in sorted(by_task.items())}
 
 
 # ------------------------------------------------------------------------------ evaluation
 
-def _is_qa(record: Record) -> bool:
-    # short-answer questions: image records (prepare's text records are passages, scored by perplexity)
-    return record.has_image
+def is_qa(record: Record, max_words: int = QA_MAX_WORDS) -> bool:
+    """A question-answer record: its reference answer has at most ``max_words`` words
+    (VQA-style short answers, with an image or text-only: "What is 12+7?" -> "19"). Such
+    records are scored by accuracy and perplexity; longer answers (passages, descriptions)
+    by perplexity only, since an exact match of a passage says nothing."""
+    return len(record.answer().split()) <= max_words
 
 
 def to_request(record: Record):
@@ -164,12 +188,15 @@ def _clusters(router, records: list[Record]) -> list[str]:
 
 
 def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_new_tokens: int = 12,
-             cluster_router=None, chance: dict[str, float] | None = None, desc: str = "eval") -> dict[str, Any]:
+             cluster_router=None, chance: dict[str, float] | None = None, qa_max_words: int = QA_MAX_WORDS,
+             desc: str = "eval") -> dict[str, Any]:
     """Evaluate an :class:`~ddfm.ensemble.Ensemble` (one model = an ensemble of one) on records.
 
-    Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "predictions",
-    "n_records", "elapsed_s"}``; every group holds n, accuracy (normalised exact match over
-    its question-answer records), nll_per_token and perplexity.
+    Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "chance_oracle",
+    "predictions", "n_records", "elapsed_s"}``; every group holds n, n_qa, accuracy
+    (normalised exact match over its question-answer records, :func:`is_qa`), nll_per_token
+    and perplexity. ``chance`` is as given (:func:`chance_levels`); ``chance_oracle`` holds
+    :func:`oracle_chance_levels` of the question-answer tasks that ``chance`` lacks.
     """
     records = list(records)
     if not records:
@@ -178,7 +205,7 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     clusters = _clusters(cluster_router, records)
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
              "prediction": None, "correct": None} for r, c in zip(records, clusters)]
-    qa = [i for i, r in enumerate(records) if _is_qa(r)]
+    qa = [i for i, r in enumerate(records) if is_qa(r, qa_max_words)]
     bar = _Progress(len(qa) + len(records), desc)
     for chunk in _batches(qa, batch_size):
         gens = ensemble.generate([to_request(records[i]) for i in chunk], max_new_tokens=max_new_tokens)
@@ -197,7 +224,9 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     bar.close()
     return {"overall": aggregate(rows), "by_task": aggregate(rows, "task"),
             "by_source": aggregate(rows, "source"), "by_cluster": aggregate(rows, "cluster"),
-            "chance": dict(chance or {}), "predictions": rows, "n_records": len(rows),
+            "chance": dict(chance or {}),
+            "chance_oracle": oracle_chance_levels(records, skip=chance or {}, qa_max_words=qa_max_words),
+            "predictions": rows, "n_records": len(rows),
             "elapsed_s": time.perf_counter() - t0}
 
 
@@ -209,19 +238,35 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}" if x < 100 else f"{x:.1f}"
 
 
+def _chance_cell(name: str, chance: dict, oracle: dict) -> str:
+    if name in chance:
+        return _fmt(chance[name], True)
+    return f"{_fmt(oracle[name], True)} (oracle)" if name in oracle else _fmt(None)
+
+
 def markdown_report(result: dict, title: str = "Evaluation") -> str:
-    """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity)."""
-    chance = result.get("chance", {})
+    """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity); an oracle
+    chance figure (``chance_oracle``) is marked "(oracle)" in a column named so."""
+    chance, oracle = result.get("chance", {}), result.get("chance_oracle", {})
+    chance_head = "oracle chance %" if oracle and not chance else "chance %"
     lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s", ""]
     o = result["overall"]
     lines += ["| overall | accuracy % | perplexity | records |", "| --- | ---: | ---: | ---: |",
               f"| all | {_fmt(o['accuracy'], True)} | {_fmt(o['perplexity'])} | {o['n']} |", ""]
     for key, label in (("by_task", "task"), ("by_source", "source"), ("by_cluster", "cluster")):
-        lines += [f"| {label} | accuracy % | chance % | perplexity | records |", "| --- | ---: | ---: | ---: | ---: |"]
+        head = chance_head if key == "by_task" else "chance %"
+        lines += [f"| {label} | accuracy % | {head} | perplexity | records |", "| --- | ---: | ---: | ---: | ---: |"]
         for name, g in result[key].items():
-            c = chance.get(name) if key == "by_task" else None
-            lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {_fmt(c, True)} | {_fmt(g['perplexity'])} | {g['n']} |")
+            c = _chance_cell(name, chance, oracle) if key == "by_task" else _fmt(None)
+            lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {c} | {_fmt(g['perplexity'])} | {g['n']} |")
         lines.append("")
+    if chance:
+        lines.append("Chance: accuracy of always giving the train split's majority answer (prepare.json).")
+    if oracle:
+        lines.append("(oracle): no train split to take a chance level from, so this is the share of the "
+                     "test answers that are the task's most common one: the best any constant answer can "
+                     "do here. It is read off the test answers (an oracle), so it bounds a constant answer from above "
+                     "and is not a chance level.")
     return "\n".join(lines)
 
 
@@ -254,6 +299,8 @@ class EvalConfig:
                         "earlier assistant turns)", default="prompt", choices=("prompt", "answers"))
     clusters: Optional[str] = arg("router file whose clusters group the results (default: --router)", default=None)
     prepare_json: Optional[str] = arg("prepare.json with chance levels (default: beside the test file)", default=None)
+    qa_max_words: int = arg("a reference answer of at most this many words is scored by accuracy too "
+                            "(question-answer); longer ones by perplexity only", default=QA_MAX_WORDS)
     batch_size: int = arg("requests per generate/score call", default=32)
     max_new_tokens: int = arg("tokens generated per answer at most", default=12)
     limit: Optional[int] = arg("evaluate only the first N records", default=None)
@@ -265,6 +312,8 @@ class EvalConfig:
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.qa_max_words < 0:
+            raise ValueError(f"--qa-max-words must be >= 0 (0: perplexity only), got {self.qa_max_words}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if len(self.experts) > 1 and self.router is None and self.mode == "centroid":
@@ -291,7 +340,8 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"
     chance = chance_levels(records, prepare_json)
     return evaluate(ens, records, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    cluster_router=cluster_router, chance=chance, desc=f"eval {Path(cfg.out).name}")
+                    cluster_router=cluster_router, chance=chance, qa_max_words=cfg.qa_max_words,
+                    desc=f"eval {Path(cfg.out).name}")
 
 
 def evaluate_cli(cfg: EvalConfig) -> Path:
