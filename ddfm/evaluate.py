@@ -88,17 +88,22 @@ def aggregate(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
     return {name: _group_stats(groups[name]) for name in sorted(groups)}
 
 
-def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None) -> dict[str, float]:
-    """Chance accuracy per question-answer task: ``chance_majority`` of ``prepare.json`` (the
-    test accuracy of always giving the *train* split's majority answer), for the tasks of
-    ``records``; ``{}`` when there is no prepare.json. The test answers alone cannot give a
-    chance level: see :func:`oracle_chance_levels`."""
+def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None, *,
+                  qa_max_words: int = QA_MAX_WORDS) -> dict[str, float]:
+    """Chance accuracy per question-answer task of ``records``: the accuracy of always giving
+    the *train* split's majority answer (``majority_answer`` in ``prepare.json``), scored by
+    :func:`exact_match` on these very records — so a ``--limit`` subset gets its own rate and
+    chance is measured as accuracy is. ``{}`` without a prepare.json; the test answers alone
+    cannot give a chance level: see :func:`oracle_chance_levels`."""
     if prepare_json is None or not Path(prepare_json).is_file():
         return {}
     tasks = read_json(prepare_json).get("tasks", {})
-    wanted = {r.task for r in records}
-    return {t: v["chance_majority"] for t, v in tasks.items()
-            if t in wanted and v.get("chance_majority") is not None}
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        majority = (tasks.get(r.task) or {}).get("majority_answer")
+        if majority is not None and is_qa(r, qa_max_words):
+            hits[r.task].append(exact_match(majority, r.answer()))
+    return {t: sum(h) / len(h) for t, h in sorted(hits.items())}
 
 
 def oracle_chance_levels(records: Sequence[Record], *, skip: Iterable[str] = (),
@@ -338,7 +343,7 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     cluster_file = cfg.clusters or cfg.router
     cluster_router = Router.load(cluster_file) if cluster_file else None
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"
-    chance = chance_levels(records, prepare_json)
+    chance = chance_levels(records, prepare_json, qa_max_words=cfg.qa_max_words)
     return evaluate(ens, records, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                     cluster_router=cluster_router, chance=chance, qa_max_words=cfg.qa_max_words,
                     desc=f"eval {Path(cfg.out).name}")

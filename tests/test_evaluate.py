@@ -128,9 +128,12 @@ def test_chance_comes_only_from_prepare_json(tmp_path):
     recs = [_rec(0, "t", "yes"), _rec(1, "t", "Yes."), _rec(2, "t", "no"), _rec(3, "u", "a")]
     assert chance_levels(recs) == {}                                # no train split: no chance level
     assert chance_levels(recs, tmp_path / "missing.json") == {}
-    (tmp_path / "prepare.json").write_text(json.dumps({"tasks": {"t": {"chance_majority": 0.25},
-                                                                  "docs": {"kind": "text"}}}))
-    assert chance_levels(recs, tmp_path / "prepare.json") == {"t": 0.25}
+    # the train split's majority answer, scored like a prediction on the records evaluated
+    # (prepare.json's chance_majority is over its whole test split, compared unnormalised)
+    (tmp_path / "prepare.json").write_text(json.dumps({"tasks": {
+        "t": {"majority_answer": "yes", "chance_majority": 0.25}, "docs": {"kind": "text"}}}))
+    assert chance_levels(recs, tmp_path / "prepare.json") == {"t": pytest.approx(2 / 3)}
+    assert chance_levels(recs[2:], tmp_path / "prepare.json") == {"t": 0.0}   # e.g. under --limit
 
 
 def test_oracle_chance_is_the_best_constant_answer_and_labelled_so():
