@@ -131,14 +131,18 @@ def is_qa(record: Record, max_words: int = QA_MAX_WORDS) -> bool:
 
 
 def to_request(record: Record):
-    """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`."""
+    """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`, with
+    the turns before it (a system prompt) as history: the prompt training saw before the
+    reference answer."""
     from ddfm.ensemble import Request
 
-    prompt = record.prompt()
+    first = next(i for i, t in enumerate(record.conversations) if t["from"] == "human")
+    prompt = record.conversations[first]["value"]
     if IMAGE_TOKEN in prompt:
         before, after = prompt.split(IMAGE_TOKEN, 1)
         prompt = (before + after.lstrip("\n")).strip()
-    return Request(prompt=prompt, image=str(record.image_path) if record.image_path else None)
+    return Request(prompt=prompt, image=str(record.image_path) if record.image_path else None,
+                   history=record.conversations[:first] or None)
 
 
 def _batches(items: list, size: int) -> Iterable[list]:

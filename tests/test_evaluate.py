@@ -260,3 +260,25 @@ def test_ddfm_eval_bad_input(tiny_run, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert main(["eval", str(tiny_run["test"]), "--experts", "a", "b"]) == 2
     assert "--router" in capsys.readouterr().err
+
+
+def test_eval_prompt_is_the_training_prompt(tiny_run):
+    """What eval feeds the model for a record is the prefix of what training fed it, up to
+    the answer: a system turn before the question included."""
+    from ddfm.ensemble import Ensemble
+    from ddfm.evaluate import to_request
+    from ddfm.models import encode_conversation, num_image_tokens
+
+    ens = Ensemble.from_pretrained([str(tiny_run["model"])], mode="uniform")
+    image = json.loads(tiny_run["test"].read_text().splitlines()[0])["image"]
+    system = {"from": "system", "value": "Answer in one word."}
+    convs = [[{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A bag."}],
+             [system, {"from": "human", "value": "What is 12+7?"}, {"from": "gpt", "value": "19"}],
+             [system, {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A bag."}]]
+    for i, conv in enumerate(convs):
+        has_image = "<image>" in conv[-2]["value"]
+        rec = Record(id=str(i), conversations=conv, image=image if has_image else None,
+                     image_path=tiny_run["test"].parent / image if has_image else None)
+        prompt = ens._encode_one(to_request(rec))[0]
+        ids, mask = encode_conversation(ens.processor, conv, num_image_tokens(ens.processor) if has_image else None)
+        assert ids[:len(prompt)] == prompt and mask[len(prompt)] and not any(mask[:len(prompt)]), conv
