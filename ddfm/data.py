@@ -88,9 +88,9 @@ class Record:
 
     @property
     def source(self) -> str:
-        """``extra["source"]``; when absent, the name of the image's folder (``fabric`` for
+        """``extra["source"]``; when absent (or null), the name of the image's folder (``fabric`` for
         ``fabric/0.png``), or ``"text"`` for a text-only record."""
-        if "source" in self.extra:
+        if self.extra.get("source") not in (None, ""):
             return str(self.extra["source"])
         if self.image is None:
             return "text"
@@ -98,10 +98,10 @@ class Record:
 
     @property
     def task(self) -> str:
-        """``extra["task"]``; when absent, ``"qa"`` if the reference answer is short (at most
+        """``extra["task"]``; when absent (or null), ``"qa"`` if the reference answer is short (at most
         :data:`SHORT_ANSWER_WORDS` words, the records ``ddfm eval`` scores by accuracy by
         default), else ``"long-answer"``."""
-        if "task" in self.extra:
+        if self.extra.get("task") not in (None, ""):
             return str(self.extra["task"])
         return "qa" if len(self.answer().split()) <= SHORT_ANSWER_WORDS else "long-answer"
 

@@ -177,12 +177,15 @@ def test_source_and_task_fall_back_when_absent(tmp_path, docs_passages):
                                                            {"from": "gpt", "value": "19"}]},
             {"id": "doc", "image": None, "conversations": [{"from": "human", "value": "Explain bool."},
                                                            {"from": "gpt", "value": passage}]},
+            {"id": "nul", "image": None, "source": None, "task": None,
+             "conversations": [{"from": "human", "value": "What is 12+7?"}, {"from": "gpt", "value": "19"}]},
             {"id": "own", "image": None, "source": "my-notes", "task": "recall",
              "conversations": [{"from": "human", "value": "Explain bool."}, {"from": "gpt", "value": passage}]}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recs = {r.id: r for r in load_records(tmp_path / "d.jsonl").records}
-    assert [recs[i].source for i in ("img", "sum", "doc", "own")] == ["fabric", "text", "text", "my-notes"]
-    assert [recs[i].task for i in ("img", "sum", "doc", "own")] == ["qa", "qa", "long-answer", "recall"]
+    ids = ("img", "sum", "doc", "nul", "own")
+    assert [recs[i].source for i in ids] == ["fabric", "text", "text", "text", "my-notes"]
+    assert [recs[i].task for i in ids] == ["qa", "qa", "long-answer", "qa", "recall"]
 
 
 # ------------------------------------------------------------------------------ end to end
