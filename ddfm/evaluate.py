@@ -202,10 +202,12 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     """Evaluate an :class:`~ddfm.ensemble.Ensemble` (one model = an ensemble of one) on records.
 
     Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "chance_oracle",
-    "predictions", "n_records", "elapsed_s"}``; every group holds n, n_qa, accuracy
-    (normalised exact match over its question-answer records, :func:`is_qa`), nll_per_token
-    and perplexity. ``chance`` is as given (:func:`chance_levels`); ``chance_oracle`` holds
-    :func:`oracle_chance_levels` of the question-answer tasks that ``chance`` lacks.
+    "qa_cut_short", "predictions", "n_records", "elapsed_s"}``; every group holds n, n_qa,
+    accuracy (normalised exact match over its question-answer records, :func:`is_qa`),
+    nll_per_token and perplexity. ``chance`` is as given (:func:`chance_levels`);
+    ``chance_oracle`` holds :func:`oracle_chance_levels` of the question-answer tasks that
+    ``chance`` lacks; ``qa_cut_short`` counts (and names up to 20 of) the question-answer
+    records whose reference has more than ``max_new_tokens`` tokens, which cannot match.
     """
     records = list(records)
     if not records:
@@ -231,10 +233,18 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
             rows[i].setdefault("weights", s["weights"])
         bar.update(len(chunk))
     bar.close()
+    # n_tokens counts the closing eos: a longer reference is cut by the generation budget and
+    # scores 0 whatever the model does
+    cut = [rows[i]["id"] for i in qa if rows[i]["n_tokens"] - 1 > max_new_tokens]
+    if cut:
+        log.warning("eval: %d question-answer record(s) have a reference of more than --max-new-tokens=%d "
+                    "tokens: their generation stops before the answer is complete (first: %s); raise "
+                    "--max-new-tokens", len(cut), max_new_tokens, cut[0])
     return {"overall": aggregate(rows), "by_task": aggregate(rows, "task"),
             "by_source": aggregate(rows, "source"), "by_cluster": aggregate(rows, "cluster"),
             "chance": dict(chance or {}),
             "chance_oracle": oracle_chance_levels(records, skip=chance or {}, qa_max_words=qa_max_words),
+            "qa_cut_short": {"n": len(cut), "max_new_tokens": max_new_tokens, "ids": cut[:20]},
             "predictions": rows, "n_records": len(rows),
             "elapsed_s": time.perf_counter() - t0}
 
@@ -269,6 +279,11 @@ def markdown_report(result: dict, title: str = "Evaluation") -> str:
             c = _chance_cell(name, chance, oracle) if key == "by_task" else _fmt(None)
             lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {c} | {_fmt(g['perplexity'])} | {g['n']} |")
         lines.append("")
+    cut = result.get("qa_cut_short") or {}
+    if cut.get("n"):
+        lines += [f"**{cut['n']} question-answer record(s) have a reference longer than max_new_tokens = "
+                  f"{cut['max_new_tokens']} tokens**: generation stops before their answer is complete, so they "
+                  f"count as wrong (first: {', '.join(cut['ids'][:5])}).", ""]
     if chance:
         lines.append("Chance: accuracy of always giving the train split's majority answer (prepare.json).")
     if oracle:

@@ -285,3 +285,19 @@ def test_eval_prompt_is_the_training_prompt(tiny_run):
         prompt = ens._encode_one(to_request(rec))[0]
         ids, mask = encode_conversation(ens.processor, conv, num_image_tokens(ens.processor) if has_image else None)
         assert ids[:len(prompt)] == prompt and mask[len(prompt)] and not any(mask[:len(prompt)]), conv
+
+
+def test_references_longer_than_max_new_tokens_are_flagged(tiny_run, caplog):
+    """A reference the generation budget cannot reach scores 0 whatever the model: say so."""
+    from ddfm.cli import main
+
+    out = tiny_run["root"] / "out-cut"
+    with caplog.at_level("WARNING"):
+        assert main(["eval", str(tiny_run["test"]), "--experts", str(tiny_run["model"]), "--out", str(out),
+                     "--batch-size", "8", "--max-new-tokens", "2", "--limit", "12"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    cut = [p["id"] for p in preds if p["prediction"] is not None and p["n_tokens"] - 1 > 2]
+    assert cut and result["qa_cut_short"] == {"n": len(cut), "max_new_tokens": 2, "ids": cut}
+    assert f"{len(cut)} question-answer record(s)" in caplog.text and "--max-new-tokens" in caplog.text
+    assert f"{len(cut)} question-answer record(s)" in (out / "eval.md").read_text()
