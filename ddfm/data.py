@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt", "system")
 MAX_REPORTED_ERRORS = 20
+# a reference answer of at most this many words is a short (VQA-style) answer: the demo's
+# longest are 4-word captions, a Python-docs passage has at least 8 (ddfm.prepare's min_words)
+SHORT_ANSWER_WORDS = 5
 
 
 class DataError(ValueError):
@@ -85,11 +88,22 @@ class Record:
 
     @property
     def source(self) -> str:
-        return str(self.extra.get("source", "unknown"))
+        """``extra["source"]``; when absent (or null), the name of the image's folder (``fabric`` for
+        ``fabric/0.png``), or ``"text"`` for a text-only record."""
+        if self.extra.get("source") not in (None, ""):
+            return str(self.extra["source"])
+        if self.image is None:
+            return "text"
+        return (self.image_path or Path(self.image)).parent.name or "images"
 
     @property
     def task(self) -> str:
-        return str(self.extra.get("task", "unknown"))
+        """``extra["task"]``; when absent (or null), ``"qa"`` if the reference answer is short (at most
+        :data:`SHORT_ANSWER_WORDS` words, the records ``ddfm eval`` scores by accuracy by
+        default), else ``"long-answer"``."""
+        if self.extra.get("task") not in (None, ""):
+            return str(self.extra["task"])
+        return "qa" if len(self.answer().split()) <= SHORT_ANSWER_WORDS else "long-answer"
 
     @property
     def has_image(self) -> bool:

@@ -36,7 +36,7 @@ def test_jsonl_loads_with_images_text_only_and_extra_fields(tmp_path):
     assert a.image_path == tmp_path / "img" / "a.png" and a.has_image
     assert a.source == "s" and a.task == "t" and a.extra["label"] == 3
     assert a.prompt() == "<image>\nWhat is this?" and a.answer() == "a cat"
-    assert b.image is None and b.image_path is None and not b.has_image and b.task == "unknown"
+    assert b.image is None and b.image_path is None and not b.has_image and b.task == "qa" and b.source == "text"
 
 
 def test_llava_json_list_loads_as_is(tmp_path):
