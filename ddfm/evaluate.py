@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import IMAGE_TOKEN, SHORT_ANSWER_WORDS, Record, load_records
+from ddfm.data import SHORT_ANSWER_WORDS, Record, load_records
 from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
@@ -138,11 +138,10 @@ def to_request(record: Record):
     from ddfm.ensemble import Request
 
     first = next(i for i, t in enumerate(record.conversations) if t["from"] == "human")
-    prompt = record.conversations[first]["value"]
-    if IMAGE_TOKEN in prompt:
-        before, after = prompt.split(IMAGE_TOKEN, 1)
-        prompt = (before + after.lstrip("\n")).strip()
-    return Request(prompt=prompt, image=str(record.image_path) if record.image_path else None,
+    # the <image> placeholder stays where the record puts it (LLaVA data has both
+    # "<image>\nWhat is this?" and "What is this?\n<image>")
+    return Request(prompt=record.conversations[first]["value"],
+                   image=str(record.image_path) if record.image_path else None,
                    history=record.conversations[:first] or None)
 
 

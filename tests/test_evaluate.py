@@ -277,12 +277,14 @@ def test_eval_prompt_is_the_training_prompt(tiny_run):
     system = {"from": "system", "value": "Answer in one word."}
     convs = [[{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A bag."}],
              [system, {"from": "human", "value": "What is 12+7?"}, {"from": "gpt", "value": "19"}],
-             [system, {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A bag."}]]
+             [system, {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A bag."}],
+             # the image after the question, as some LLaVA records have it
+             [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A bag."}]]
     for i, conv in enumerate(convs):
         has_image = "<image>" in conv[-2]["value"]
         rec = Record(id=str(i), conversations=conv, image=image if has_image else None,
                      image_path=tiny_run["test"].parent / image if has_image else None)
-        prompt = ens._encode_one(to_request(rec))[0]
+        prompt = ens.prompts.encode(to_request(rec)).ids
         ids, mask = encode_conversation(ens.processor, conv, num_image_tokens(ens.processor) if has_image else None)
         assert ids[:len(prompt)] == prompt and mask[len(prompt)] and not any(mask[:len(prompt)]), conv
 
