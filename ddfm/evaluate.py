@@ -14,6 +14,11 @@ For every record of a canonical test file:
   (or the mixture, eq. 24) from :meth:`ddfm.ensemble.Ensemble.score`; perplexity is
   exp(Σ nll / Σ tokens). Text-only test sets get perplexity only.
 
+A record whose image is missing or unreadable is not evaluated: it is left out of every
+figure (a data fault is not the model's error, and every model evaluated on the same file
+leaves out the same records, so comparisons stay paired), logged, and listed in
+``eval.json`` "skipped_images" (file, line, id, reason) and counted in ``eval.md``.
+
 Results are aggregated per task, per source and per cluster (the cluster a record's image
 routes to under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
 ``eval.md`` and ``predictions.jsonl``. The chance level of each task comes from the
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import IMAGE_TOKEN, Record, load_records
+from ddfm.data import IMAGE_TOKEN, Record, check_images, load_records, log_failed_images
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -224,12 +229,16 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     """Evaluate an :class:`~ddfm.ensemble.Ensemble` (one model = an ensemble of one) on records.
 
     Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "predictions",
-    "n_records", "elapsed_s"}``; every group holds n, accuracy (normalised exact match over
-    its question-answer records), nll_per_token and perplexity.
+    "n_records", "skipped_images", "elapsed_s"}``; every group holds n, accuracy (normalised
+    exact match over its question-answer records), nll_per_token and perplexity. Records
+    whose image is missing or unreadable are not evaluated and are listed in
+    ``skipped_images`` ``{"count", "records": [{file, line, id, image, reason}]}``.
     """
-    records = list(records)
+    records, skipped = check_images(records)
     if not records:
-        raise ValueError("eval: the test file holds no records")
+        raise ValueError("eval: the test file holds no records" + (
+            f" whose image can be read ({len(skipped)} failed, first: {skipped[0]})" if skipped else ""))
+    log_failed_images(desc, skipped, "eval.json")
     t0 = time.perf_counter()
     clusters = _clusters(cluster_router, records)
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
@@ -254,6 +263,7 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     return {"overall": aggregate(rows), "by_task": aggregate(rows, "task"),
             "by_source": aggregate(rows, "source"), "by_cluster": aggregate(rows, "cluster"),
             "chance": dict(chance or {}), "predictions": rows, "n_records": len(rows),
+            "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},
             "elapsed_s": time.perf_counter() - t0}
 
 
@@ -268,7 +278,9 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def markdown_report(result: dict, title: str = "Evaluation") -> str:
     """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity)."""
     chance = result.get("chance", {})
-    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s", ""]
+    skipped = (result.get("skipped_images") or {}).get("count", 0)
+    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s"
+             + (f"; {skipped} record(s) skipped: their image failed (listed in eval.json)" if skipped else ""), ""]
     o = result["overall"]
     lines += ["| overall | accuracy % | perplexity | records |", "| --- | ---: | ---: | ---: |",
               f"| all | {_fmt(o['accuracy'], True)} | {_fmt(o['perplexity'])} | {o['n']} |", ""]
@@ -336,7 +348,7 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     from ddfm.router import Router
 
     torch.manual_seed(0)
-    records = load_records(cfg.data).records
+    records = load_records(cfg.data, check_images=False).records  # evaluate() reports failed images
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ens = Ensemble.from_pretrained(cfg.experts, cfg.router, mode=cfg.mode, top_k=cfg.top_k,

@@ -317,6 +317,7 @@ def _left_out_markdown(left_out: list[dict], shown: int = 200) -> list[str]:
     lines = [f"## {len(left_out)} record(s) left out: their image failed", "",
              "Not in any shard: not trained on, not counted above.", "",
              "| file:line | record | reason |", "| --- | --- | --- |"]
+
     def cell(x) -> str:  # a '|' in a path or id must not end the table cell
         return str(x).replace("|", "\\|")
 

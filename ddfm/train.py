@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ddfm.config import arg, to_dict
-from ddfm.data import load_records, open_image
+from ddfm.data import FailedImage, load_records, log_failed_images, open_image
 from ddfm.io import atomic_path, read_json
 from ddfm.models import (
     encode_conversation,
@@ -152,17 +152,21 @@ class Example:
     n_loss: int  # tokens in the loss: labels[1:] that are not IGNORE (the first is never predicted)
 
 
-def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any]]:
+def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any], list[FailedImage]]:
     """Load, encode and check a shard against the init checkpoint; raise before training.
 
-    Returns the examples and a dict of decoded images' ``pixel_values`` keyed by path
-    (each ``(3, H, W)`` float32). Errors (ValueError, naming the file and records): empty
-    shard, images for a text-only checkpoint, a tokenizer that does not fit the model,
+    Returns the examples, a dict of decoded images' ``pixel_values`` keyed by path (each
+    ``(3, H, W)`` float32) and the records left out because their image is missing or
+    unreadable (every record sharing such an image; :class:`ddfm.data.FailedImage`, listed
+    in ``ddfm.json``). Errors (ValueError, naming the file and records): empty shard,
+    images for a text-only checkpoint, a tokenizer that does not fit the model,
     special-token text inside the data, a sequence longer than the model's context.
     """
-    records = load_records(path).records
+    loaded = load_records(path)
+    records, skipped = loaded.records, list(loaded.missing_images)
     if not records:
-        raise ValueError(f"{path}: the shard is empty (no usable records)")
+        raise ValueError(f"{path}: the shard is empty (no usable records"
+                         + (f"; {len(skipped)} left out because their image is missing)" if skipped else ")"))
     tokenizer = get_tokenizer(processor)
     placeholder = image_token(processor)
     with_images = [r for r in records if r.has_image]
@@ -174,8 +178,19 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
     config = model.config
     vocab = config.get_text_config().vocab_size
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    examples, too_long, pixels = [], [], {}
+    examples, too_long, pixels, unreadable = [], [], {}, {}
     for r in records:
+        key = str(r.image_path) if r.has_image else None
+        if key is not None and key not in pixels and key not in unreadable:
+            try:
+                image = open_image(r.image_path)
+            except ValueError as err:  # unreadable bytes: this record and all that share the image
+                unreadable[key] = str(err)
+            else:
+                pixels[key] = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        if key in unreadable:
+            skipped.append(FailedImage.of(r, unreadable[key]))
+            continue
         ids, mask = encode_conversation(processor, r.conversations, n_image)
         if max(ids) >= vocab:
             raise ValueError(f"{path}: record {r.id}: token id {max(ids)} >= the model's vocabulary "
@@ -183,15 +198,15 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
         if context and len(ids) > context:
             too_long.append(f"{r.id} ({len(ids)} tokens)")
         labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-        key = str(r.image_path) if r.has_image else None
-        if key is not None and key not in pixels:
-            pixels[key] = processor.image_processor(images=[open_image(r.image_path)],
-                                                    return_tensors="pt")["pixel_values"][0]
         examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:])))
     if too_long:
         raise ValueError(f"{path}: {len(too_long)} record(s) longer than the model's context of {context} "
                          f"tokens: {', '.join(too_long[:5])}")
-    return examples, pixels
+    if not examples:
+        raise ValueError(f"{path}: no usable records: all {len(skipped)} left out because their image failed "
+                         f"(first: {skipped[0]})")
+    skipped.sort(key=lambda f: f.line)
+    return examples, pixels, skipped
 
 
 def _check_special_text(path, records, tokenizer) -> None:
@@ -367,7 +382,9 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"{out} holds an unfinished run ({STATE_FILE}); pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.init)
-    examples, pixels = encode_shard(cfg.data, processor, model)
+    examples, pixels, skipped = encode_shard(cfg.data, processor, model)
+    if rank == 0:
+        log_failed_images(f"train {cfg.data}", skipped, f"{out}/ddfm.json")
     vlm = is_vision_language(model.config)
     part_sizes = set_trainable(model, cfg.parts)
     model.to(device).train()
@@ -451,7 +468,7 @@ def train(cfg: TrainConfig) -> Path:
             bar.close()
         log_file.close()
         save_state(out, model, optimizer, scheduler, step, counters, config_key)
-        meta = _metadata(cfg, world, counters, part_sizes, len(examples), time.perf_counter() - t_start)
+        meta = _metadata(cfg, world, counters, part_sizes, len(examples), time.perf_counter() - t_start, skipped)
         save_checkpoint(model, processor, out, meta=meta)
         log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
     if world > 1:
@@ -491,7 +508,7 @@ def _report(bar, row: dict, cfg: TrainConfig) -> None:
 
 
 def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_examples: int,
-              elapsed: float) -> dict:
+              elapsed: float, skipped: list[FailedImage]) -> dict:
     init_meta = Path(cfg.init) / "ddfm.json"
     return {
         "stage": "train",
@@ -500,6 +517,8 @@ def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_
         "init": os.path.abspath(cfg.init),
         "init_meta": read_json(init_meta) if init_meta.is_file() else None,
         "examples": n_examples,
+        # records of the shard not trained on because their image is missing or unreadable
+        "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},
         "compute": {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                     "world_size": world, "samples_seen": counters["samples"],
                     "tokens_seen": counters["tokens"], "loss_tokens_seen": counters["loss_tokens"],

@@ -217,3 +217,39 @@ def test_torch_compile_matches_eager(init_dir, data, tmp_path):
     compiled = _log(train(_cfg(init_dir, data, tmp_path / "compiled", steps=2, compile=True)))
     assert counters["stats"]["unique_graphs"] > 0  # dynamo really compiled the model
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+
+
+def test_records_whose_image_failed_are_skipped_and_reported(init_dir, data, tmp_path, caplog):
+    """A truncated PNG, garbage bytes and a missing file, each shared by two records: the run
+    trains on the rest, logs one line and lists all six in ddfm.json (nothing crashes)."""
+    import logging
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in rows:
+        if r["image"]:
+            r["image"] = str(data.parent / r["image"])
+    real = Path(rows[0]["image"]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(real[: len(real) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"definitely not a png" * 8)
+    bad = []
+    for name in ("truncated.png", "garbage.png", "gone.png"):
+        for q in ("What is this?", "Name it."):
+            bad.append({"id": f"{name}-{q[:4]}", "image": str(tmp_path / name), "source": "fashion-mnist",
+                        "task": "name", "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                          {"from": "gpt", "value": "A bag."}]})
+    rows = rows[:3] + bad[:3] + rows[3:] + bad[3:]  # failed records among the good ones
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="ddfm"):
+        out = train(_cfg(init_dir, shard, tmp_path / "run", steps=3))
+    meta = json.loads((out / "ddfm.json").read_text())
+    skipped = meta["skipped_images"]
+    assert skipped["count"] == 6 and meta["examples"] == len(rows) - 6
+    lines = {r["id"]: i + 1 for i, r in enumerate(rows)}
+    assert sorted((s["id"], s["line"]) for s in skipped["records"]) == sorted((b["id"], lines[b["id"]]) for b in bad)
+    reasons = {s["id"]: s["reason"] for s in skipped["records"]}
+    assert all(s["file"] == str(shard) for s in skipped["records"])
+    assert "truncated" in reasons["truncated.png-What"] and "cannot identify" in reasons["garbage.png-Name"]
+    assert reasons["gone.png-What"].startswith("image file not found")
+    assert "6 record(s) left out because their image failed" in caplog.text
+    assert meta["compute"]["samples_seen"] == 3 * 8
