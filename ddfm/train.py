@@ -38,7 +38,7 @@ from typing import Any
 
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, load_records, log_failed_images, open_image
-from ddfm.io import atomic_path, read_json
+from ddfm.io import atomic_path, atomic_write_text, read_json
 from ddfm.models import (
     encode_conversation,
     get_tokenizer,
@@ -350,6 +350,33 @@ def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tupl
     return state["step"], state["counters"]
 
 
+def truncate_log(path: Path, step: int) -> int:
+    """Cut ``log.jsonl`` back to the resumed ``step``, atomically; return the steps cut.
+
+    The rows an interrupted run logged after its last checkpoint describe work that the
+    resumed run does again: they go, so every step appears once. If a step appears more
+    than once (a log from before this rule), its last row is the one kept. A row cut off
+    mid-write by a kill is dropped.
+    """
+    if not path.is_file():
+        return 0
+    rows: dict[int, str] = {}
+    beyond: set[int] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            s = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if s <= step:
+            rows[s] = line
+        else:
+            beyond.add(s)
+    if len(rows) < step:
+        log.warning("train: %s holds rows for %d of the %d steps before the resume point", path, len(rows), step)
+    atomic_write_text(path, "".join(rows[s] + "\n" for s in sorted(rows)))
+    return len(beyond)
+
+
 def _cluster_id(cfg: TrainConfig) -> int | None:
     if cfg.cluster is not None:
         return cfg.cluster
@@ -396,10 +423,16 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     config_key = {k: v for k, v in to_dict(cfg).items()
                   if k not in ("resume", "save_every", "log_every", "device", "compile", "out")}
-    step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0}
+    # running totals, carried in the resume state: samples and tokens seen, training time
+    # (wall and CPU) of the steps that made this model, resumes and steps done again
+    step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0, "cpu_s": 0.0,
+                         "resumes": 0, "steps_redone": 0}
     if cfg.resume and (out / STATE_FILE).exists():
-        step, counters = load_state(out, model, optimizer, scheduler, config_key)
-        log.info("train: resuming %s at step %d", out, step)
+        step, saved = load_state(out, model, optimizer, scheduler, config_key)
+        counters = {**counters, **saved, "resumes": saved.get("resumes", 0) + 1}
+        if rank == 0:
+            counters["steps_redone"] += truncate_log(out / "log.jsonl", step)
+        log.info("train: resuming %s at step %d (%.1f s of training so far)", out, step, counters["elapsed_s"])
     ddp = DDP(model, find_unused_parameters=vlm) if world > 1 else model
     fwd = torch.compile(ddp) if cfg.compile else ddp
     if rank == 0:
@@ -411,6 +444,11 @@ def train(cfg: TrainConfig) -> Path:
     bar = _progress(cfg, step, rank)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
     t_start, t_last, cpu_start = time.perf_counter(), time.perf_counter(), time.process_time()
+    elapsed0, cpu0 = counters["elapsed_s"], counters["cpu_s"]  # time before a resume
+
+    def clock() -> None:  # elapsed and CPU time up to now, resumes included
+        counters["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+        counters["cpu_s"] = cpu0 + time.process_time() - cpu_start  # CPU time: steadier on a shared machine
 
     # ---- train
     while step < cfg.steps:
@@ -448,13 +486,15 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         n_tokens = sum(len(e.input_ids) for e in batch_examples)
-        counters = {"samples": counters["samples"] + len(batch_examples),
-                    "tokens": counters["tokens"] + n_tokens, "loss_tokens": counters["loss_tokens"] + n_loss}
+        counters.update(samples=counters["samples"] + len(batch_examples), tokens=counters["tokens"] + n_tokens,
+                        loss_tokens=counters["loss_tokens"] + n_loss)
         if rank == 0:
+            loss_value = step_loss.item()  # waits for the step to finish before the clock reads
             now = time.perf_counter()
-            row = {"step": step, "loss": step_loss.item(), "lr": lr, "tokens": n_tokens,
-                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": now - t_start,
-                   "cpu_s": time.process_time() - cpu_start}  # CPU time: steadier on a shared machine
+            clock()
+            row = {"step": step, "loss": loss_value, "lr": lr, "tokens": n_tokens,
+                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": counters["elapsed_s"],
+                   "cpu_s": counters["cpu_s"]}
             t_last = now
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
@@ -467,8 +507,9 @@ def train(cfg: TrainConfig) -> Path:
         if bar is not None:
             bar.close()
         log_file.close()
+        clock()
         save_state(out, model, optimizer, scheduler, step, counters, config_key)
-        meta = _metadata(cfg, world, counters, part_sizes, len(examples), time.perf_counter() - t_start, skipped)
+        meta = _metadata(cfg, world, counters, part_sizes, len(examples), skipped)
         save_checkpoint(model, processor, out, meta=meta)
         log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
     if world > 1:
@@ -508,7 +549,7 @@ def _report(bar, row: dict, cfg: TrainConfig) -> None:
 
 
 def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_examples: int,
-              elapsed: float, skipped: list[FailedImage]) -> dict:
+              skipped: list[FailedImage]) -> dict:
     init_meta = Path(cfg.init) / "ddfm.json"
     return {
         "stage": "train",
@@ -523,7 +564,10 @@ def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_
                     "world_size": world, "samples_seen": counters["samples"],
                     "tokens_seen": counters["tokens"], "loss_tokens_seen": counters["loss_tokens"],
                     "epochs": counters["samples"] / max(n_examples, 1), "match": cfg.matched,
-                    "elapsed_s": elapsed},
+                    # training-loop time of the steps that made this model, over resumes
+                    # (work lost after the last checkpoint of an interrupted run not counted)
+                    "elapsed_s": counters["elapsed_s"], "cpu_s": counters["cpu_s"],
+                    "resumes": counters["resumes"], "steps_redone": counters["steps_redone"]},
         "trainable": {"parts": list(cfg.parts), "parameters": part_sizes},
         "seed": cfg.seed,
         "config": to_dict(cfg),

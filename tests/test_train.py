@@ -181,8 +181,13 @@ def test_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ref_meta = json.loads((tmp_path / "ref" / "ddfm.json").read_text())["compute"]
-    run_meta = json.loads((tmp_path / "run" / "ddfm.json").read_text())["compute"]
-    assert ref_meta["tokens_seen"] == run_meta["tokens_seen"]
+    run_meta = json.loads((tmp_path / "run" / "ddfm.json").read_text())
+    assert ref_meta["tokens_seen"] == run_meta["compute"]["tokens_seen"]
+    # the log: each step once (the killed run's rows after its checkpoint are gone), time carried over
+    rows = _log(tmp_path / "run")
+    _check_log_after_resume(rows, 60, run_meta)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _log(tmp_path / "ref")]
+    assert run_meta["compute"]["resumes"] == 1 and run_meta["compute"]["steps_redone"] >= 3
 
 
 @pytest.mark.slow
@@ -253,3 +258,45 @@ def test_records_whose_image_failed_are_skipped_and_reported(init_dir, data, tmp
     assert reasons["gone.png-What"].startswith("image file not found")
     assert "6 record(s) left out because their image failed" in caplog.text
     assert meta["compute"]["samples_seen"] == 3 * 8
+
+
+def _check_log_after_resume(rows, steps, meta):
+    """Each step exactly once, in order; elapsed and CPU time carried over the resume."""
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("elapsed", "cpu_s"):
+        values = [r[key] for r in rows]
+        assert all(b > a for a, b in zip(values, values[1:])), (key, values)
+    c = meta["compute"]
+    assert c["elapsed_s"] >= rows[-1]["elapsed"] and c["elapsed_s"] == pytest.approx(rows[-1]["elapsed"], abs=0.5)
+    assert c["cpu_s"] >= rows[-1]["cpu_s"]
+
+
+def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_path, monkeypatch):
+    """Interrupted after step 7 with a checkpoint at step 4: the resumed run's log holds each
+    step once (steps 5-7 of the lost work are dropped) and time keeps counting from step 4."""
+    import ddfm.train as train_mod
+
+    ref = _log(train(_cfg(init_dir, data, tmp_path / "ref", steps=10, save_every=4)))
+    report = train_mod._report
+
+    def interrupt_after_7(bar, row, cfg):
+        report(bar, row, cfg)
+        if row["step"] == 7:
+            time.sleep(0.3)  # lost work: must not show up in the resumed run's elapsed time
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_report", interrupt_after_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4))
+    monkeypatch.setattr(train_mod, "_report", report)
+    first = _log(tmp_path / "run")
+    assert [r["step"] for r in first] == list(range(1, 8))
+    out = train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4, resume=True))
+    rows = _log(out)
+    meta = json.loads((out / "ddfm.json").read_text())
+    _check_log_after_resume(rows, 10, meta)
+    assert rows[:4] == first[:4]  # the rows up to the checkpoint are kept as written
+    assert rows[4]["elapsed"] > first[3]["elapsed"] and rows[4]["elapsed"] < first[6]["elapsed"] + 0.3
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # the same run, bit for bit on CPU
+    assert meta["compute"]["resumes"] == 1 and meta["compute"]["steps_redone"] == 3
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
