@@ -13,6 +13,10 @@ never drifts from the Python API::
 Rules: a field marked ``positional=True`` becomes a positional argument; ``bool``
 fields become ``--flag/--no-flag``; ``list[...]`` fields take one or more values;
 ``Optional[T]`` fields default to ``None``. Field names map to ``--kebab-case``.
+A value that another option may imply (``train``'s ``--steps`` under ``--match``) is an
+``Optional`` field with default ``None`` meaning "not given", resolved in ``__post_init__``
+(the given value, or the implied one, or the documented default), so a conflict between
+an explicit value and an implied one can be refused instead of silently overridden.
 Validation lives in each config's ``__post_init__`` and raises ``ValueError`` naming
 the field, which the CLI prints as a one-line error.
 """

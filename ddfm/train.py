@@ -34,7 +34,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, load_records, log_failed_images, open_image
@@ -66,6 +66,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "align": ("projector",),
 }
 IGNORE = -100  # label of tokens outside the loss
+DEFAULT_STEPS, DEFAULT_BATCH_SIZE = 200, 16  # when neither given nor implied by --match
 STATE_FILE = "resume/state.pt"
 
 
@@ -76,8 +77,11 @@ class TrainConfig:
     init: str = arg("initial checkpoint directory (ddfm init, or any local HF VLM / causal LM)")
     data: str = arg("training shard (JSONL / LLaVA JSON)")
     out: str = arg("output directory (final HF checkpoint + ddfm.json + log.jsonl)")
-    steps: int = arg("optimisation steps", default=200)
-    batch_size: int = arg("global batch: samples per optimisation step, over all ranks", default=16)
+    # None = not given: --match then supplies the value, else the default (resolved in __post_init__)
+    steps: Optional[int] = arg(f"optimisation steps (default: {DEFAULT_STEPS}, or what --match implies)",
+                               default=None)
+    batch_size: Optional[int] = arg("global batch: samples per optimisation step, over all ranks "
+                                    f"(default: {DEFAULT_BATCH_SIZE}, or what --match implies)", default=None)
     grad_accum: int = arg("micro-batches per step and rank (micro-batch = batch / (accum * ranks))", default=1)
     lr: float = arg("peak learning rate (AdamW)", default=1e-3)
     warmup: int = arg("linear warm-up steps before the cosine decay", default=10)
@@ -101,9 +105,18 @@ class TrainConfig:
 
     def __post_init__(self):
         self.parts = parse_parts(self.train)
+        implied = {"steps": DEFAULT_STEPS, "batch_size": DEFAULT_BATCH_SIZE}
         if self.match:
             self.matched = parse_match(self.match)
-            self.steps, self.batch_size = self.matched["steps"], self.matched["batch_size"]
+            implied = {name: self.matched[name] for name in implied}
+            for name, value in implied.items():
+                given, flag = getattr(self, name), "--" + name.replace("_", "-")
+                if given is not None and given != value:
+                    raise ValueError(f"{flag} {given} conflicts with --match {self.match}, which implies "
+                                     f"{flag} {value}; give only one of them")
+        for name, value in implied.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -300,3 +300,24 @@ def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_p
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # the same run, bit for bit on CPU
     assert meta["compute"]["resumes"] == 1 and meta["compute"]["steps_redone"] == 3
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_match_conflicting_with_an_explicit_steps_or_batch_size_is_an_error(capsys):
+    from ddfm.cli import main
+
+    with pytest.raises(ValueError, match=r"--steps 100 conflicts with --match dense:12,16,2.*--steps 12"):
+        TrainConfig(init="x", data="y", out="z", steps=100, match="dense:12,16,2")
+    with pytest.raises(ValueError, match=r"--batch-size 16 conflicts with --match dense:12,16,2.*--batch-size 8"):
+        TrainConfig(init="x", data="y", out="z", batch_size=16, match="dense:12,16,2")
+    same = TrainConfig(init="x", data="y", out="z", steps=12, batch_size=8, match="dense:12,16,2")  # agrees: fine
+    assert (same.steps, same.batch_size) == (12, 8)
+    implied = TrainConfig(init="x", data="y", out="z", match="dense:12,16,2")
+    assert (implied.steps, implied.batch_size) == (12, 8)
+    plain = TrainConfig(init="x", data="y", out="z")
+    assert (plain.steps, plain.batch_size) == (200, 16)  # the documented defaults
+    import dataclasses
+    assert dataclasses.replace(implied, seed=3).steps == 12  # a resolved config stays valid
+    assert main(["train", "--init", "x", "--data", "y", "--out", "z", "--match", "dense:12,16,2",
+                 "--steps", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 30 conflicts with --match dense:12,16,2" in err
