@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, load_records, log_failed_images, open_image
-from ddfm.io import atomic_path, atomic_write_text, read_json
+from ddfm.io import atomic_path, atomic_write_text
 from ddfm.models import (
     encode_conversation,
     get_tokenizer,
@@ -46,6 +46,7 @@ from ddfm.models import (
     is_vision_language,
     load_model,
     num_image_tokens,
+    read_meta,
     save_checkpoint,
     versions,
 )
@@ -563,13 +564,13 @@ def _report(bar, row: dict, cfg: TrainConfig) -> None:
 
 def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_examples: int,
               skipped: list[FailedImage]) -> dict:
-    init_meta = Path(cfg.init) / "ddfm.json"
+    # paths as given (or absolute): save_checkpoint stores them relative to the run directory
     return {
         "stage": "train",
-        "shard": os.path.abspath(cfg.data),
+        "shard": cfg.data,
         "cluster": _cluster_id(cfg),
-        "init": os.path.abspath(cfg.init),
-        "init_meta": read_json(init_meta) if init_meta.is_file() else None,
+        "init": cfg.init,
+        "init_meta": read_meta(cfg.init),
         "examples": n_examples,
         # records of the shard not trained on because their image is missing or unreadable
         "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},

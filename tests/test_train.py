@@ -51,7 +51,9 @@ def test_train_end_to_end(init_dir, data, tmp_path):
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]  # it learns
     lrs = [r["lr"] for r in rows]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up then cosine decay
-    meta = json.loads((out / "ddfm.json").read_text())
+    from ddfm.models import read_meta
+
+    meta = read_meta(out)
     assert meta["cluster"] == 3 and meta["init"] == str(Path(init_dir).resolve())
     c = meta["compute"]
     assert (c["steps"], c["batch_size"], c["samples_seen"]) == (12, 8, 96)
@@ -267,8 +269,7 @@ def _check_log_after_resume(rows, steps, meta):
         values = [r[key] for r in rows]
         assert all(b > a for a, b in zip(values, values[1:])), (key, values)
     c = meta["compute"]
-    assert c["elapsed_s"] >= rows[-1]["elapsed"] and c["elapsed_s"] == pytest.approx(rows[-1]["elapsed"], abs=0.5)
-    assert c["cpu_s"] >= rows[-1]["cpu_s"]
+    assert c["elapsed_s"] >= rows[-1]["elapsed"] and c["cpu_s"] >= rows[-1]["cpu_s"]
 
 
 def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_path, monkeypatch):
@@ -291,12 +292,16 @@ def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_p
     monkeypatch.setattr(train_mod, "_report", report)
     first = _log(tmp_path / "run")
     assert [r["step"] for r in first] == list(range(1, 8))
+    t0 = time.perf_counter()
     out = train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4, resume=True))
+    resumed_wall = time.perf_counter() - t0
     rows = _log(out)
     meta = json.loads((out / "ddfm.json").read_text())
     _check_log_after_resume(rows, 10, meta)
     assert rows[:4] == first[:4]  # the rows up to the checkpoint are kept as written
-    assert rows[4]["elapsed"] > first[3]["elapsed"] and rows[4]["elapsed"] < first[6]["elapsed"] + 0.3
+    # the total is the time up to the checkpoint plus this session's training: the lost
+    # steps 5-7 (and the 0.3 s after them) are not in it
+    assert first[3]["elapsed"] < meta["compute"]["elapsed_s"] < first[3]["elapsed"] + resumed_wall
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # the same run, bit for bit on CPU
     assert meta["compute"]["resumes"] == 1 and meta["compute"]["steps_redone"] == 3
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
@@ -321,3 +326,43 @@ def test_match_conflicting_with_an_explicit_steps_or_batch_size_is_an_error(caps
                  "--steps", "30"]) == 2
     err = capsys.readouterr().err
     assert "--steps 30 conflicts with --match dense:12,16,2" in err
+
+
+def test_ddfm_json_paths_are_relative_to_the_run_directory(data, tmp_path, monkeypatch):
+    """shard, init and data in ddfm.json (train's and init's) resolve from the run directory,
+    so a tree of runs moved elsewhere still points at its own files."""
+    import shutil
+
+    from ddfm.models import read_meta
+
+    root = tmp_path / "project"
+    shutil.copytree(data.parent, root / "data")
+    monkeypatch.chdir(root)  # paths given relative to the working directory, as on a command line
+    init(InitConfig(preset="tiny-llava", data=f"data/{data.name}", out="init"))
+    out = train(_cfg("init", f"data/{data.name}", "runs/dense", steps=2))
+    raw = json.loads((root / out / "ddfm.json").read_text())
+    assert raw["shard"] == f"../../data/{data.name}" and raw["init"] == "../../init"
+    assert raw["init_meta"]["data"] == f"../../data/{data.name}"  # the init's ddfm.json, seen from here
+    assert raw["config"]["data"] == f"../../data/{data.name}" and raw["config"]["out"] == "."
+    assert json.loads((root / "init" / "ddfm.json").read_text())["data"] == f"../data/{data.name}"
+    assert not any(isinstance(v, str) and str(tmp_path) in v for v in _walk(raw))  # no absolute path
+    monkeypatch.chdir(tmp_path)
+    shutil.move(root, tmp_path / "moved")
+    meta = read_meta(tmp_path / "moved" / "runs" / "dense")
+    moved = (tmp_path / "moved").resolve()
+    assert meta["shard"] == str(moved / "data" / data.name) and Path(meta["shard"]).is_file()
+    assert meta["init"] == str(moved / "init") and meta["init_meta"]["data"] == meta["shard"]
+    assert meta["config"]["data"] == meta["shard"] and meta["config"]["out"] == str(moved / "runs" / "dense")
+    assert read_meta(moved / "init")["data"] == meta["shard"]
+    assert read_meta(tmp_path) is None  # not a checkpoint
+
+
+def _walk(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+    else:
+        yield obj
