@@ -14,12 +14,17 @@ whole global batch, whatever the split into ranks and micro-batches.
 
 The data order is a pure function of ``(seed, step)``: epoch e visits the shard in the
 order ``randperm(N, seed + e)`` and step s takes global samples ``[s·B, (s+1)·B)``. A
-checkpoint every ``--save-every`` steps (model, optimizer, scheduler, RNG, step, counters)
-lets ``--resume`` continue bit for bit where a killed job stopped.
+checkpoint every ``--save-every`` steps (model, optimizer, scheduler, RNG, step, counters
+including elapsed and CPU time) lets ``--resume`` continue bit for bit where a killed job
+stopped; ``log.jsonl`` is cut back to that step, so each step appears once and time runs on.
+
+Records whose image is missing or unreadable are skipped with every record sharing the
+image, named in one log line and listed in ``ddfm.json`` "skipped_images" (file, line, id,
+image, reason); nothing else in the shard is dropped.
 
 Output directory: the final Hugging Face checkpoint (``config.json``, ``model.safetensors``,
-processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint, compute, seed,
-versions) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest resume state).
+processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint -- paths relative to
+this directory, :func:`ddfm.models.read_meta` resolves them -- compute, seed, versions) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest resume state).
 """
 
 from __future__ import annotations
