@@ -339,15 +339,34 @@ def setup_distributed(device: str):
     return rank, world, device
 
 
+def examples_digest(examples: list[Example]) -> str:
+    """Identity of what a run trains on: each example's id, token ids and image path, in order.
+
+    The data order is ``randperm`` over these examples, so a resume state is only valid
+    for the same list: a rewritten shard at the same path, another tokenizer, or images
+    that now fail (or now load) change it.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.image, e.input_ids, e.labels], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
 def save_state(out: Path, model, optimizer, scheduler, step: int, counters: dict, config_key: dict) -> None:
-    """The resume state: one dict of tensors and plain values, written atomically."""
+    """The resume state: one dict of tensors and plain values, written atomically.
+
+    ``config_key``: the options that define the run, plus ``examples`` (:func:`examples_digest`).
+    """
     import torch
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "counters": counters,
              "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "config": json.dumps(config_key, sort_keys=True)}
+             "config": json.dumps({k: v for k, v in config_key.items() if k != "examples"}, sort_keys=True),
+             "examples": config_key["examples"]}
     with atomic_path(out / STATE_FILE) as tmp:
         torch.save(state, tmp)
 
@@ -357,9 +376,13 @@ def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tupl
     import torch
 
     state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-    if state["config"] != json.dumps(config_key, sort_keys=True):
+    if state["config"] != json.dumps({k: v for k, v in config_key.items() if k != "examples"}, sort_keys=True):
         raise ValueError(f"{out / STATE_FILE}: written by a run with a different configuration "
                          f"({state['config']}); use another --out or the same options")
+    if state.get("examples", config_key["examples"]) != config_key["examples"]:  # states before this check pass
+        raise ValueError(f"{out / STATE_FILE}: the training examples of {config_key['data']} changed since this "
+                         "state was written (the shard was rewritten, the tokenizer differs, or images now "
+                         "fail or load); resuming would continue on another data order: use another --out")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -425,7 +448,8 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum} "
                          f"x {world} rank(s)")
     if (out / STATE_FILE).exists() and not cfg.resume:
-        raise ValueError(f"{out} holds an unfinished run ({STATE_FILE}); pass --resume or choose another --out")
+        which = "a finished" if (out / "ddfm.json").is_file() else "an unfinished"
+        raise ValueError(f"{out} holds {which} run ({STATE_FILE}); pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.init)
     examples, pixels, skipped = encode_shard(cfg.data, processor, model)
@@ -442,6 +466,7 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     config_key = {k: v for k, v in to_dict(cfg).items()
                   if k not in ("resume", "save_every", "log_every", "device", "compile", "out")}
+    config_key["examples"] = examples_digest(examples)
     # running totals, carried in the resume state: samples and tokens seen, training time
     # (wall and CPU) of the steps that made this model, resumes and steps done again
     step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0, "cpu_s": 0.0,

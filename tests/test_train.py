@@ -366,3 +366,33 @@ def _walk(obj):
             yield from _walk(v)
     else:
         yield obj
+
+
+def test_resume_refuses_a_shard_that_changed_and_names_a_finished_run(init_dir, data, tmp_path, monkeypatch):
+    """The resume state belongs to the examples it was trained on: a shard rewritten in
+    between (here: one record fewer, same path, same options) would silently continue on
+    another data order, so it is refused. A finished run is not called unfinished."""
+    import ddfm.train as train_mod
+
+    shard = tmp_path / "shard.jsonl"
+    lines = data.read_text().splitlines()
+    shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n" for line in lines))
+    report = train_mod._report
+
+    def interrupt_after_3(bar, row, cfg):
+        report(bar, row, cfg)
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_report", interrupt_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(init_dir, shard, tmp_path / "run", steps=4, save_every=2))
+    monkeypatch.setattr(train_mod, "_report", report)
+    shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n"
+                             for line in lines[1:]))
+    with pytest.raises(ValueError, match=r"training examples .* changed"):
+        train(_cfg(init_dir, shard, tmp_path / "run", steps=4, save_every=2, resume=True))
+    out = train(_cfg(init_dir, shard, tmp_path / "fresh", steps=2))
+    with pytest.raises(ValueError, match=r"holds a finished run") as info:
+        train(_cfg(init_dir, shard, out, steps=2))
+    assert "unfinished" not in str(info.value)
