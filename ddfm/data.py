@@ -136,7 +136,8 @@ class FailedImage:
 
     @classmethod
     def of(cls, record: Record, reason: str) -> "FailedImage":
-        return cls(str(record.file), int(record.line or 0), record.id, str(record.image_path), reason)
+        # a Record built in Python has no file: "<in memory>", line 0
+        return cls(record.file or "<in memory>", record.line or 0, record.id, str(record.image_path), reason)
 
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "id": self.id, "image": self.image, "reason": self.reason}

@@ -24,7 +24,9 @@ image, reason); nothing else in the shard is dropped.
 
 Output directory: the final Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint -- paths relative to
-this directory, :func:`ddfm.models.read_meta` resolves them -- compute, seed, versions) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest resume state).
+this directory, :func:`ddfm.models.read_meta` resolves them -- compute, seed, versions,
+skipped records) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest
+resume state).
 """
 
 from __future__ import annotations
