@@ -228,10 +228,10 @@ def init(cfg: InitConfig) -> Path:
     return out
 
 
-# ddfm.json fields that name files or directories, at any depth ("init_meta", "config"):
-# stored relative to the directory holding ddfm.json, so a moved tree of runs still
-# resolves; write_meta relativises them, read_meta resolves them.
-META_PATH_FIELDS = ("shard", "init", "data", "out")
+# ddfm.json fields that name files or directories, at any depth ("init_meta", "config",
+# "skipped_images"): stored relative to the directory holding ddfm.json, so a moved tree of
+# runs still resolves; write_meta relativises them, read_meta resolves them.
+META_PATH_FIELDS = ("shard", "init", "data", "out", "file", "image")
 
 
 def _map_paths(meta: Any, fn) -> Any:

@@ -249,13 +249,19 @@ def test_records_whose_image_failed_are_skipped_and_reported(init_dir, data, tmp
     shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING, logger="ddfm"):
         out = train(_cfg(init_dir, shard, tmp_path / "run", steps=3))
-    meta = json.loads((out / "ddfm.json").read_text())
+    from ddfm.models import read_meta
+
+    raw = json.loads((out / "ddfm.json").read_text())
+    assert raw["skipped_images"]["records"][0]["file"] == "../shard.jsonl"  # relative to the run directory
+    meta = read_meta(out)
     skipped = meta["skipped_images"]
     assert skipped["count"] == 6 and meta["examples"] == len(rows) - 6
     lines = {r["id"]: i + 1 for i, r in enumerate(rows)}
     assert sorted((s["id"], s["line"]) for s in skipped["records"]) == sorted((b["id"], lines[b["id"]]) for b in bad)
     reasons = {s["id"]: s["reason"] for s in skipped["records"]}
     assert all(s["file"] == str(shard) for s in skipped["records"])
+    assert {Path(s["image"]).name for s in skipped["records"]} == {"truncated.png", "garbage.png", "gone.png"}
+    assert all(Path(s["image"]).parent == tmp_path for s in skipped["records"])
     assert "truncated" in reasons["truncated.png-What"] and "cannot identify" in reasons["garbage.png-Name"]
     assert reasons["gone.png-What"].startswith("image file not found")
     assert "6 record(s) left out because their image failed" in caplog.text
