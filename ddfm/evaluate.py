@@ -24,6 +24,11 @@ stage's ``prepare.json`` beside the test file. Without one, the test answers' ow
 majority rate is reported instead, under ``chance_oracle`` and marked "(oracle)": it is
 read off the test answers, so it is not a chance level.
 
+A record whose image is missing or unreadable is not evaluated: it is left out of every
+figure (a data fault is not the model's error, and every model evaluated on the same file
+leaves out the same records, so comparisons stay paired), logged, and listed in
+``eval.json`` "skipped_images" (file, line, id, reason) and counted in ``eval.md``.
+
 Python API::
 
     ens = Ensemble.from_pretrained(["runs/dense"])
@@ -43,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import SHORT_ANSWER_WORDS, Record, load_records
+from ddfm.data import SHORT_ANSWER_WORDS, Record, check_images, load_records, log_failed_images
 from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
@@ -208,10 +213,14 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
     ``chance_oracle`` holds :func:`oracle_chance_levels` of the question-answer tasks that
     ``chance`` lacks; ``qa_cut_short`` counts (and names up to 20 of) the question-answer
     records whose reference has more than ``max_new_tokens`` tokens, which cannot match.
+    Records whose image is missing or unreadable are not evaluated and are listed in
+    ``skipped_images`` ``{"count", "records": [{file, line, id, image, reason}]}``.
     """
-    records = list(records)
+    records, skipped = check_images(records)
     if not records:
-        raise ValueError("eval: the test file holds no records")
+        raise ValueError("eval: the test file holds no records" + (
+            f" whose image can be read ({len(skipped)} failed, first: {skipped[0]})" if skipped else ""))
+    log_failed_images(desc, skipped, "eval.json")
     t0 = time.perf_counter()
     clusters = _clusters(cluster_router, records)
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
@@ -246,6 +255,7 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
             "chance_oracle": oracle_chance_levels(records, skip=chance or {}, qa_max_words=qa_max_words),
             "qa_cut_short": {"n": len(cut), "max_new_tokens": max_new_tokens, "ids": cut[:20]},
             "predictions": rows, "n_records": len(rows),
+            "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},
             "elapsed_s": time.perf_counter() - t0}
 
 
@@ -268,7 +278,9 @@ def markdown_report(result: dict, title: str = "Evaluation") -> str:
     chance figure (``chance_oracle``) is marked "(oracle)" in a column named so."""
     chance, oracle = result.get("chance", {}), result.get("chance_oracle", {})
     chance_head = "oracle chance %" if oracle and not chance else "chance %"
-    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s", ""]
+    skipped = (result.get("skipped_images") or {}).get("count", 0)
+    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s"
+             + (f"; {skipped} record(s) skipped: their image failed (listed in eval.json)" if skipped else ""), ""]
     o = result["overall"]
     lines += ["| overall | accuracy % | perplexity | records |", "| --- | ---: | ---: | ---: |",
               f"| all | {_fmt(o['accuracy'], True)} | {_fmt(o['perplexity'])} | {o['n']} |", ""]
@@ -347,7 +359,7 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     from ddfm.router import Router
 
     torch.manual_seed(0)
-    records = load_records(cfg.data).records
+    records = load_records(cfg.data, check_images=False).records  # evaluate() reports failed images
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ens = Ensemble.from_config(cfg.ensemble)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -303,3 +304,35 @@ def test_references_longer_than_max_new_tokens_are_flagged(tiny_run, caplog):
     assert cut and result["qa_cut_short"] == {"n": len(cut), "max_new_tokens": 2, "ids": cut}
     assert f"{len(cut)} question-answer record(s)" in caplog.text and "--max-new-tokens" in caplog.text
     assert f"{len(cut)} question-answer record(s)" in (out / "eval.md").read_text()
+
+
+def test_ddfm_eval_skips_and_reports_records_whose_image_failed(tiny_run, tmp_path):
+    """A truncated PNG shared by two records and a missing file: eval does not crash; the
+    three records are left out of every figure and listed in eval.json and eval.md."""
+    from ddfm.cli import main
+
+    test = tiny_run["test"]
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    for r in rows:
+        if r["image"]:
+            r["image"] = str(test.parent / r["image"])
+    real = Path(rows[0]["image"]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(real[: len(real) // 2])
+    bad = [{**rows[0], "id": "cut-a", "image": str(tmp_path / "truncated.png")},
+           {**rows[1], "id": "cut-b", "image": str(tmp_path / "truncated.png")},
+           {**rows[2], "id": "lost", "image": str(tmp_path / "gone.png")}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + bad + rows[2:]))
+    out = tmp_path / "out"
+    assert main(["eval", str(path), "--experts", str(tiny_run["model"]), "--out", str(out),
+                 "--batch-size", "4", "--max-new-tokens", "2"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n_records"] == len(rows) == result["overall"]["n"]
+    skipped = result["skipped_images"]
+    assert skipped["count"] == 3
+    assert [(s["id"], s["line"]) for s in skipped["records"]] == [("cut-a", 3), ("cut-b", 4), ("lost", 5)]
+    assert "truncated" in skipped["records"][0]["reason"]
+    assert skipped["records"][2]["reason"].startswith("image file not found")
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["id"] for p in preds} == {r["id"] for r in rows}
+    assert "3 record(s) skipped: their image failed" in (out / "eval.md").read_text()
