@@ -260,8 +260,12 @@ def read_meta(checkpoint: str | os.PathLike) -> dict | None:
     return _map_paths(read_json(path), lambda v: os.path.normpath(base / v))  # an absolute v stays itself
 
 
-def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None = None) -> Path:
+def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None = None,
+                    state_dict: dict | None = None) -> Path:
     """Save model (safetensors) + processor/tokenizer as a HF directory, then ``ddfm.json``.
+
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's,
+    gathered by :func:`ddfm.fsdp.full_state_dict`).
 
     Files are written into a temporary sibling directory and each moved into ``out`` with
     an atomic rename; ``ddfm.json`` comes last, so its presence marks a complete
@@ -275,7 +279,7 @@ def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(tmp)
         (out / "ddfm.json").unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
