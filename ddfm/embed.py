@@ -29,9 +29,17 @@ Encoder specs (presets as data: :data:`ENCODERS`):
 
 Output directory (see docs/ARCHITECTURE.md): ``features.npy`` (M, D) float32 unit rows,
 ``keys.json`` (M keys, :func:`record_key`), ``embed.json`` (encoder, modality, dim, count,
-data files, cache_key, failed items, timings). The directory is its own cache: a re-run
+data files, cache_key, failed items: a function of the data and the encoder only) and
+``timing.json`` (seconds, items per second). The directory is its own cache: a re-run
 with the same data (file digests, image sizes and mtimes) and the same encoder (spec and
 weights identity) does nothing and says so.
+
+Across workers (:mod:`ddfm.embed_parts`): ``--shard I/N`` (or one rank of ``torchrun``)
+embeds slice I of the unique items into ``OUT/part-I-of-N/``; the last slice to finish
+merges them into ``OUT``, byte for byte what one process writes::
+
+    ddfm embed data/mix/train.jsonl --out runs/embed --shard 0/4      # ... 3/4, anywhere
+    torchrun --nproc_per_node=8 -m ddfm embed data/mix/train.jsonl --out runs/embed
 """
 
 from __future__ import annotations
@@ -46,13 +54,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ddfm import embed_parts as parts
 from ddfm.config import arg
 from ddfm.data import IMAGE_TOKEN, Record, load_records, open_image
-from ddfm.io import atomic_path, file_digest, read_json, write_json
+from ddfm.io import file_digest, read_json
 
 log = logging.getLogger(__name__)
 
@@ -556,6 +565,11 @@ class EmbedConfig:
     batch_size: int = arg("items per encoder call", default=64)
     device: str = arg("torch device", default="cpu", choices=("cpu", "cuda", "auto"))
     force: bool = arg("recompute even when the cache in --out is up to date", default=False)
+    shard: Optional[str] = arg("embed only slice I/N of the unique items (I from 0) into OUT/part-I-of-N/; the "
+                               "last slice to finish merges them into OUT (under torchrun: RANK/WORLD_SIZE)",
+                               default=None)
+    merge: bool = arg("merge the finished OUT/part-I-of-N/ slices into OUT (when the automatic merge did not run)",
+                      default=False)
 
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)):
@@ -564,21 +578,28 @@ class EmbedConfig:
             raise ValueError("data: give at least one data file")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        if self.shard is not None:
+            parts.parse_part(self.shard)
+            if self.merge:
+                raise ValueError("shard: --shard embeds one slice, --merge merges finished ones; give one of them")
         parse_spec(self.encoder)  # an unknown name fails before any model loads
 
 
 def embed(cfg: EmbedConfig) -> Path:
     """Embed every unique item of ``cfg.data`` with ``cfg.encoder`` into ``cfg.out``.
 
-    Returns the output directory. Items that cannot be read (missing file, bad bytes) are
-    logged and listed in ``embed.json["failed"]``; they get no row.
+    Returns the output directory (for a slice whose siblings are not all done yet, its
+    ``part-I-of-N`` directory). Items that cannot be read (missing file, bad bytes) are
+    logged and listed in ``embed.json["failed"]``; they get no row. A slice (``--shard``,
+    or one rank under torchrun) embeds whole batches of the items (:mod:`ddfm.embed_parts`).
     """
     out = Path(cfg.out)
     records: list[tuple[Path, Record]] = []
     for f in cfg.data:
         records += [(Path(f), r) for r in load_records(f, check_images=False).records]
+    part = parts.part_of_run(cfg.shard)
     t0 = time.perf_counter()
-    encoder = get_encoder(cfg.encoder, device=cfg.device)
+    encoder = get_encoder(cfg.encoder, device=_rank_device(cfg.device) if part else cfg.device)
     load_s = time.perf_counter() - t0
     items = _collect(records, encoder.modality)
     cache_key = _cache_key(cfg.data, encoder, items)
@@ -586,23 +607,89 @@ def embed(cfg: EmbedConfig) -> Path:
         log.info("embed: cache hit, %s is up to date for these data and %s (cache key %s); nothing recomputed "
                  "(--force recomputes)", out, encoder.spec, cache_key[:12])
         return out
-    t0 = time.perf_counter()
-    keys, feats, failed = _embed_items(encoder, items, cfg.batch_size)
-    seconds = time.perf_counter() - t0
-    meta = {"encoder": encoder.spec, "modality": encoder.modality, "dim": encoder.dim, "count": len(keys),
-            "data": [str(Path(f).resolve()) for f in cfg.data], "cache_key": cache_key, "failed": failed,
-            "records": items.n_records, "records_without_item": items.n_without, "weights": encoder.identity,
-            "seconds": round(seconds, 3), "model_load_seconds": round(load_s, 3),
-            "items_per_second": round(len(items.keys) / seconds, 1) if seconds > 0 else None,
-            "batch_size": cfg.batch_size, "format": FORMAT_VERSION}
-    _write(out, feats, keys, meta)
-    if not keys and items.n_without:
+    if cfg.merge:
+        return _merge(out, cache_key)
+    if part is None:
+        keys, feats, failed, timing = _embed_timed(encoder, items, cfg.batch_size, load_s)
+        parts.write_features(out, [feats], keys, _meta(cfg, encoder, items, cache_key, keys, failed), timing)
+        n_rows = len(keys)
+    else:
+        index, count = part
+        where = _embed_part(cfg, encoder, items, cache_key, load_s, index, count)
+        with parts.merge_lock(out):  # the last slice to finish merges; one waiting finds it done
+            done = parts.complete_parts(out, cache_key, count)
+            if len(done) < count:
+                if _cache_hit(out, cache_key):
+                    return out
+                log.info("embed: part %d of %d written (%d of %d done) -> %s", index, count, len(done), count, where)
+                return where
+            n_rows = parts.merge(out, done, count)["count"]
+    if not n_rows and items.n_without:
         log.warning("embed: none of the %d records has an image; for a text-only corpus use --encoder minilm",
                     items.n_without)
-    log.info("embed: %d unique %s item(s) from %d record(s) with %s in %.1f s (%.0f/s), %d failed -> %s",
-             len(keys), encoder.modality, items.n_records, encoder.spec, seconds,
-             len(items.keys) / max(seconds, 1e-9), len(failed), out)
     return out
+
+
+def _embed_part(cfg: EmbedConfig, encoder: Encoder, items: _Items, cache_key: str, load_s: float,
+                index: int, count: int) -> Path:
+    """Slice ``index`` of ``count`` into ``OUT/part-I-of-N/`` (unless it is there already); its directory."""
+    start, stop = parts.item_range(len(items.keys), cfg.batch_size, index, count)
+    where = parts.part_dir(Path(cfg.out), index, count)
+    mine = {"index": index, "count": count, "items": [start, stop]}
+    if cfg.force or not _cache_hit(where, cache_key, part=mine):
+        sliced = _Items(items.keys[start:stop], items.texts, items.n_records, items.n_without)
+        keys, feats, failed, timing = _embed_timed(encoder, sliced, cfg.batch_size, load_s)
+        meta = {**_meta(cfg, encoder, items, cache_key, keys, failed), "part": mine}
+        parts.write_features(where, [feats], keys, meta, timing)
+    return where
+
+
+def _meta(cfg: EmbedConfig, encoder: Encoder, items: _Items, cache_key: str, keys: list[str],
+          failed: list[dict]) -> dict:
+    """``embed.json``: what the rows are, a function of the data and the encoder only."""
+    return {"encoder": encoder.spec, "modality": encoder.modality, "dim": encoder.dim, "count": len(keys),
+            "data": [str(Path(f).resolve()) for f in cfg.data], "cache_key": cache_key, "failed": failed,
+            "records": items.n_records, "records_without_item": items.n_without, "weights": encoder.identity,
+            "batch_size": cfg.batch_size, "format": FORMAT_VERSION}
+
+
+def _embed_timed(encoder: Encoder, items: _Items, batch_size: int, load_s: float):
+    """:func:`_embed_items` plus ``timing.json``'s figures, logged."""
+    t0 = time.perf_counter()
+    keys, feats, failed = _embed_items(encoder, items, batch_size)
+    seconds = time.perf_counter() - t0
+    timing = {"seconds": round(seconds, 3), "model_load_seconds": round(load_s, 3),
+              "items_per_second": round(len(items.keys) / seconds, 1) if seconds > 0 else None}
+    log.info("embed: %d unique %s item(s) with %s in %.1f s (%.0f/s), %d failed",
+             len(keys), encoder.modality, encoder.spec, seconds, len(items.keys) / max(seconds, 1e-9), len(failed))
+    return keys, feats, failed, timing
+
+
+def _merge(out: Path, cache_key: str) -> Path:
+    """``--merge``: the finished parts of these data and encoder into ``out``, or an error saying what is missing."""
+    counts = parts.part_counts(out)
+    if len(counts) != 1:
+        raise ValueError(f"{out}: " + ("no part-I-of-N directories to merge" if not counts else
+                                       f"parts of different splits ({', '.join(f'of-{n}' for n in sorted(counts))})"
+                                       "; remove the stale ones"))
+    count = counts.pop()
+    with parts.merge_lock(out):
+        done = parts.complete_parts(out, cache_key, count)
+        missing = [i for i in range(count) if i not in done]
+        if missing:
+            raise ValueError(f"{out}: part(s) {', '.join(f'{i}/{count}' for i in missing)} not finished for these "
+                             "data and encoder; run `ddfm embed ... --shard I/N` for them first")
+        parts.merge(out, done, count)
+    return out
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun each rank takes its own GPU (LOCAL_RANK)."""
+    import torch
+
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def _cache_key(data: list[str], encoder: Encoder, items: _Items) -> str:
@@ -611,10 +698,10 @@ def _cache_key(data: list[str], encoder: Encoder, items: _Items) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_hit(out: Path, cache_key: str) -> bool:
+def _cache_hit(out: Path, cache_key: str, part: dict | None = None) -> bool:
     try:
         meta = read_json(out / "embed.json")
-        if meta.get("cache_key") != cache_key:
+        if meta.get("cache_key") != cache_key or meta.get("part") != part:
             return False
         feats = np.load(out / "features.npy", mmap_mode="r")
         return feats.shape[0] == meta.get("count") == len(read_json(out / "keys.json"))
@@ -695,18 +782,12 @@ class _progress:
             self.bar.close()
 
 
-def _write(out: Path, feats: np.ndarray, keys: list[str], meta: dict) -> None:
-    """Write the three files atomically; embed.json last, so it marks a complete set."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embed.json").unlink(missing_ok=True)  # a crash below must not leave a stale cache hit
-    with atomic_path(out / "features.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(feats, dtype=np.float32))
-    write_json(out / "keys.json", keys)
-    write_json(out / "embed.json", meta)
-
-
 def load_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]:
-    """Read a features directory: ``(features (M, D) float32, keys [M], meta dict)``."""
+    """Read a features directory: ``(features (M, D) float32, keys [M], meta dict)``.
+
+    The features are memory-mapped read-only (``np.load(..., mmap_mode="r")``): a million
+    768-d rows (3 GB) are read from the page cache as they are used, not copied into memory.
+    """
     path = Path(path)
     if not (path / "embed.json").is_file():
         raise FileNotFoundError(f"features directory not found or incomplete: {path} has no embed.json "
@@ -714,7 +795,7 @@ def load_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]
     meta = read_json(path / "embed.json")
     keys = read_json(path / "keys.json")
     try:
-        feats = np.load(path / "features.npy", allow_pickle=False)
+        feats = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'features.npy'}: cannot read: {err}") from None
     if feats.ndim != 2 or feats.dtype != np.float32:
