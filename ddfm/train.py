@@ -318,7 +318,8 @@ def rank_groups(batch: list[Example], rank: int, world: int, micro: int, accum: 
     (:func:`length_groups`). Under FSDP (``sharded``) every rank must run the same blocks
     the same number of times, since each block's all-gather is a collective: micro-batches
     stay whole, and one without an image gets ``ballast`` (:func:`ballast_example`) so the
-    vision tower and projector run on every rank, as LLaVA's own code feeds a blank image.
+    vision tower and projector run on every rank (LLaVA's training code gives text-only
+    samples a blank image).
     """
     groups = []
     for a in range(accum):

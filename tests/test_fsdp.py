@@ -165,6 +165,53 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(init_dir, data
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
+def test_fsdp_keeps_fp32_master_weights_of_a_half_precision_checkpoint(init_dir, data, tmp_path):
+    """Real checkpoints come in fp16/bf16 (LLaVA-1.5-7B: fp16) and transformers loads them so;
+    under --fsdp the sharded master weights, gradients and AdamW state are fp32."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    half = tmp_path / "bf16-init"
+    shutil.copytree(init_dir, half)
+    model = AutoModelForImageTextToText.from_pretrained(init_dir, dtype=torch.bfloat16)
+    model.save_pretrained(half)
+    assert {t.dtype for t in load_file(half / "model.safetensors").values()} == {torch.bfloat16}
+    out = train(_cfg(half, data, tmp_path / "run", steps=1, fsdp=True))
+    memory = json.loads((out / "ddfm.json").read_text())["compute"]["memory_per_rank"]
+    assert memory["parameters"] == [4 * sum(p.numel() for p in model.parameters())]
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+
+def test_readme_memory_estimate_counts_the_real_llava_7b():
+    """The README's per-rank memory of a LLaVA-1.5-7B expert under FSDP starts from these
+    parameter counts: the model built from its configuration on the meta device (no weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from ddfm.fsdp import transformer_blocks
+    from ddfm.train import set_trainable
+
+    config = LlavaConfig(  # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336, 2-layer MLP projector, Vicuna-7B
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=32, vocab_size=32064, tie_word_embeddings=False),
+        image_token_index=32000, projector_hidden_act="gelu", vision_feature_layer=-2)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    counts = set_trainable(model, ("projector", "language"))
+    blocks = transformer_blocks(model)
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for b in blocks for p in b.parameters())
+    readme = (ROOT / "README.md").read_text()
+    for name, n in [("vision", 303_507_456), ("projector", 20_979_712), ("language", 6_738_939_904)]:
+        assert counts[name] == n and f"{n:,}" in readme, name
+    assert sum(counts.values()) == 7_063_427_072 and "7,063,427,072" in readme
+    assert counts["projector"] + counts["language"] == 6_759_919_616 and "6,759,919,616" in readme
+    assert {type(b).__name__: sum(p.numel() for p in b.parameters()) for b in blocks} == \
+        {"CLIPEncoderLayer": 12_596_224, "LlamaDecoderLayer": 202_383_360} and "202,383,360" in readme
+    assert root == 284_850_176 and "284,850,176" in readme
+
+
 # ------------------------------------------------------------------ two processes (torchrun, gloo)
 
 def _kill_tree(pid):
