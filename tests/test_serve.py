@@ -26,7 +26,10 @@ import uvicorn
 from PIL import Image
 
 from ddfm.ensemble import EnsembleConfig
-from ddfm.serve import ApiError, Limits, Metrics, ServeConfig, create_app, parse_chat_request, sse
+from ddfm.serve import ApiError, LocalBackend, Metrics, ServeConfig, create_app, sse
+from ddfm.serve.chat import chat_job
+from ddfm.serve.errors import from_validation
+from ddfm.serve.protocol import ChatCompletionRequest
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -159,7 +162,19 @@ def assert_error(resp: httpx.Response, status: int, *, code: str | None = None, 
 
 # ----------------------------------------------------------------------------- protocol units
 
-LIMITS = Limits(max_image_pixels=64 * 64, max_output_tokens=16, default_max_tokens=4)
+CFG = ServeConfig(ensemble=EnsembleConfig(experts=["unused"]), max_image_pixels=64 * 64, max_output_tokens=16,
+                  default_max_tokens=4)
+
+
+def parse_chat_request(body: dict, cfg: ServeConfig = CFG):
+    """What the chat endpoint does with a body before the backend: pydantic, then the server's checks."""
+    from pydantic import ValidationError
+
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as err:
+        raise from_validation(err.errors(), body) from None
+    return chat_job(request, cfg, ["ddfm"])
 
 
 def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
@@ -170,13 +185,14 @@ def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
                                      {"type": "text", "text": "What is this?"}]}]}
-    req = parse_chat_request(body, LIMITS, ["ddfm"])
+    [prompt] = parse_chat_request(body).prompts
+    req, sampling = prompt.request, prompt.sampling
     assert req.prompt == "What is this?"
     assert req.history == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                            {"role": "assistant", "content": "Hello."}]
     assert req.image.mode == "RGB" and req.image.size == (28, 28)
     assert np.array_equal(np.asarray(req.image.convert("L")), np.asarray(img))
-    assert (req.max_tokens, req.do_sample, req.stop) == (5, False, ["\n"])
+    assert (sampling.max_new_tokens, sampling.do_sample, sampling.stop, sampling.logprobs) == (5, False, ["\n"], None)
 
 
 @pytest.mark.parametrize("patch, status, code, param", [
@@ -192,7 +208,7 @@ def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
     ({"stop": 3}, 400, "invalid_type", "stop"),
     ({"stream": "yes"}, 400, "invalid_type", "stream"),
-    ({"messages": []}, 400, "invalid_type", "messages"),
+    ({"messages": []}, 400, "invalid_value", "messages"),
     ({"messages": "hi"}, 400, "invalid_type", "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
@@ -203,27 +219,27 @@ def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
 def test_parse_chat_request_rejects_each_bad_field_by_name(patch, status, code, param):
     body = {"model": "ddfm", "messages": [{"role": "user", "content": "hi"}], **patch}
     with pytest.raises(ApiError) as info:
-        parse_chat_request(body, LIMITS, ["ddfm"])
+        parse_chat_request(body)
     err = info.value
     assert (err.status, err.code, err.param) == (status, code, param), err.body()
 
 
-def test_metrics_render_prometheus_text_format():
+def test_metrics_are_prometheus_exposition_that_prometheus_client_parses():
+    from prometheus_client.parser import text_string_to_metric_families
+
     m = Metrics()
-    m.inc("ddfm_requests_total", route="/v1/models", status="200")
-    m.inc("ddfm_expert_requests_total", expert='we"ird')
+    m.requests.labels(route="/v1/models", status="200").inc()
+    m.expert_requests.labels(expert='we"ird').inc()
     for s in (0.005, 0.3, 100.0):
-        m.observe(s)
-    text = m.render()
-    assert 'ddfm_requests_total{route="/v1/models",status="200"} 1' in text
-    assert 'ddfm_expert_requests_total{expert="we\\"ird"} 1' in text
-    assert 'ddfm_request_duration_seconds_bucket{le="0.01"} 1' in text
-    assert 'ddfm_request_duration_seconds_bucket{le="0.5"} 2' in text
-    assert 'ddfm_request_duration_seconds_bucket{le="+Inf"} 3' in text
-    assert "ddfm_request_duration_seconds_count 3" in text
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]+="([^"\\]|\\.)*",?)*\})? [0-9.e+-]+$')
-    for line in text.splitlines():
-        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+        m.duration.observe(s)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(m.render().decode()) for s in family.samples}
+    assert samples["ddfm_requests_total", (("route", "/v1/models"), ("status", "200"))] == 1
+    assert samples["ddfm_expert_requests_total", (("expert", 'we"ird'),)] == 1
+    assert samples["ddfm_request_duration_seconds_bucket", (("le", "0.01"),)] == 1
+    assert samples["ddfm_request_duration_seconds_bucket", (("le", "0.5"),)] == 2
+    assert samples["ddfm_request_duration_seconds_bucket", (("le", "+Inf"),)] == 3
+    assert samples["ddfm_request_duration_seconds_count", ()] == 3
 
 
 def test_sse_event_framing():
@@ -392,22 +408,20 @@ def test_every_bad_input_is_a_4xx_with_an_openai_error_body(server, assets, tmp_
     for i in range(20):  # random paths do not grow the metrics (bounded label values)
         httpx.get(server.url + f"/probe-{i}-{random.random()}")
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'ddfm_errors_total{code="invalid_base64"} 1' in metrics
+    assert metric(metrics, 'ddfm_errors_total{code="invalid_base64"}') == 1
     assert "probe" not in metrics and 'route="other",status="404"' in metrics
 
 
 def test_prompt_plus_max_tokens_must_fit_the_experts_context(assets, ensemble):
-    from ddfm.serve import LocalBackend
-
     backend = LocalBackend(ensemble, serve_config(assets, max_prompt_tokens=100_000), Metrics())
     context = ensemble.experts[0].config.get_text_config().max_position_embeddings
     body = {"model": "ddfm", "max_tokens": 8, "messages": user_message("hello " * context)}
     with pytest.raises(ApiError) as info:
-        backend.prepare(parse_chat_request(body, LIMITS, ["ddfm"]))
+        backend.prepare(parse_chat_request(body))
     assert info.value.code == "context_length_exceeded" and str(context) in info.value.message
-    short = parse_chat_request({**body, "messages": user_message("hello")}, LIMITS, ["ddfm"])
+    short = parse_chat_request({**body, "messages": user_message("hello")})
     backend.prepare(short)
-    assert 0 < short.prompt_tokens < 20
+    assert 0 < short.prompts[0].prompt_tokens < 20
 
 
 def test_remote_and_local_images_only_when_enabled(assets, ensemble):
@@ -521,6 +535,12 @@ def test_concurrency_limit_answers_429_and_recovers(assets, ensemble):
         live.close()
 
 
+def metric(text: str, name: str) -> float:
+    """A sample's value in Prometheus exposition text (0 when absent)."""
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, assets):
     before = httpx.get(server.url + "/metrics").text
     bodies = [{"model": "ddfm", "messages": user_message("What is this?", assets["images"][i % 2]),
@@ -534,19 +554,15 @@ def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, 
         assert int(np.argmax(r.json()["ddfm"]["weights"])) == i % 2
     assert all(len(s) == 1 for s in by_image.values())
     after = httpx.get(server.url + "/metrics").text
-
-    def value(text, name):
-        m = re.search(rf"^{name} ([0-9.]+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
+    delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
     for k in (0, 1):  # requests per expert, as routed
-        name = f'ddfm_expert_requests_total\\{{expert="expert-{k}"\\}}'
-        assert value(after, name) - value(before, name) == 4
-    assert value(after, "ddfm_completion_tokens_total") > value(before, "ddfm_completion_tokens_total")
-    assert value(after, "ddfm_request_duration_seconds_count") - value(before, "ddfm_request_duration_seconds_count") == 8
-    batches = value(after, "ddfm_batches_total") - value(before, "ddfm_batches_total")
-    batched = value(after, "ddfm_batched_requests_total") - value(before, "ddfm_batched_requests_total")
-    assert batched == 8 and batches < 8  # at least one generate call decoded several requests
+        assert delta(f'ddfm_expert_requests_total{{expert="expert-{k}"}}') == 4
+    assert delta("ddfm_completion_tokens_total") > 0
+    assert delta("ddfm_request_duration_seconds_count") == 8
+    assert delta("ddfm_batch_joined_total") == 8
+    steps = delta("ddfm_batch_rows_count")
+    alone = delta('ddfm_batch_rows_bucket{le="1.0"}')
+    assert steps > 0 and alone < steps  # some steps decoded several requests together
 
 
 # ----------------------------------------------------------------------------- gateway mode
