@@ -1014,3 +1014,13 @@ def test_ddfm_serve_command_in_a_subprocess(assets):
     finally:
         proc.terminate()
         assert proc.wait(30) is not None
+
+
+def test_the_prompt_is_encoded_once_while_its_length_is_checked(assets, ensemble):
+    """``prepare`` (a request thread) encodes the prompt; the batcher thread reuses it."""
+    backend = LocalBackend(ensemble, serve_config(assets), Metrics())
+    job = parse_chat_request({"model": "ddfm", "messages": user_message("What is this?", assets["images"][0])})
+    backend.prepare(job)
+    request = job.prompts[0].request
+    assert request.encoded is not None and len(request.encoded.ids) == job.prompts[0].prompt_tokens
+    assert ensemble.prompts.encode(request) is request.encoded

@@ -143,7 +143,7 @@ class LocalBackend:
             param = "messages" if job.api == "chat" else "prompt"
             try:
                 with self._lock:
-                    encoded = self._prompts.encode(p.request)
+                    encoded = p.request.encoded = self._prompts.encode(p.request)
                     if p.echo is not None and p.request.token_ids is not None:
                         p.echo_text = self._prompts.tokenizer.decode(encoded.ids)
             except ValueError as err:  # an image for text-only experts, a token id outside the vocabulary

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Batcher", "Generate", "Score", "Inbox", "Tagged"]
 
+# While the batch is busy (4 rows or more), arrivals join once JOIN_AT of them wait (at most
+# a quarter of the running rows, at most the room left) or after JOIN_WAIT steps: a join is a prefill forward, whose cost at small
+# sizes is mostly per call (bench_serve: 1 row 11 ms, 8 rows 38 ms joining 16 running rows).
+JOIN_AT, JOIN_WAIT = 4, 8
+
 
 class Inbox:
     """Events from the batcher thread to one waiting coroutine (thread-safe ``put``)."""
@@ -109,6 +114,8 @@ class Batcher:
         self._active: dict[int, Generate] = {}
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._waited = 0
+        self.join_at, self.join_wait = JOIN_AT, JOIN_WAIT
         self.stats = _Stats()
 
     # -------------------------------------------------------------- the asyncio side
@@ -149,9 +156,12 @@ class Batcher:
                 if idle and self._stopping:
                     return
                 self._take(block=idle)
+                t0 = time.perf_counter()
                 self._admit()
                 if self._active:
                     self._step()
+                if self.metrics is not None:
+                    self.metrics.busy.inc(time.perf_counter() - t0)
 
     def _take(self, block: bool) -> None:
         """Move submitted work into the waiting line; scoring runs right away."""
@@ -185,6 +195,14 @@ class Batcher:
 
     def _admit(self) -> None:
         room = self.max_batch - len(self._active)
+        if not room or not self._waiting:
+            return
+        # a busy batch lets a few arrivals gather first (JOIN_AT, JOIN_WAIT); an idle one admits at once
+        gather = min(room, self.join_at, len(self._active) // 4)  # a small batch admits at once
+        if len(self._waiting) < gather and self._waited < self.join_wait:
+            self._waited += 1
+            return
+        self._waited = 0
         joining = []
         while self._waiting and len(joining) < room:
             work = self._waiting.popleft()

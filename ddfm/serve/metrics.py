@@ -38,6 +38,8 @@ class Metrics:
                              registry=r)
         self.rows = Histogram("ddfm_batch_rows", "rows (requests) decoded together per step", buckets=ROW_BUCKETS,
                               registry=r)
+        self.busy = Counter("ddfm_batcher_busy_seconds", "time the batcher thread spent admitting and decoding "
+                            "(its utilisation: the rate of this counter)", registry=r)
         self.scored = Counter("ddfm_scored_prompts", "prompts scored for echo log-probabilities", registry=r)
 
     def account(self, usage: dict, routed_to: list[str], seconds: float | None = None) -> None:
