@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", nargs="*", default=None, help="expert directories (default: build tiny ones)")
     p.add_argument("--router", default=None, help="router.json (with --experts)")
-    p.add_argument("--requests", type=int, default=64, help="requests per row and round")
+    p.add_argument("--requests", type=int, default=128, help="requests per row and round (4 times the largest "
+                   "concurrency: a steady state, not only the first wave and its tail)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all rows")
     p.add_argument("--max-tokens", type=int, nargs="+", default=[4, 8, 16, 32],
                    help="max_tokens of the requests, cycled (mixed lengths)")

@@ -300,6 +300,10 @@ def test_openai_client_streaming_equals_non_streaming(server, assets):
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(final) == 1 and final[0].choices[0].finish_reason == full.choices[0].finish_reason
     assert final[0].model_extra["ddfm"]["weights"] == full.model_extra["ddfm"]["weights"]
+    # where docs/ARCHITECTURE.md says it is: on the chunk with the finish_reason, and only there
+    doc = (Path(__file__).parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert "is on the chunk that carries the `finish_reason`" in " ".join(doc.split())
+    assert [c for c in chunks if (c.model_extra or {}).get("ddfm")] == final
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
 
