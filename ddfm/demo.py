@@ -274,7 +274,7 @@ def stage_eval(p: Pipeline, preset: dict, name: str, experts: list[str], part: s
 
         torch.manual_seed(p.seed)
         test = p.path("data") / "test.jsonl"
-        records = load_records(test).records
+        records = load_records(test, check_images=False).records  # evaluate() lists failed images
         if ev["limit"] and len(records) > ev["limit"]:  # spread over the file: every task and source
             records = records[:: -(-len(records) // ev["limit"])]
         router_file = p.path(part) / "router.json"

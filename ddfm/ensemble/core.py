@@ -398,18 +398,23 @@ def check_compatible(names: Sequence[str], processors: Sequence[Any], models: Se
 
 def init_identity(path: str | os.PathLike) -> Optional[str]:
     """Where an expert's training started: a fingerprint of its initial checkpoint's
-    ``ddfm.json`` (as ``ddfm train`` copied it), else the initial checkpoint's path; None
-    for a checkpoint without ``ddfm.json`` (not trained by ddfm)."""
-    meta_file = Path(path) / "ddfm.json"
-    if not meta_file.is_file():
+    ``ddfm.json`` (``ddfm train`` keeps a copy as ``init_meta``; a checkpoint written by
+    ``ddfm init`` is its own start), else the initial checkpoint's path; None for a
+    checkpoint that ddfm did not write."""
+    from ddfm.models import read_meta
+
+    meta = read_meta(path)  # paths resolved, so copies at other depths compare equal
+    if meta is None:
         return None
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("stage") != "train":
-        return None
-    if meta.get("init_meta"):
-        return hashlib.sha256(json.dumps(meta["init_meta"], sort_keys=True).encode()).hexdigest()[:16]
-    init = meta.get("init")
-    return str((Path(path) / init).resolve()) if init else None
+
+    def fingerprint(m: dict) -> str:
+        return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+    if meta.get("stage") == "init":
+        return fingerprint(meta)
+    if meta.get("stage") == "train":
+        return fingerprint(meta["init_meta"]) if meta.get("init_meta") else meta.get("init")
+    return None
 
 
 def warn_different_inits(names: Sequence[str], paths: Sequence[str]) -> list[str]:

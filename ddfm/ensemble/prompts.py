@@ -82,11 +82,20 @@ def open_request_image(image):
 
 
 def _messages(request: Request, with_image: bool) -> list[dict]:
+    """The chat messages of a request. The image goes where the prompt's ``<image>``
+    placeholder stands (as LLaVA records place it), else before the prompt's text, unless
+    an earlier turn already holds it."""
+    from ddfm.data import IMAGE_TOKEN
     from ddfm.models import to_chat_messages
 
     history = to_chat_messages(request.history or [])
     has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
                          for m in history)
+    if IMAGE_TOKEN in request.prompt:
+        if not with_image or has_image_part:
+            raise ValueError(f"the prompt holds an {IMAGE_TOKEN} placeholder but the request has no image for it")
+        [user] = to_chat_messages([{"from": "human", "value": request.prompt}])
+        return history + [user]
     parts = ([{"type": "image"}] if with_image and not has_image_part else []) + [{"type": "text", "text": request.prompt}]
     return history + [{"role": "user", "content": parts}]
 
