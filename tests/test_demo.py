@@ -136,3 +136,43 @@ def test_presets_are_data_and_validated():
     assert q["dense"]["train"] == PRESETS["image"]["dense"]["train"]  # merged, not replaced
     with pytest.raises(ValueError, match="preset"):
         DemoConfig(preset="nope")
+
+
+def _documented_formats() -> dict[str, list[tuple[str, list[str]]]]:
+    """docs/ARCHITECTURE.md's file formats: {demo directory: [(file, documented JSON keys)]}."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    section = text.split("## File formats")[1]
+    formats: dict[str, list[tuple[str, list[str]]]] = {}
+    for block in re.split(r"\n(?=\*\*)", section):
+        where = re.search(r"demo: `([\w.-]+)/`\)", block.split("\n\n")[0])
+        if not where:
+            continue
+        files = formats.setdefault(where.group(1), [])
+        for bullet in re.split(r"\n\* ", "\n" + block.split("\n", 1)[1])[1:]:
+            names = re.findall(r"`([\w./-]+\.\w+|images)`(?:, | —)", bullet.split(" — ")[0] + " —")
+            keys = re.search(r"`\{([^}]*)\}`", bullet)
+            for name in names:
+                files.append((name, re.findall(r'"(\w+)"', keys.group(1)) if keys and name == names[-1] else []))
+    return formats
+
+
+def test_architecture_doc_matches_a_demo_run(quick_run):
+    """Every file ARCHITECTURE.md lists for a stage directory exists in a real run, with the
+    JSON keys it documents (a JSON file's top level, a JSON Lines file's first row)."""
+    out, _ = quick_run
+    formats = _documented_formats()
+    assert set(formats) == {"data", "embed", "partition", "expert-0", "eval-dense"}, formats
+    for directory, files in formats.items():
+        assert len(files) >= 3, (directory, files)
+        for name, keys in files:
+            path = out / directory / name
+            assert path.exists(), f"ARCHITECTURE.md lists {directory}/{name}, the demo run has no such file"
+            if keys:
+                text = path.read_text(encoding="utf-8")
+                row = json.loads(text.splitlines()[0] if path.suffix == ".jsonl" else text)
+                missing = set(keys) - set(row)
+                assert not missing, f"{directory}/{name} lacks the documented keys {sorted(missing)}"
+    for stage in STAGES:  # the demo run directory: one DONE.json marker per stage, with its key
+        assert {"stage", "key", "config"} <= set(json.loads((out / stage / "DONE.json").read_text()))
