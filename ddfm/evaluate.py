@@ -56,7 +56,7 @@ from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normalize_answer", "exact_match",
-           "vqa_accuracy", "is_qa", "QA_MAX_WORDS", "aggregate", "chance_levels", "oracle_chance_levels",
+           "vqa_accuracy", "is_qa", "QA_MAX_WORDS", "aggregate", "route_clusters", "chance_levels", "oracle_chance_levels",
            "markdown_report"]
 
 # records whose reference answer has at most this many words are question-answer records
@@ -179,9 +179,9 @@ class _Progress:
             self.bar.close()
 
 
-def _clusters(router, records: list[Record]) -> list[str]:
-    """Cluster of each record under ``router`` (argmax of eq. 29); text records under an
-    image router are 'text'."""
+def route_clusters(router, records: Sequence[Record]) -> list[str]:
+    """Cluster of each record under ``router`` (argmax of eq. 29: the nearest centroid);
+    text records under an image router are 'text'. Images are decoded 256 at a time."""
     import torch
 
     from ddfm.data import open_image
@@ -190,13 +190,14 @@ def _clusters(router, records: list[Record]) -> list[str]:
         return ["-"] * len(records)
     labels = ["text"] * len(records)
     if router.modality == "text":
-        idx, items = list(range(len(records))), [r.prompt() for r in records]
+        idx = list(range(len(records)))
     else:
         idx = [i for i, r in enumerate(records) if r.image_path is not None]
-        items = [open_image(records[i].image_path) for i in idx]
-    for chunk in _batches(list(zip(idx, items)), 256):
-        w = router.probabilities(router.features([it for _, it in chunk]))
-        for (i, _), k in zip(chunk, torch.argmax(w, dim=1).tolist()):
+    for chunk in _batches(idx, 256):
+        items = [records[i].prompt() if router.modality == "text" else open_image(records[i].image_path)
+                 for i in chunk]
+        w = router.log_probabilities(router.features(items))
+        for i, k in zip(chunk, torch.argmax(w, dim=1).tolist()):
             labels[i] = str(k)
     return labels
 
@@ -222,7 +223,7 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
             f" whose image can be read ({len(skipped)} failed, first: {skipped[0]})" if skipped else ""))
     log_failed_images(desc, skipped, "eval.json")
     t0 = time.perf_counter()
-    clusters = _clusters(cluster_router, records)
+    clusters = route_clusters(cluster_router, records)
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
              "prediction": None, "correct": None} for r, c in zip(records, clusters)]
     qa = [i for i, r in enumerate(records) if is_qa(r, qa_max_words)]

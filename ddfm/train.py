@@ -121,6 +121,9 @@ class TrainConfig:
     compile: bool = arg("torch.compile the model", default=False)
     device: str = arg("cpu, cuda or auto", default="auto")
     log_every: int = arg("log a plain line every N steps when not on a terminal", default=10)
+    eval_data: list[str] = arg("held-out data files whose answer loss is logged (log.jsonl eval_loss) before "
+                               "training, every --eval-every steps and at the end", default_factory=list)
+    eval_every: int = arg("steps between held-out losses (0: only before and after training)", default=0)
     parts: tuple[str, ...] = field(default=(), init=False)
     matched: dict | None = field(default=None, init=False)
 
@@ -143,8 +146,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.warmup < 0 or self.save_every < 0:
-            raise ValueError("--warmup and --save-every must be >= 0")
+        if self.warmup < 0 or self.save_every < 0 or self.eval_every < 0:
+            raise ValueError("--warmup, --save-every and --eval-every must be >= 0")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
 
@@ -527,6 +530,13 @@ def train(cfg: TrainConfig) -> Path:
     examples, pixels, skipped = encode_shard(cfg.data, processor, model)
     if rank == 0:
         log_failed_images(f"train {cfg.data}", skipped, f"{out}/ddfm.json")
+    held_out = {}  # name -> examples of each --eval-data file
+    for path in cfg.eval_data:
+        ex, px, failed = encode_shard(path, processor, model)
+        if rank == 0:
+            log_failed_images(f"train --eval-data {path}", failed, f"{out}/log.jsonl")
+        held_out[Path(path).stem] = ex
+        pixels.update(px)
     vlm = is_vision_language(model.config)
     part_sizes = set_trainable(model, cfg.parts)
     if cfg.activation_checkpointing:
@@ -545,8 +555,8 @@ def train(cfg: TrainConfig) -> Path:
                                   foreach=cfg.fsdp or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     config_key = {k: v for k, v in to_dict(cfg).items()
-                  if k not in ("resume", "save_every", "log_every", "device", "compile", "out",
-                               "fsdp", "activation_checkpointing")}  # sharded or not: see load_state
+                  if k not in ("resume", "save_every", "log_every", "device", "compile", "out", "eval_data",
+                               "eval_every", "fsdp", "activation_checkpointing")}  # sharded or not: see load_state
     config_key["examples"] = examples_digest(examples)
     # running totals, carried in the resume state: samples and tokens seen, training time
     # (wall and CPU) of the steps that made this model, resumes and steps done again
@@ -578,6 +588,19 @@ def train(cfg: TrainConfig) -> Path:
         counters["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
         counters["cpu_s"] = cpu0 + time.process_time() - cpu_start  # CPU time: steadier on a shared machine
 
+    def evaluate_held_out() -> dict:  # {file stem: mean answer NLL}; not counted as training time
+        nonlocal t_start, cpu_start
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses = {name: held_out_loss(model, ex, pixels, pad_id, device, autocast) for name, ex in held_out.items()}
+        t_start, cpu_start = t_start + time.perf_counter() - t0, cpu_start + time.process_time() - c0
+        return losses
+
+    if held_out and step == 0:
+        losses = evaluate_held_out()
+        if rank == 0:
+            log_file.write(json.dumps({"step": 0, "eval_loss": losses}) + "\n")
+            log_file.flush()
+
     # ---- train
     while step < cfg.steps:
         order = sample_order(len(examples), cfg.seed, step * cfg.batch_size, cfg.batch_size)
@@ -592,12 +615,7 @@ def train(cfg: TrainConfig) -> Path:
             # micro-batch, so that no rank ever holds the whole model's gradients
             sync = i == len(mine) - 1 or world == 1 or cfg.fsdp
             with (ddp.no_sync() if not sync else nullcontext()), autocast:
-                logits = fwd(**batch, use_cache=False).logits  # (B, T, V)
-                # position t predicts token t+1: shift the labels, not the (large) logits
-                targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
-                loss = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), targets.flatten(),
-                    ignore_index=IGNORE, reduction="sum") / max(n_loss, 1)
+                loss = answer_nll(fwd(**batch, use_cache=False).logits, labels)[0] / max(n_loss, 1)  # logits (B, T, V)
                 if not loss.requires_grad and not cfg.fsdp:
                     # nothing trainable on this path (a text-only group under the projector-only
                     # "align" recipe): a zero-weighted tie to the parameters gives zero
@@ -628,7 +646,12 @@ def train(cfg: TrainConfig) -> Path:
             row = {"step": step, "loss": loss_value, "lr": lr, "tokens": n_tokens,
                    "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": counters["elapsed_s"],
                    "cpu_s": counters["cpu_s"]}
-            t_last = now
+        if held_out and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            losses = evaluate_held_out()
+            if rank == 0:
+                row["eval_loss"] = losses
+        if rank == 0:
+            t_last = time.perf_counter()
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             _report(bar, row, cfg)
@@ -651,6 +674,43 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+def answer_nll(logits, labels):
+    """Σ −log p(x_t | x_<t) over the answer tokens: logits (B, T, V), labels (B, T) with
+    IGNORE outside answers. Returns (summed NLL (float32 scalar tensor), answer tokens)."""
+    import torch
+
+    # position t predicts token t+1: shift the labels, not the (large) logits
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=IGNORE, reduction="sum")
+    return nll, int((targets != IGNORE).sum())
+
+
+def held_out_loss(model, examples: list[Example], pixels: dict, pad_id: int, device, autocast,
+                  batch_size: int = 32) -> float:
+    """Mean answer-token NLL (nats) of held-out examples under ``model`` (no gradients).
+
+    Every rank computes it on all examples (the same forward passes on each, as a sharded
+    model needs); it reads no training state, so the training run is unchanged by it.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast:
+        for i in range(0, len(examples), batch_size):
+            for group in length_groups(examples[i:i + batch_size]):
+                batch = {k: v.to(device) for k, v in collate(group, pixels, pad_id).items()}
+                labels = batch.pop("labels")
+                nll, n = answer_nll(model(**batch).logits, labels)
+                total, count = total + float(nll), count + n
+    if hasattr(model, "reshard"):  # an FSDP root keeps its parameters gathered for a backward that never comes
+        model.reshard()
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def _dry_run(model, batch, device, path) -> None:

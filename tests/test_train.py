@@ -402,3 +402,23 @@ def test_resume_refuses_a_shard_that_changed_and_names_a_finished_run(init_dir, 
     with pytest.raises(ValueError, match=r"holds a finished run") as info:
         train(_cfg(init_dir, shard, out, steps=2))
     assert "unfinished" not in str(info.value)
+
+
+def test_held_out_loss_is_logged_and_leaves_training_unchanged(init_dir, data, tmp_path):
+    """--eval-data: the answer loss of held-out records before training, every N steps and
+    at the end (log.jsonl eval_loss), computed without touching the training run."""
+    held = make_data(tmp_path / "held", n_fashion=8, n_digits=4, n_text=2, offset=500, name="val.jsonl")
+    plain = train(_cfg(init_dir, data, tmp_path / "plain"))
+    out = train(_cfg(init_dir, data, tmp_path / "eval", eval_data=[str(held)], eval_every=5))
+    rows = _log(out)
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in _log(plain)]
+    evals = {r["step"]: r["eval_loss"]["val"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 5, 10, 12]
+    assert evals[12] < evals[0]  # it learns something that carries to unseen records
+    # the number itself: the mean answer NLL of the held-out records under the final model
+    from ddfm.train import encode_shard, held_out_loss
+
+    model, proc = load_model(out)
+    examples, pixels, _ = encode_shard(str(held), proc, model)
+    assert held_out_loss(model, examples, pixels, proc.tokenizer.pad_token_id, "cpu",
+                         torch.autocast("cpu", enabled=False)) == pytest.approx(evals[12], rel=1e-5)

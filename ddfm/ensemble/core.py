@@ -296,9 +296,13 @@ class Ensemble:
             token_lp = torch.logsumexp(mix + tokens[i].T.nan_to_num(neginf=-1e30), dim=1)
             top = None
             if top_logprobs:
-                lp = torch.stack([full[i, k] if (i, k) in full else torch.zeros_like(next(iter(full.values())))
+                V = next(iter(full.values())).shape[-1]
+                lp = torch.stack([full[i, k] if (i, k) in full else torch.zeros(n - 1, V)  # expert k not run
                                   for k in range(K)], 1)  # (n-1, K, V)
                 mixture = mixture_log_probs(mix.float(), lp)  # (n-1, V): eq. 24 at every position
+                # the chosen tokens' values from the same tensor as the alternatives, so that a
+                # token that is the most likely one has exactly the top value (harnesses compare)
+                token_lp = mixture.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
                 best = torch.topk(mixture, min(top_logprobs, mixture.shape[-1]), dim=-1)
                 top = [None] + [[[int(t), float(v)] for v, t in zip(vs, ts)] for vs, ts in zip(best.values, best.indices)]
             results.append({"token_ids": ids, "token_logprobs": [None] + [float(x) for x in token_lp],

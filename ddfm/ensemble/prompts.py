@@ -27,7 +27,10 @@ class Request:
     messages (``{"role", "content"}``); ``image`` is a PIL image or an image file path.
     A *raw* request (OpenAI's completions API) skips the chat template: ``token_ids`` are
     the prompt as given, or, with ``raw=True``, ``prompt`` is tokenized as plain text
-    (with the tokenizer's own special tokens, e.g. a leading bos).
+    (with the tokenizer's own special tokens, e.g. a leading bos). ``encoded``: the request
+    already encoded by this ensemble's :class:`PromptEncoder` (``ddfm serve`` encodes while
+    it checks the prompt's length, in the request's thread, so the decoding thread does not
+    encode it again).
     """
 
     prompt: str
@@ -35,6 +38,7 @@ class Request:
     history: Optional[list[dict]] = None
     raw: bool = False
     token_ids: Optional[list[int]] = None
+    encoded: Optional["Encoded"] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -115,6 +119,8 @@ class PromptEncoder:
     def encode(self, request: Request) -> Encoded:
         from ddfm.models import render_prompt
 
+        if request.encoded is not None:
+            return request.encoded
         if request.token_ids is not None or request.raw:
             return self._encode_raw(request)
         image = open_request_image(request.image)
