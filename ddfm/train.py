@@ -548,7 +548,8 @@ def train(cfg: TrainConfig) -> Path:
     model.train()
     pad_id = get_tokenizer(processor).pad_token_id
     pad_id = 0 if pad_id is None else pad_id
-    params = [p for p in model.parameters() if p.requires_grad]  # under FSDP: the shards
+    # under FSDP: the shards (taken before any forward: an FSDP root keeps the gathered ones after it)
+    params = [p for p in model.parameters() if p.requires_grad]
     _dry_run(model, collate(examples[:1], pixels, pad_id), device, cfg.data)
     # foreach: one dispatch per list of FSDP's DTensor shards instead of one per tensor (3x faster on CPU)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
@@ -707,8 +708,6 @@ def held_out_loss(model, examples: list[Example], pixels: dict, pad_id: int, dev
                 labels = batch.pop("labels")
                 nll, n = answer_nll(model(**batch).logits, labels)
                 total, count = total + float(nll), count + n
-    if hasattr(model, "reshard"):  # an FSDP root keeps its parameters gathered for a backward that never comes
-        model.reshard()
     model.train(was_training)
     return total / max(count, 1)
 
@@ -724,8 +723,6 @@ def _dry_run(model, batch, device, path) -> None:
             model(**batch, use_cache=False)
     except (ValueError, RuntimeError, IndexError) as err:
         raise ValueError(f"{path}: the first example does not fit the init checkpoint: {err}") from None
-    if hasattr(model, "reshard"):  # an FSDP root keeps its parameters gathered for a backward that never comes
-        model.reshard()
 
 
 def _progress(cfg: TrainConfig, step: int, rank: int):

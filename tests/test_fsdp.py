@@ -34,7 +34,8 @@ def init_dir(data, tmp_path_factory):
 
 
 def _losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
 
 
 def _cfg(init_dir, data, out, **kw):
@@ -71,16 +72,25 @@ def test_fsdp_ranks_run_the_same_forwards_each_with_an_image():
 
 @pytest.fixture(scope="module")
 def plain_run(init_dir, data, tmp_path_factory):
-    return train(_cfg(init_dir, data, tmp_path_factory.mktemp("plain") / "run"))
+    return train(_cfg(init_dir, data, tmp_path_factory.mktemp("plain") / "run", eval_data=[str(data)], eval_every=3))
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(init_dir, data, tmp_path_factory):
-    return train(_cfg(init_dir, data, tmp_path_factory.mktemp("fsdp") / "run", fsdp=True, save_every=2))
+    return train(_cfg(init_dir, data, tmp_path_factory.mktemp("fsdp") / "run", fsdp=True, save_every=2,
+                      eval_data=[str(data)], eval_every=3))
+
+
+def _eval_losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["eval_loss"]["train"]) for r in rows if "eval_loss" in r]
 
 
 def test_fsdp_in_one_process_matches_plain_training(plain_run, fsdp_run):
     assert _losses(fsdp_run) == pytest.approx(_losses(plain_run), abs=1e-5)
+    # the held-out loss (every rank runs the same forwards: the sharded model needs it)
+    assert [s for s, _ in _eval_losses(fsdp_run)] == [0, 3, 6]
+    assert [v for _, v in _eval_losses(fsdp_run)] == pytest.approx([v for _, v in _eval_losses(plain_run)], abs=1e-5)
     assert _same_weights(plain_run, fsdp_run, atol=1e-4)
     state = torch.load(fsdp_run / "resume" / "state.pt", weights_only=True)
     assert "model" not in state and state["sharded"] == "sharded-00000006"
@@ -130,6 +140,9 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init
     def count_decoder_calls(model, parts):
         for block in transformer_blocks(model.model.language_model):  # inside the block: seen on recompute too
             block.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        # training asks for no KV cache (transformers would build one, and refuse it under checkpointing)
+        model.register_forward_pre_hook(lambda m, a, kw: calls.setdefault("use_cache", set()).add(kw.get("use_cache")),
+                                        with_kwargs=True)
         return set_trainable(model, parts)
 
     monkeypatch.setattr(train_mod, "set_trainable", count_decoder_calls)
@@ -138,6 +151,7 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init
     ac = train(_cfg(init_dir, data, tmp_path / "ac", steps=2, activation_checkpointing=True))
     n_dry = 4  # the dry run's forward (no gradient, nothing to recompute) through the 4 decoder blocks
     assert n_plain > n_dry and calls["n"] - n_dry == 2 * (n_plain - n_dry)
+    assert calls["use_cache"] == {False}
     assert _losses(ac) == _losses(plain)
     assert _same_weights(plain, ac)
     assert json.loads((ac / "ddfm.json").read_text())["config"]["activation_checkpointing"] is True
@@ -330,12 +344,15 @@ def test_two_rank_fsdp_killed_then_resumed_is_bitwise_identical(init_dir, data, 
 def test_two_rank_fsdp_trains_everything_with_activation_checkpointing(init_dir, data, tmp_path):
     """The internvl recipe (vision tower trained too: its blocks' gradients are reduce-scattered,
     image-less micro-batches carry the ballast image) with checkpointing matches one process."""
-    common = [*_common(init_dir, data, steps=4), "--train", "internvl"]
+    common = [*_common(init_dir, data, steps=4), "--train", "internvl", "--eval-data", data]
     run = _torchrun(*common, "--fsdp", "--activation-checkpointing", "--out", tmp_path / "fsdp", port=29546)
     assert run.wait() == 0, run.stdout.read()[-4000:]
-    single = train(_cfg(init_dir, data, tmp_path / "single", steps=4, grad_accum=2, seed=3, train="internvl"))
+    single = train(_cfg(init_dir, data, tmp_path / "single", steps=4, grad_accum=2, seed=3, train="internvl",
+                        eval_data=[str(data)]))
     l1, l2 = _losses(single), _losses(tmp_path / "fsdp")
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-5, (l1, l2)
+    e1, e2 = _eval_losses(single), _eval_losses(tmp_path / "fsdp")  # before and after training, on both ranks
+    assert [s for s, _ in e2] == [0, 4] and max(abs(a[1] - b[1]) for a, b in zip(e1, e2)) < 1e-5, (e1, e2)
     assert _same_weights(single, tmp_path / "fsdp", atol=1e-4)
     before, after = load_file(Path(init_dir) / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
