@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -287,7 +287,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
     (``AutoModelForImageTextToText`` + ``AutoProcessor``) or ``(model, tokenizer)`` for a
     causal LM (``AutoModelForCausalLM`` + ``AutoTokenizer``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -295,8 +295,11 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None):
     config = AutoConfig.from_pretrained(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if is_vision_language(config):
+        from ddfm.families import family_of, load_processor
+
+        family_of(config)  # a VLM family ddfm does not read is an error here, naming the supported ones
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path, config)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         processor = AutoTokenizer.from_pretrained(path)
@@ -374,54 +377,148 @@ def render_prompt(processor_or_tokenizer, messages: list[dict], add_generation_p
                                                       add_generation_prompt=add_generation_prompt)
 
 
-def num_image_tokens(processor) -> int:
-    """How many placeholder tokens one image expands to, asked of the processor itself.
+def family_name(processor_or_tokenizer) -> str:
+    """The family a processor belongs to, for error messages (``Qwen2VL``, ``Llava``, ...)."""
+    return type(processor_or_tokenizer).__name__.removesuffix("Processor").removesuffix("TokenizerFast")
 
-    Runs the processor on one blank image at its crop size and counts the image-token ids
-    (LlavaProcessor: (H/patch)·(W/patch) + additional tokens − CLS if strategy "default").
+
+@dataclass
+class Encoding:
+    """A prompt or conversation as the model takes it.
+
+    ``ids`` (T,) with every image placeholder expanded to that image's own tokens (as the
+    family's processor expands it: tiles, grids, any resolution); ``mask`` (T,) True on the
+    assistant's answers (the LLaVA loss mask); ``vision``: the processor's image inputs
+    (``pixel_values`` and whatever else the family returns, e.g. ``image_grid_thw``,
+    ``pixel_attention_mask``, ``image_sizes``), each with the image on dim 0, or None;
+    ``token_types``: per-token inputs other than the ids (Qwen2-VL's
+    ``mm_token_type_ids``), each (T,), or empty.
     """
-    from PIL import Image
 
-    size = getattr(processor.image_processor, "crop_size", None) or {"height": 32, "width": 32}
-    h, w = (size["height"], size["width"]) if not isinstance(size, int) else (size, size)
-    enc = processor(text=processor.image_token, images=[Image.new("RGB", (w, h))], return_tensors="pt")
-    return int((enc["input_ids"][0] == processor.image_token_id).sum())
+    ids: list[int]
+    mask: list[bool]
+    vision: dict | None = None
+    token_types: dict = field(default_factory=dict)
 
 
-def encode_conversation(processor_or_tokenizer, conversations: list[dict],
-                        n_image_tokens: int | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of a whole conversation and its assistant mask (the LLaVA loss mask).
+def tokenize(processor_or_tokenizer, text: str, images: list | None = None, *, offsets: bool = False) -> dict:
+    """Token ids (and the processor's image inputs) of rendered chat-template text.
 
-    ``ids[i]`` is the i-th token of ``render_prompt(..., add_generation_prompt=False)``
-    with the image placeholder expanded to ``n_image_tokens`` copies; ``mask[i]`` is True
-    for tokens of an assistant answer (including its closing eos). Assistant spans are
-    found by rendering each prefix up to an assistant turn with the generation prompt, so
-    any chat template works, and the ids are those of the full text tokenized at once —
-    the same ids inference sees.
+    A processor expands each image placeholder with its own per-image replacement and
+    adds the tokenizer's special tokens unless the text already starts with bos (the rule
+    of ``ProcessorMixin.apply_chat_template``); a tokenizer never adds them (as its
+    ``apply_chat_template``). ``offsets``: also ``offset_mapping`` (T, 2) and the
+    processor's ``text_replacement_offsets``. Returns a dict of (1, ...) tensors / lists.
     """
     tokenizer = get_tokenizer(processor_or_tokenizer)
-    messages = to_chat_messages(conversations)
+    extra = {"return_offsets_mapping": True} if offsets else {}
+    if image_token(processor_or_tokenizer) is None:
+        if images:
+            raise ValueError("a text-only model cannot take an image")
+        enc = tokenizer(text, add_special_tokens=False, **extra)
+        return {k: [v] for k, v in enc.items()}
+    placeholder = image_token(processor_or_tokenizer)
+    n = text.count(placeholder)
+    if n != len(images or []):
+        raise ValueError(f"{family_name(processor_or_tokenizer)}: the chat template rendered {n} image placeholder(s) "
+                         f"({placeholder!r}) for {len(images or [])} image(s)")
+    bos = tokenizer.bos_token
+    if offsets:
+        extra["return_text_replacement_offsets"] = True
+    enc = processor_or_tokenizer(text=text, images=images or None, return_tensors="pt",
+                                 add_special_tokens=not (bos is not None and text.startswith(bos)), **extra)
+    return dict(enc)
 
-    def ids_of(msgs, gen):
-        text = render_prompt(processor_or_tokenizer, msgs, add_generation_prompt=gen)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    full = ids_of(messages, False)
-    mask = [False] * len(full)
+def _vision_and_types(enc: dict) -> tuple[dict | None, dict]:
+    skip = {"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets"}
+    T = enc["input_ids"].shape[-1]
+    vision, types = {}, {}
+    for key, value in enc.items():
+        if key in skip or not hasattr(value, "shape"):
+            continue
+        if value.dim() == 2 and tuple(value.shape) == (1, T):
+            types[key] = value[0]  # per token
+        else:
+            vision[key] = value
+    return vision or None, types
+
+
+def encode_prompt(processor_or_tokenizer, text: str, images: list | None = None) -> Encoding:
+    """A rendered prompt (``render_prompt``) as the model takes it (``mask`` all False)."""
+    enc = tokenize(processor_or_tokenizer, text, images)
+    ids = [int(t) for t in (enc["input_ids"][0].tolist() if hasattr(enc["input_ids"], "tolist")
+                            else enc["input_ids"][0])]
+    vision, types = _vision_and_types(enc) if hasattr(enc["input_ids"], "shape") else (None, {})
+    return Encoding(ids, [False] * len(ids), vision, types)
+
+
+def assistant_spans(processor_or_tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered whole (no generation prompt) and each answer's characters.
+
+    A template with ``{% generation %}`` blocks marks its answers itself (transformers'
+    contract for ``return_assistant_tokens_mask``); a span is extended over the eos token
+    that directly follows it, so the model learns to stop. Any other template: an answer
+    spans the characters between the conversation rendered up to it with the generation
+    prompt and rendered through it. A template whose shorter renderings are not prefixes
+    of the whole one cannot be read this way: a ``ValueError`` naming the family.
+    """
+    import re
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    full = render_prompt(processor_or_tokenizer, messages, add_generation_prompt=False)
+    template = processor_or_tokenizer.chat_template
+    tokenizer = get_tokenizer(processor_or_tokenizer)
+    if isinstance(template, str) and re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        msgs = messages if hasattr(processor_or_tokenizer, "image_processor") else _flatten(messages)
+        text, indices = render_jinja_template(conversations=[msgs], chat_template=template,
+                                              return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+        if text[0] != full:
+            raise ValueError(f"{family_name(processor_or_tokenizer)}: the chat template renders differently with "
+                             "generation markers; cannot find which tokens are the assistant's")
+        eos = tokenizer.eos_token or ""
+        return full, [(s, e + len(eos) if eos and full.startswith(eos, e) else e) for s, e in indices[0]]
+    spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(ids_of(messages[:i], True))
-        end = len(ids_of(messages[: i + 1], False))
-        for j in range(start, min(end, len(full))):
-            mask[j] = True
-    placeholder = image_token(processor_or_tokenizer)
-    if placeholder is not None and n_image_tokens:
-        image_id = tokenizer.convert_tokens_to_ids(placeholder)
-        ids, out_mask = [], []
-        for t, m in zip(full, mask):
-            reps = n_image_tokens if t == image_id else 1
-            ids += [t] * reps
-            out_mask += [m] * reps
-        return ids, out_mask
-    return full, mask
+        start = render_prompt(processor_or_tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        end = render_prompt(processor_or_tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+            raise ValueError(f"{family_name(processor_or_tokenizer)}: the chat template does not render the "
+                             f"conversation up to answer {len(spans) + 1} as a prefix of the whole conversation; "
+                             "cannot find which tokens are the assistant's (a template with {% generation %} "
+                             "blocks marks them itself)")
+        spans.append((len(start), len(end)))
+    return full, spans
+
+
+def encode_conversation(processor_or_tokenizer, conversations: list[dict], images: list | None = None) -> Encoding:
+    """A whole conversation as the model is trained on it: ids, answer mask, image inputs.
+
+    The text is ``render_prompt(..., add_generation_prompt=False)``; the processor expands
+    each image's placeholder to that image's tokens (``images``: PIL images in placeholder
+    order). ``mask[i]`` is True for tokens of an assistant answer, closing end-of-turn
+    token included;
+    spans (:func:`assistant_spans`) are moved past expanded placeholders and matched to
+    tokens by their offsets, as transformers' own ``return_assistant_tokens_mask`` does.
+    The ids are those of the full text tokenized at once — the ids inference sees.
+    """
+    import bisect
+
+    messages = to_chat_messages(conversations)
+    full, spans = assistant_spans(processor_or_tokenizer, messages)
+    enc = tokenize(processor_or_tokenizer, full, images, offsets=True)
+    offsets = enc["offset_mapping"][0]
+    offsets = offsets.tolist() if hasattr(offsets, "tolist") else offsets
+    replaced = enc.get("text_replacement_offsets")
+    replaced = list(replaced[0]) if replaced is not None and len(replaced) else []
+    ends = [r["span"][1] for r in replaced]
+    gained = [0] + [r["new_span"][1] - r["span"][1] for r in replaced]
+    shifted = [tuple(c + gained[bisect.bisect_right(ends, c)] for c in span) for span in spans]
+    mask = [any(t0 < e and t1 > s for s, e in shifted) for t0, t1 in offsets]
+    ids = enc["input_ids"][0]
+    ids = [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    vision, types = _vision_and_types(enc) if hasattr(enc["input_ids"], "shape") else (None, {})
+    return Encoding(ids, mask, vision, types)
