@@ -257,15 +257,13 @@ def _anyres(config, tower, vision) -> list[torch.Tensor]:
 
 
 def _tiles(config, tower, vision) -> list[torch.Tensor]:
-    # InternVL: every tile of an image (tiles per image from the processor's num_patches)
+    # InternVL: every tile of an image (the images' tiles one after another on dim 0)
     out = tower(pixel_values=vision["pixel_values"], output_hidden_states=True)
     layer = _layers(config)[0]
     hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
     if getattr(config, "vision_feature_select_strategy", "full") == "default":
         hidden = hidden[:, 1:]
-    counts = vision.get("num_patches")
-    counts = [int(c) for c in counts] if counts is not None else [hidden.shape[0]]
-    return [h.flatten(0, 1) for h in torch.split(hidden, counts)]
+    return [h.flatten(0, 1) for h in torch.split(hidden, vision["tiles"])]
 
 
 def _grid(config, tower, vision) -> list[torch.Tensor]:
@@ -296,15 +294,21 @@ _POOLERS: dict[str, Callable] = {"clip": _clip, "anyres": _anyres, "tiles": _til
                                  "idefics3": _idefics3}
 
 
-def tower_features(config, tower, vision: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def tower_features(config, tower, visions: list[dict]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Routing features of n images from a VLM's vision tower.
 
-    ``vision``: the family's image-processor outputs for the n images (on the tower's
-    device). Returns ``(features (n, D) float32`` = each image's tower states averaged over
-    its tokens and tiles, ``states``: each image's token states (tokens, D), which the
-    LLaVA-1.5 experts reuse).
+    ``visions``: the family's image-processor outputs of each image (one dict per image,
+    as :func:`ddfm.models.encode_prompt` returns them). Returns ``features`` (n, D)
+    float32 — each image's tower states (the selected layer, before any projector)
+    averaged over its tokens and tiles — and ``states``, each image's token states
+    (tokens, D), which LLaVA-1.5 experts take instead of running their own tower.
     """
-    family = FAMILIES[config.model_type]
+    family = FAMILIES.get(config.model_type)
+    if family is None or family.tower is None:
+        raise ValueError(f"model type {config.model_type!r} has no vision tower ddfm can route with")
+    dev, dtype = tower.device, tower.dtype
+    vision = {k: v.to(dev, dtype) if v.is_floating_point() else v.to(dev) for k, v in stack_vision(visions).items()}
+    vision["tiles"] = [int(v["pixel_values"].shape[0]) for v in visions]
     with torch.inference_mode():
         states = _POOLERS[family.features](config, tower, vision)
     return torch.stack([s.float().mean(0) for s in states]), states

@@ -18,7 +18,6 @@ from ddfm.models import (
     encode_conversation,
     init,
     load_model,
-    num_image_tokens,
     render_prompt,
     to_chat_messages,
 )
@@ -107,13 +106,15 @@ def test_small_llava_preset_is_the_tiny_one_with_a_bigger_language_model(data, t
 def test_image_expansion_matches_processor(llava_dir, data):
     model, processor = load_model(llava_dir)
     assert not model.training
-    n = num_image_tokens(processor)
-    assert n == (28 // 7) ** 2  # 16 patches, CLS dropped
     record = load_records(data).records[0]
-    ids, mask = encode_conversation(processor, record.conversations, n)
+    image = open_image(record.image_path)
+    conv = encode_conversation(processor, record.conversations, [image])
+    ids, mask = conv.ids, conv.mask
+    assert sum(t == model.config.image_token_id for t in ids) == (28 // 7) ** 2  # 16 patches, CLS dropped
+    assert conv.vision["pixel_values"].shape == (1, 3, 28, 28)
     messages = to_chat_messages(record.conversations)
     prompt = render_prompt(processor, messages[:1], add_generation_prompt=True)
-    enc = processor(text=prompt, images=[open_image(record.image_path)], return_tensors="pt")
+    enc = processor(text=prompt, images=[image], return_tensors="pt")
     prompt_ids = enc["input_ids"][0].tolist()
     assert ids[: len(prompt_ids)] == prompt_ids  # training ids == inference ids
     assert not any(mask[: len(prompt_ids)]) and all(mask[len(prompt_ids):])
@@ -140,8 +141,8 @@ def test_tiny_lm_init_and_text_only(data, tmp_path):
     model, tok = load_model(out)
     assert type(model).__name__ == "LlamaForCausalLM"
     conv = [{"from": "human", "value": "What is 1 plus 2?"}, {"from": "gpt", "value": "3"}]
-    ids, mask = encode_conversation(tok, conv)
-    assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith("3")
+    enc = encode_conversation(tok, conv)
+    assert tok.decode([t for t, m in zip(enc.ids, enc.mask) if m]).startswith("3")
     with pytest.raises(ValueError, match="text-only"):
         render_prompt(tok, to_chat_messages([{"from": "human", "value": "<image>\nhi"}]))
 
