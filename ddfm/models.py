@@ -194,15 +194,22 @@ def build_model(preset_name: str, records: list, *, seed: int = 0, vocab_size: i
 
 @dataclass
 class InitConfig:
-    """``ddfm init``: write the initial checkpoint (tokenizer + model) from a preset."""
+    """``ddfm init``: write the initial checkpoint (tokenizer + model) from a preset, or
+    take a local Hugging Face checkpoint (``--from DIR``) as it is."""
 
     preset: str = arg("model preset", default="tiny-llava", choices=tuple(PRESETS))
     data: str = arg("training data (JSONL) whose text trains the tokenizer", default="data/mix/train.jsonl")
     out: str = arg("output checkpoint directory", default="runs/init")
     seed: int = arg("seed of the weight initialisation", default=0)
     vocab_size: int | None = arg("BPE vocabulary size (default: the preset's)", default=None)
+    from_dir: str | None = arg("a local Hugging Face checkpoint directory (LLaVA, LLaVA-OneVision, InternVL, "
+                               "Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM or a causal LM) to start from instead of "
+                               "a preset: checked, then its files linked or copied into --out", default=None,
+                               short="--from")
 
     def __post_init__(self):
+        if self.from_dir is not None and self.vocab_size is not None:
+            raise ValueError("--vocab-size: a checkpoint given with --from keeps its own tokenizer")
         if self.preset not in PRESETS:
             raise ValueError(f"--preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         if self.vocab_size is not None and self.vocab_size < 300:
@@ -210,7 +217,10 @@ class InitConfig:
 
 
 def init(cfg: InitConfig) -> Path:
-    """Train the tokenizer on ``cfg.data``, build the preset's model, save it to ``cfg.out``."""
+    """Train the tokenizer on ``cfg.data``, build the preset's model, save it to ``cfg.out``
+    (or, with ``cfg.from_dir``, :func:`init_from` that checkpoint)."""
+    if cfg.from_dir is not None:
+        return init_from(cfg.from_dir, cfg.out)
     records = load_records(cfg.data).records
     if not records:
         raise ValueError(f"{cfg.data}: no records to train the tokenizer on")
@@ -228,12 +238,93 @@ def init(cfg: InitConfig) -> Path:
     return out
 
 
-def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None = None) -> Path:
+# files of a checkpoint directory that are ddfm's bookkeeping, not the checkpoint's own
+_NOT_CHECKPOINT = ("ddfm.json", "log.jsonl", "DONE.json")
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def _checkpoint_files(path: Path, *, model: bool) -> list[Path]:
+    """Top-level files of a HF checkpoint directory: the model's (``model=True``: config,
+    weights) or the rest (tokenizer, processor, chat template, ...); never ddfm's."""
+    def is_model(f: Path) -> bool:
+        return f.name in _MODEL_FILES or f.name.startswith(("model", "pytorch_model")) and (
+            f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
+
+    return sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
+                  and f.name not in _NOT_CHECKPOINT and is_model(f) == model)
+
+
+def init_from(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A local Hugging Face checkpoint as the initial checkpoint, unchanged.
+
+    Checks first that ddfm can read it — a supported family (``ddfm.families``), a
+    processor or tokenizer that loads without torchvision, a chat template that renders,
+    safetensors weights — then hard-links (or, across file systems, copies) every file
+    into ``out`` through a temporary directory, and writes ``ddfm.json`` last.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ddfm.families import family_of, load_processor
+
+    src = Path(source)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"--from {source}: not a Hugging Face checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(src)
+    family = family_of(config)
+    weights = [f for f in _checkpoint_files(src, model=True) if f.suffix == ".safetensors"]
+    if not weights:
+        raise ValueError(f"--from {source}: no safetensors weights (ddfm reads only safetensors)")
+    processor = load_processor(src, config) if family.kind == "vlm" else AutoTokenizer.from_pretrained(src)
+    probe = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    try:
+        encode_conversation(processor, probe)
+    except Exception as err:  # noqa: BLE001 - any failure to render or tokenize is this checkpoint's
+        raise ValueError(f"--from {source}: the {family.name} checkpoint's chat template or tokenizer cannot "
+                         f"encode a conversation: {err}") from err
+    parameters = 0
+    for f in weights:
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                parameters += n
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for f in _checkpoint_files(src, model=True) + _checkpoint_files(src, model=False):
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        (out / "ddfm.json").unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+        write_json(out / "ddfm.json", {"stage": "init", "from": str(src.resolve()), "family": family.name,
+                                       "model_type": config.model_type, "parameters": parameters,
+                                       "versions": versions()})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("init: %s (%s, %.2fM parameters) from %s -> %s", family.name, config.model_type, parameters / 1e6,
+             src, out)
+    return out
+
+
+def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None = None,
+                    processor_files: str | os.PathLike | None = None) -> Path:
     """Save model (safetensors) + processor/tokenizer as a HF directory, then ``ddfm.json``.
 
     Files are written into a temporary sibling directory and each moved into ``out`` with
     an atomic rename; ``ddfm.json`` comes last, so its presence marks a complete
     checkpoint. Other files in ``out`` (a training log, the resume state) are kept.
+    ``processor_files``: the checkpoint the processor came from; an images-only processor
+    (``ddfm.families.images_only``) has its files copied from there unchanged (they keep
+    the family's video-processor settings), any other is saved with ``save_pretrained``.
     """
     import shutil
     import tempfile
@@ -243,7 +334,11 @@ def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        if processor_files is not None and getattr(processor, "images_only", False):
+            for f in _checkpoint_files(Path(processor_files), model=False):
+                shutil.copy2(f, tmp / f.name)
+        else:
+            processor.save_pretrained(tmp)
         (out / "ddfm.json").unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
             os.chmod(f, 0o644)

@@ -466,7 +466,7 @@ def train(cfg: TrainConfig) -> Path:
         log_file.close()
         save_state(out, model, optimizer, scheduler, step, counters, config_key)
         meta = _metadata(cfg, world, counters, part_sizes, len(examples), time.perf_counter() - t_start)
-        save_checkpoint(model, processor, out, meta=meta)
+        save_checkpoint(model, processor, out, meta=meta, processor_files=cfg.init)
         log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
     if world > 1:
         dist.barrier()
