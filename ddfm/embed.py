@@ -346,12 +346,15 @@ def _load_vision_tower(root: Path, config, family):
     with both optional infixes ignored. Falls back to loading the whole VLM when the
     tensors cannot be matched (unusual layouts), which is slower but exact.
     """
+    import torch
     from safetensors import safe_open
-    from transformers import AutoModel
+    from transformers import AutoModelForImageTextToText
 
     from ddfm.families import tower_of
 
-    tower = AutoModel.from_config(config.vision_config)
+    with torch.device("meta"):  # the VLM's own tower class, without building its weights
+        tower_class = type(tower_of(AutoModelForImageTextToText.from_config(config)))
+    tower = tower_class._from_config(config.vision_config)
     marker = family.tower.split(".")[-1] + "."
     files = sorted(root.glob("*.safetensors"))
     wanted = {_strip_vision_model(k): k for k in tower.state_dict()}
@@ -367,8 +370,6 @@ def _load_vision_tower(root: Path, config, family):
     missing = [k for k in wanted.values() if k not in found and not k.endswith("position_ids")]
     if not files or missing:
         log.info("tower: vision-tower tensors not matched in %s (%d missing); loading the full model", root, len(missing))
-        from transformers import AutoModelForImageTextToText
-
         return tower_of(AutoModelForImageTextToText.from_pretrained(root))
     tower.load_state_dict(found, strict=False)
     return tower

@@ -38,8 +38,8 @@ from typing import Any
 
 from ddfm.config import arg, to_dict
 from ddfm.data import load_records, open_image
-from ddfm.io import atomic_path, read_json
 from ddfm.families import family_of, part_of, stack_vision
+from ddfm.io import atomic_path, read_json
 from ddfm.models import (
     encode_conversation,
     get_tokenizer,

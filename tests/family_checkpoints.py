@@ -138,8 +138,13 @@ def _text_config(kind: str, vocab: int, tok, **extra):
 # ------------------------------------------------------------------ families
 
 def llava(records):
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = tokenizer(_texts(records), ["<pad>", "<s>", "</s>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
                     template=LLAVA_TEMPLATE, extra={"image_token": "<image>"})

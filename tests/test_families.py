@@ -178,10 +178,9 @@ def test_a_template_that_cannot_be_masked_names_the_family(data):
 # --------------------------------------------------------------------------- end to end
 
 def _changed_parts(init_dir: Path, out_dir: Path, family) -> set[str]:
-    from safetensors.torch import load_file
-
-    a, b = load_file(init_dir / "model.safetensors"), load_file(out_dir / "model.safetensors")
-    return {part_of(family, k) or "language" for k in a if not torch.equal(a[k], b[k])}
+    # compared as loaded (file keys may keep a family's original layout, e.g. LLaVA's)
+    a, b = dict(load_model(init_dir)[0].named_parameters()), dict(load_model(out_dir)[0].named_parameters())
+    return {part_of(family, k) for k in a if not torch.equal(a[k], b[k])}
 
 
 def _requests(data):
@@ -195,8 +194,9 @@ def _requests(data):
             Request("What is 2 plus 3?")]
 
 
-def _hf_generate(model, processor, requests, n: int) -> list[list[int]]:
-    """The family's own greedy generate on a left-padded batch of requests."""
+def _hf_generate(model, processor, requests, n: int) -> list[tuple[list[int], list[float]]]:
+    """The family's own greedy generate on a left-padded batch of requests: per request
+    the tokens and the log-probability of each under the model."""
     from ddfm.models import render_prompt
 
     texts = [render_prompt(processor, [{"role": "user", "content": ([{"type": "image"}] if r.image else [])
@@ -207,12 +207,21 @@ def _hf_generate(model, processor, requests, n: int) -> list[list[int]]:
     enc = processor(text=texts, images=([[im] for im in images] if nested else images) or None, padding=True,
                     padding_side="left", return_tensors="pt",
                     add_special_tokens=not (bos and texts[0].startswith(bos)))
-    out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    return [row.tolist() for row in out[:, enc["input_ids"].shape[1]:]]
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                         output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, enc["input_ids"].shape[1]:]  # (B, n)
+    logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # (B, n, V)
+    chosen = logp.gather(-1, tokens[..., None])[..., 0]
+    return [(t.tolist(), lp.tolist()) for t, lp in zip(tokens, chosen)]
 
 
-def _same_tokens(ours, theirs: list[int], eos: set[int]):
-    assert ours.token_ids == theirs[:len(ours.token_ids)]
+def _same_tokens(ours, theirs: tuple[list[int], list[float]], eos: set[int]):
+    """Same greedy tokens, and the same log-probability of each (positions included: an
+    M-RoPE family decoded with 1-D positions keeps its argmax here but not its numbers)."""
+    tokens, logps = theirs
+    n = len(ours.token_ids)
+    assert ours.token_ids == tokens[:n]
+    assert [x["logprob"] for x in ours.logprobs] == pytest.approx(logps[:n], abs=1e-5)
     if ours.finish_reason == "stop":
         assert ours.token_ids[-1] in eos
 
@@ -223,15 +232,15 @@ def test_family_end_to_end(family, data, tmp_path):
     """init --from, train (each recipe), embed tower:, partition, generate (shared-encoder
     router; token for token against the family's generate), rows joining, eval, serve."""
     import httpx
+    from test_serve import LiveServer
 
     from ddfm.embed import EmbedConfig, embed
     from ddfm.ensemble import DecodeBatch, Ensemble, EnsembleConfig, Sampling
-    from ddfm.evaluate import EvalConfig, evaluate
+    from ddfm.evaluate import EvalConfig, evaluate_cli
     from ddfm.models import InitConfig, init
     from ddfm.partition import PartitionConfig, partition
     from ddfm.serve import ServeConfig, create_app
     from ddfm.train import RECIPES, TrainConfig, train
-    from test_serve import LiveServer
 
     source = checkpoint(family, data)
     fam = FAMILIES[family]
@@ -255,13 +264,18 @@ def test_family_end_to_end(family, data, tmp_path):
     eos = {plain[0][1].tokenizer.eos_token_id}
     # top-1 routing with the experts' own tower: each request decodes as its expert alone
     routed = Ensemble.from_pretrained(experts, part / "router.json", mode="centroid", top_k=1, shared_encoder=True)
-    gens = routed.generate(requests, max_new_tokens=6)
+    gens = routed.generate(requests, max_new_tokens=6, logprobs=0)
+    # expert 0 (the llava recipe) kept the initial tower: its features are embed's tower: features
+    from ddfm.router import Router
+
+    images = [r.image for r in requests[:2]]
+    assert routed.route(requests[:2]).numpy() == pytest.approx(Router.load(part).route(images).numpy(), abs=1e-5)
     for req, gen in zip(requests, gens):
         k = max(range(2), key=lambda j: gen.weights[j])
         _same_tokens(gen, _hf_generate(*plain[k], [req], 6)[0], eos)
     # one expert, the whole batch: left padding against the family's batched generate
     forced = Ensemble.from_pretrained(experts, mode="expert:0")
-    gens = forced.generate(requests, max_new_tokens=6)
+    gens = forced.generate(requests, max_new_tokens=6, logprobs=0)
     for gen, ref in zip(gens[:2], _hf_generate(*plain[0], requests[:2], 6)):
         _same_tokens(gen, ref, eos)
     _same_tokens(gens[2], _hf_generate(*plain[0], requests[2:], 6)[0], eos)
@@ -276,7 +290,7 @@ def test_family_end_to_end(family, data, tmp_path):
     assert [batch.result(h).token_ids for h in handles] == [g.token_ids for g in gens]
     # eval and serve
     ens_cfg = EnsembleConfig(experts=experts, router=str(part / "router.json"), shared_encoder=True)
-    result = evaluate(EvalConfig(data=str(data["test"]), ensemble=ens_cfg, out=str(tmp_path / "eval"), limit=6,
+    result = evaluate_cli(EvalConfig(data=str(data["test"]), ensemble=ens_cfg, out=str(tmp_path / "eval"), limit=6,
                                  max_new_tokens=4))
     report = json.loads((Path(result) / "eval.json").read_text())
     assert report["overall"]["n"] == 6 and report["overall"]["nll_per_token"] > 0
@@ -289,10 +303,12 @@ def test_family_end_to_end(family, data, tmp_path):
         buf = io.BytesIO()
         open_image(requests[1].image).save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        body = {"model": "ddfm", "max_tokens": 6, "messages": [{"role": "user", "content": [
+        body = {"model": "ddfm", "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
             {"type": "text", "text": requests[1].prompt}, {"type": "image_url", "image_url": {"url": url}}]}]}
         resp = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
-        assert resp.json()["choices"][0]["message"]["content"] == routed.generate(requests[1:2], max_new_tokens=6)[0].text
+        direct = routed.generate(requests[1:2], max_new_tokens=6)[0]
+        assert resp.json()["choices"][0]["message"]["content"] == direct.text
+        assert resp.json()["usage"]["prompt_tokens"] == direct.prompt_tokens
     finally:
         live.close()

@@ -147,9 +147,7 @@ class PromptEncoder:
 
     def target_ids(self, request: Request, target: str, eos_ids: set[int]) -> list[int]:
         """Token ids of ``target`` as the assistant's answer, closing eos included (as trained)."""
-        from ddfm.models import render_prompt
-
-        from ddfm.models import assistant_spans
+        from ddfm.models import assistant_spans, render_prompt
 
         msgs = _messages(request, request.image is not None)
         prompt = render_prompt(self.processor, msgs, add_generation_prompt=True)
