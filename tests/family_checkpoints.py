@@ -299,6 +299,46 @@ FAMILIES: dict[str, Callable] = {
 }
 
 
+# ------------------------------------------------------------------ data
+
+DIGIT_SIZE = (56, 28)  # width, height: a wide image, unlike Fashion-MNIST's square ones
+
+
+def family_data(root: Path) -> dict:
+    """Real training and test records (test_models.make_data), the digits made wide."""
+    from PIL import Image
+    from test_models import make_data
+
+    from ddfm.data import load_records
+
+    path = make_data(root, n_fashion=10, n_digits=10, n_text=4)
+    test = make_data(root, n_fashion=4, n_digits=4, n_text=2, offset=100, name="test.jsonl")
+    for f in (root / "images").glob("d*.png"):
+        Image.open(f).resize(DIGIT_SIZE).save(f)
+    return {"root": root, "train": path, "test": test, "records": load_records(path).records}
+
+
+def conversations(data) -> list[tuple[list[dict], list]]:
+    """(conversation, images): a Fashion-MNIST record, a digits one, a text one, and a
+    three-turn conversation about one image."""
+    from ddfm.data import open_image
+
+    recs = data["records"]
+    fm, dg, tx = recs[0], next(r for r in recs if r.id.startswith("d")), recs[-1]
+    multi = fm.conversations + [{"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Grey."}]
+    return [(fm.conversations, [open_image(fm.image_path)]), (dg.conversations, [open_image(dg.image_path)]),
+            (tx.conversations, []), (multi, [open_image(fm.image_path)])]
+
+
+def hf_messages(conversation: list[dict], images: list) -> list[dict]:
+    """Chat messages with the PIL images in their image parts (for apply_chat_template)."""
+    from ddfm.models import to_chat_messages
+
+    msgs, it = to_chat_messages(conversation), iter(images)
+    return [{**m, "content": [{"type": "image", "image": next(it)} if p["type"] == "image" else p
+                              for p in m["content"]]} for m in msgs]
+
+
 def build(family: str, records, out: Path, seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` to ``out`` (HF files only, no ddfm.json)."""
     import torch

@@ -23,18 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import family_checkpoints  # noqa: E402
-from test_models import make_data  # noqa: E402
+from family_checkpoints import conversations, hf_messages  # noqa: E402
 
 from ddfm.data import load_records, open_image  # noqa: E402
 from ddfm.families import FAMILIES, family_of, part_of, tower_of  # noqa: E402
-from ddfm.models import encode_conversation, load_model, to_chat_messages  # noqa: E402
+from ddfm.models import encode_conversation, load_model  # noqa: E402
 
 NAMES = list(family_checkpoints.FAMILIES)
-DIGIT_SIZE = (56, 28)  # width, height: a wide image, unlike Fashion-MNIST's square ones
 
 # each family's answer markers, written from its chat template: an answer starts after
 # HEADER and ends with END (included: the model learns to stop)
@@ -56,12 +54,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    path = make_data(root, n_fashion=10, n_digits=10, n_text=4)
-    test = make_data(root, n_fashion=4, n_digits=4, n_text=2, offset=100, name="test.jsonl")
-    for f in (root / "images").glob("d*.png"):  # digits: wide images
-        Image.open(f).resize(DIGIT_SIZE).save(f)
-    return {"root": root, "train": path, "test": test, "records": load_records(path).records}
+    return family_checkpoints.family_data(tmp_path_factory.mktemp("families"))
 
 
 _BUILT: dict = {}
@@ -92,23 +85,6 @@ def expected_mask(family: str, tokenizer, ids: list[int]) -> list[bool]:
             mask[j] = True
         i = stop + len(end)
     return mask
-
-
-def conversations(data) -> list[tuple[list[dict], list]]:
-    """(conversation, images): a Fashion-MNIST record, a digits one, a text one, and a
-    three-turn conversation about one image."""
-    recs = data["records"]
-    fm, dg, tx = recs[0], next(r for r in recs if r.id.startswith("d")), recs[-1]
-    multi = fm.conversations + [{"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Grey."}]
-    return [(fm.conversations, [open_image(fm.image_path)]), (dg.conversations, [open_image(dg.image_path)]),
-            (tx.conversations, []), (multi, [open_image(fm.image_path)])]
-
-
-def hf_messages(conversation: list[dict], images: list) -> list[dict]:
-    """Chat messages with the PIL images in their image parts (for apply_chat_template)."""
-    msgs, it = to_chat_messages(conversation), iter(images)
-    return [{**m, "content": [{"type": "image", "image": next(it)} if p["type"] == "image" else p
-                              for p in m["content"]]} for m in msgs]
 
 
 @pytest.mark.parametrize("family", NAMES)

@@ -75,8 +75,11 @@ def llava_dir(data, tmp_path_factory):
 
 def test_presets_are_data():
     for name, preset in PRESETS.items():
-        assert preset["kind"] in ("llava", "lm"), name
-        assert preset["text"]["max_position_embeddings"] >= 128
+        assert preset["kind"] in ("llava", "lm", "llava-gguf"), name
+        if "gguf" in preset:  # a pretrained language model: its own config and context
+            assert set(preset["gguf"]) == {"package", "file"}
+        else:
+            assert preset["text"]["max_position_embeddings"] >= 128
 
 
 def test_init_loads_with_plain_transformers(llava_dir):
@@ -152,3 +155,33 @@ def test_init_rejects_images_for_text_preset(data, tmp_path):
         init(InitConfig(preset="tiny-lm", data=str(data), out=str(tmp_path / "x")))
     with pytest.raises(ValueError, match="preset"):
         InitConfig(preset="nope")
+
+
+@pytest.mark.slow
+def test_smollm2_preset_is_the_real_pretrained_language_model(data, tmp_path):
+    """smollm2-llava: SmolLM2-135M-Instruct's real weights (GGUF, dequantised), its own
+    tokenizer and chat template (+ <image>), a small vision tower and projector."""
+    from transformers import AutoTokenizer
+
+    from ddfm.ensemble import Ensemble, Request
+    from ddfm.models import SMOLLM2_CHAT_TEMPLATE, gguf_path
+
+    out = init(InitConfig(preset="smollm2-llava", data=str(data), out=str(tmp_path / "smol")))
+    model, processor = load_model(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    text = model.model.language_model
+    assert sum(p.numel() for p in text.parameters()) == 134_515_008 + 576  # + the <image> row
+    path = gguf_path(PRESETS["smollm2-llava"])
+    original = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = processor.tokenizer
+    assert len(tok) == len(original) + 1 == 49_153 and tok.convert_tokens_to_ids("<image>") == 49_152
+    chat = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
+    assert original.apply_chat_template(chat, tokenize=False) == \
+        tok.apply_chat_template(chat, tokenize=False, chat_template=SMOLLM2_CHAT_TEMPLATE)
+    # the pretrained model answers (random weights would not), and an image record encodes
+    ens = Ensemble.from_pretrained([str(out)], mode="uniform")
+    assert "5" in ens.generate(Request("What is 2 plus 3?"), max_new_tokens=12)[0].text
+    record = load_records(data).records[0]
+    conv = encode_conversation(processor, record.conversations, [open_image(record.image_path)])
+    assert sum(t == model.config.image_token_id for t in conv.ids) == 16
+    assert tok.decode([t for t, m in zip(conv.ids, conv.mask) if m]) == record.answer() + "<|im_end|>\n"
