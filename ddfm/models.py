@@ -608,6 +608,31 @@ def _vision_and_types(enc: dict) -> tuple[dict | None, dict]:
     return vision or None, types
 
 
+@dataclass
+class ImageExpansion:
+    """One image as the family's processor expands its placeholder: ``ids`` of the
+    replacement (tiles, grid, row/column markers), ``vision`` (its image inputs, the image
+    on dim 0), ``token_types`` (per-token inputs of those ids) and the ``image`` itself."""
+
+    ids: list[int]
+    vision: dict
+    token_types: dict
+    image: Any
+
+    def splices(self, tokenizer) -> bool:
+        """True if the replacement begins and ends with added tokens, so its ids inside any
+        text are the ids it has alone (tokenizers split text at added tokens)."""
+        added = tokenizer.added_tokens_decoder
+        return bool(self.ids) and self.ids[0] in added and self.ids[-1] in added
+
+
+def expand_image(processor, image) -> ImageExpansion:
+    """The family's processor run on one image and its placeholder alone (no bos)."""
+    enc = dict(processor(text=image_token(processor), images=[image], return_tensors="pt", add_special_tokens=False))
+    vision, types = _vision_and_types(enc)
+    return ImageExpansion(enc["input_ids"][0].tolist(), vision or {}, {k: v.tolist() for k, v in types.items()}, image)
+
+
 def encode_prompt(processor_or_tokenizer, text: str, images: list | None = None) -> Encoding:
     """A rendered prompt (``render_prompt``) as the model takes it (``mask`` all False)."""
     enc = tokenize(processor_or_tokenizer, text, images)
@@ -663,16 +688,23 @@ def encode_conversation(processor_or_tokenizer, conversations: list[dict], image
 
     The text is ``render_prompt(..., add_generation_prompt=False)``; the processor expands
     each image's placeholder to that image's tokens (``images``: PIL images in placeholder
-    order). ``mask[i]`` is True for tokens of an assistant answer, closing end-of-turn
-    token included;
-    spans (:func:`assistant_spans`) are moved past expanded placeholders and matched to
-    tokens by their offsets, as transformers' own ``return_assistant_tokens_mask`` does.
-    The ids are those of the full text tokenized at once — the ids inference sees.
+    order, or their :func:`expand_image` — then the text is tokenized alone and each
+    placeholder replaced by its image's ids, the same ids for replacements that begin and
+    end with added tokens, as every supported family's do; a caller encoding many records
+    of one image expands it once). ``mask[i]`` is True for tokens of an assistant answer,
+    closing end-of-turn token included; spans (:func:`assistant_spans`) are moved past
+    expanded placeholders and matched to tokens by their offsets, as transformers' own
+    ``return_assistant_tokens_mask`` does. The ids are those of the full text tokenized
+    at once — the ids inference sees.
     """
     import bisect
 
     messages = to_chat_messages(conversations)
     full, spans = assistant_spans(processor_or_tokenizer, messages)
+    tokenizer = get_tokenizer(processor_or_tokenizer)
+    if images and all(isinstance(e, ImageExpansion) and e.splices(tokenizer) for e in images):
+        return _spliced(processor_or_tokenizer, full, spans, images)
+    images = [e.image if isinstance(e, ImageExpansion) else e for e in images or []]
     enc = tokenize(processor_or_tokenizer, full, images, offsets=True)
     offsets = enc["offset_mapping"][0]
     offsets = offsets.tolist() if hasattr(offsets, "tolist") else offsets
@@ -686,3 +718,30 @@ def encode_conversation(processor_or_tokenizer, conversations: list[dict], image
     ids = [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
     vision, types = _vision_and_types(enc) if hasattr(enc["input_ids"], "shape") else (None, {})
     return Encoding(ids, mask, vision, types)
+
+
+def _spliced(processor, full: str, spans: list, expansions: list[ImageExpansion]) -> Encoding:
+    """:func:`encode_conversation` of text whose placeholders are replaced by ids."""
+    import torch
+
+    from ddfm.families import stack_vision
+
+    tokenizer = get_tokenizer(processor)
+    placeholder = tokenizer.convert_tokens_to_ids(image_token(processor))
+    bos = tokenizer.bos_token
+    enc = tokenizer(full, add_special_tokens=not (bos is not None and full.startswith(bos)),
+                    return_offsets_mapping=True)
+    n = enc["input_ids"].count(placeholder)
+    if n != len(expansions):
+        raise ValueError(f"{family_name(processor)}: the chat template rendered {n} image placeholder(s) for "
+                         f"{len(expansions)} image(s)")
+    keys = {k for e in expansions for k in e.token_types}
+    ids, mask, types, it = [], [], {k: [] for k in keys}, iter(expansions)
+    for t, (t0, t1) in zip(enc["input_ids"], enc["offset_mapping"]):
+        e = next(it) if t == placeholder else None
+        ids += e.ids if e else [t]
+        mask += [False] * len(e.ids) if e else [any(t0 < end and t1 > start for start, end in spans)]
+        for k in keys:
+            types[k] += e.token_types.get(k, [0] * len(e.ids)) if e else [0]
+    vision = stack_vision([e.vision for e in expansions])
+    return Encoding(ids, mask, vision, {k: torch.tensor(v) for k, v in types.items()})

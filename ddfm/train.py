@@ -42,6 +42,7 @@ from ddfm.families import family_of, part_of, stack_vision
 from ddfm.io import atomic_path, read_json
 from ddfm.models import (
     encode_conversation,
+    expand_image,
     get_tokenizer,
     image_token,
     is_vision_language,
@@ -172,10 +173,12 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
     config = model.config
     vocab = config.get_text_config().vocab_size
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    examples, too_long, pixels = [], [], {}
+    examples, too_long, pixels, expanded = [], [], {}, {}
     for r in records:
         key = str(r.image_path) if r.has_image else None
-        enc = encode_conversation(processor, r.conversations, [open_image(r.image_path)] if key else None)
+        if key is not None and key not in expanded:  # each image through the processor once
+            expanded[key] = expand_image(processor, open_image(r.image_path))
+        enc = encode_conversation(processor, r.conversations, [expanded[key]] if key else None)
         ids, mask = enc.ids, enc.mask
         if max(ids) >= vocab:
             raise ValueError(f"{path}: record {r.id}: token id {max(ids)} >= the model's vocabulary "
@@ -239,7 +242,8 @@ def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
     for key in {k for e in examples for k in e.token_types}:
         batch[key] = torch.zeros((len(examples), T), dtype=torch.long)
         for i, e in enumerate(examples):
-            batch[key][i, :len(e.input_ids)] = torch.tensor(e.token_types[key])
+            if key in e.token_types:  # else all text: type 0
+                batch[key][i, :len(e.input_ids)] = torch.tensor(e.token_types[key])
     images = [pixels[e.image] for e in examples if e.image is not None]
     if images:
         batch.update(stack_vision(images))

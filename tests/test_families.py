@@ -30,7 +30,7 @@ from family_checkpoints import conversations, hf_messages  # noqa: E402
 
 from ddfm.data import load_records, open_image  # noqa: E402
 from ddfm.families import FAMILIES, family_of, part_of, tower_of  # noqa: E402
-from ddfm.models import encode_conversation, load_model  # noqa: E402
+from ddfm.models import encode_conversation, expand_image, load_model  # noqa: E402
 
 NAMES = list(family_checkpoints.FAMILIES)
 
@@ -106,6 +106,14 @@ def test_masked_labels_match_the_family_chat_template(family, data):
         for key in ref:
             if key not in ("input_ids", "attention_mask") and key not in enc.token_types:
                 assert torch.equal(enc.vision[key], ref[key]), key
+        # each image expanded once and spliced (how `ddfm train` encodes a shard): the same
+        spliced = encode_conversation(processor, conv, [expand_image(processor, im) for im in images])
+        assert spliced.ids == enc.ids and spliced.mask == enc.mask
+        assert spliced.token_types.keys() == enc.token_types.keys()
+        assert all(torch.equal(spliced.token_types[k], enc.token_types[k]) for k in enc.token_types)
+        if images:
+            assert spliced.vision.keys() == enc.vision.keys()
+            assert all(torch.equal(spliced.vision[k], enc.vision[k]) for k in enc.vision)
         counts.append(sum(t == model.config.image_token_id for t in enc.ids))
     if family != "llava":  # dynamic resolution: the 28x28 and the 56x28 image differ
         assert counts[0] != counts[1] and counts[0] > 0 and counts[1] > 0
