@@ -10,7 +10,7 @@ processor and its config included, as a released checkpoint has it) and checks t
 * ``AutoProcessor.from_pretrained`` (plain transformers, full processor) and ddfm's
   ``load_processor`` give the same token ids and the same image inputs for the same
   conversation (images of two sizes), with the PIL backend exactly and with the
-  torchvision backend to resampling precision;
+  torchvision backend to resampling precision (0.01; measured 2e-7, SmolVLM 0.008);
 * a checkpoint written by ``ddfm train`` from it still loads with ``AutoProcessor`` (its
   processor files are the initial checkpoint's, video settings included).
 """
@@ -40,16 +40,15 @@ def data(tmp_path_factory):
 
 def full_checkpoint(family: str, data, out: Path) -> Path:
     """The tiny checkpoint, saved again with the family's full processor (+ video processor)."""
+    import transformers
     from transformers import AutoConfig
-    from transformers.models.auto.video_processing_auto import (
-        VIDEO_PROCESSOR_MAPPING_NAMES,
-        video_processor_class_from_name,
-    )
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
     path = family_checkpoints.build(family, data["records"], out)
     config = AutoConfig.from_pretrained(path)
     images_only = load_processor(path, config)
-    video = video_processor_class_from_name(VIDEO_PROCESSOR_MAPPING_NAMES[config.model_type])()
+    name = VIDEO_PROCESSOR_MAPPING_NAMES[config.model_type]
+    video = getattr(transformers, name["torchvision"] if isinstance(name, dict) else name)()
     cls = processor_class(config)
     options = {k: v for k, v in images_only.to_dict().items()
                if k not in ("image_processor", "tokenizer", "processor_class", "chat_template")}
@@ -62,14 +61,18 @@ def full_checkpoint(family: str, data, out: Path) -> Path:
 
 @pytest.mark.parametrize("family", VIDEO)
 def test_images_only_processor_matches_the_full_processor(family, data, tmp_path):
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
     path = full_checkpoint(family, data, tmp_path / family)
-    ours = load_processor(path, __import__("transformers").AutoConfig.from_pretrained(path))
+    ours = load_processor(path, AutoConfig.from_pretrained(path))
     assert not hasattr(ours, "video_processor") and getattr(ours, "images_only", False)
-    for backend, atol in (("pil", 0.0), (None, 0.05)):
-        full = AutoProcessor.from_pretrained(path, **({"backend": backend} if backend else {}))
+    # torchvision resizes a little differently: 2e-7 here, SmolVLM 0.008 (one 8-bit level)
+    for backend, atol in (("pil", 0.0), ("torchvision", 0.01)):
+        full = AutoProcessor.from_pretrained(path)  # video processor: torchvision
         assert hasattr(full, "video_processor")
+        if backend == "pil":  # the image processor on the backend ddfm uses: exact
+            full.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        assert backend in type(full.image_processor).__name__.lower() or backend == "torchvision"
         for conv, images in conversations(data):
             enc = encode_conversation(ours, conv, images)
             ref = full.apply_chat_template(hf_messages(conv, images), tokenize=True, return_dict=True,
