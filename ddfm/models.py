@@ -1,6 +1,7 @@
 """Models: presets, the tokenizer, the initial checkpoint and the ONE prompt format.
 
     ddfm init --preset tiny-llava --data data/mix/train.jsonl --out runs/init
+    ddfm init --from /models/Qwen2-VL-2B-Instruct --out runs/init     # a local HF checkpoint
 
 A checkpoint is an ordinary Hugging Face directory: ``config.json``, ``model.safetensors``,
 tokenizer files and (for a vision-language model) the processor files, so it loads with
@@ -9,19 +10,24 @@ plain ``transformers``::
     AutoModelForImageTextToText.from_pretrained(DIR)  +  AutoProcessor.from_pretrained(DIR)
     AutoModelForCausalLM.from_pretrained(DIR)         +  AutoTokenizer.from_pretrained(DIR)
 
-:func:`load_model` does exactly that and accepts any local HF VLM or causal-LM directory.
+:func:`load_model` does that for any causal LM and the VLM families of
+:mod:`ddfm.families` (LLaVA-1.5, LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL,
+Idefics3, SmolVLM), whose processors it loads without torchvision.
 
 Presets are data (:data:`PRESETS`): ``tiny-llava`` is a ``LlavaForConditionalGeneration``
 (a small CLIP vision tower, the LLaVA MLP projector, a small Llama), ``small-llava`` the
 same with a 27 M-parameter Llama, and ``tiny-lm`` a ``LlamaForCausalLM`` for text-only
-corpora. Their tokenizer is a byte-level BPE trained on
-the training text with ``tokenizers`` (:func:`train_tokenizer`).
+corpora; their tokenizer is a byte-level BPE trained on the training text with
+``tokenizers`` (:func:`train_tokenizer`). ``smollm2-llava`` puts tiny-llava's tower and
+projector on a pretrained language model, SmolLM2-135M-Instruct (GGUF), with its own
+tokenizer and chat template.
 
 The prompt format used by train, ensemble, eval and serve is one chain:
 LLaVA turns --:func:`to_chat_messages`--> HF chat messages --:func:`render_prompt`--> text
-(the checkpoint's own chat template), whose ``<image>`` placeholder the processor expands
-to the vision tower's number of image tokens. :func:`encode_conversation` turns a
-conversation into token ids plus the assistant-token mask used by the loss.
+(the checkpoint's own chat template), whose image placeholders the family's processor
+expands, each to that image's own tokens (tiles, grids, any resolution).
+:func:`encode_conversation` turns a conversation into token ids, the assistant-token mask
+used by the loss and the image inputs.
 """
 
 from __future__ import annotations
