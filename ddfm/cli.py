@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "the whole method on the embedded real data, with REPORT.md"),
     "ablate": ("ddfm.ablate:AblateConfig:ablate",
                "the paper's ablations (K, encoder, clustering, routing) in one table"),
-    "serve": ("ddfm.serve:ServeConfig:serve",
+    "serve": ("ddfm.serve.cli:ServeConfig:serve",
               "OpenAI-compatible HTTP API over the ensemble"),
     "theory": ("ddfm.theory:TheoryConfig:theory_cli",
                "check the paper's identities exactly and print the residuals"),

@@ -16,6 +16,10 @@ fields become ``--flag/--no-flag``; ``list[...]`` fields take one or more values
 with ``f``. Field names map to ``--kebab-case``. A field whose type is itself such a
 dataclass (one config included by several commands, e.g. the ensemble's) adds its
 options as a group of their own, under their own names, and is rebuilt from them.
+A value that another option may imply (``train``'s ``--steps`` under ``--match``) is an
+``Optional`` field with default ``None`` meaning "not given", resolved in ``__post_init__``
+(the given value, or the implied one, or the documented default), so a conflict between
+an explicit value and an implied one can be refused instead of silently overridden.
 Validation lives in each config's ``__post_init__`` and raises ``ValueError`` naming
 the field, which the CLI prints as a one-line error.
 """

@@ -649,10 +649,8 @@ def _embed_items(encoder: Encoder, items: _Items, batch_size: int) -> tuple[list
 
 def _load_item(key: str):
     try:
-        if not os.path.isfile(key):
-            return FileNotFoundError(f"image file not found: {key}")
         return open_image(key)
-    except ValueError as err:  # unreadable bytes
+    except ValueError as err:  # "image file not found: ..." or "unreadable image ...: ..."
         return err
 
 

@@ -6,19 +6,28 @@
 
 For every record of a canonical test file:
 
-* question-answer records (those with an image, or any record whose task has a short
-  answer set) get a greedy generation scored by VQA-style normalised exact match
-  (:func:`normalize_answer`: lowercase, punctuation and articles stripped, number words
-  to digits, as in the official VQA evaluation);
+* question-answer records — those whose reference answer is short, at most
+  ``QA_MAX_WORDS`` (5) words (``--qa-max-words``), with an image or text-only alike
+  (:func:`is_qa`) — get a greedy generation scored by the official VQA accuracy against
+  the one reference: exact match after VQA normalisation (:mod:`ddfm.vqa`: punctuation,
+  lowercase, number words to digits, articles dropped, contractions restored);
 * every record gets the negative log-likelihood of its reference answer under the model
   (or the mixture, eq. 24) from :meth:`ddfm.ensemble.Ensemble.score`; perplexity is
-  exp(Σ nll / Σ tokens). Text-only test sets get perplexity only.
+  exp(Σ nll / Σ tokens). Longer answers (passages) get perplexity only.
 
-Results are aggregated per task, per source and per cluster (the cluster a record's image
-routes to under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
-``eval.md`` and ``predictions.jsonl``. The chance level of each task comes from the
-prepare stage's ``prepare.json`` beside the test file, or else from the test answers
-(majority-answer rate).
+Results are aggregated per task, per source (``task``/``source`` fields, or the fallbacks
+of :class:`ddfm.data.Record`) and per cluster (the cluster a record's image routes to
+under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
+``eval.md`` and ``predictions.jsonl``. The chance level of a task (``chance``) is the
+test accuracy of always giving the train split's majority answer, from the prepare
+stage's ``prepare.json`` beside the test file. Without one, the test answers' own
+majority rate is reported instead, under ``chance_oracle`` and marked "(oracle)": it is
+read off the test answers, so it is not a chance level.
+
+A record whose image is missing or unreadable is not evaluated: it is left out of every
+figure (a data fault is not the model's error, and every model evaluated on the same file
+leaves out the same records, so comparisons stay paired), logged, and listed in
+``eval.json`` "skipped_images" (file, line, id, reason) and counted in ``eval.md``.
 
 Python API::
 
@@ -31,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -40,70 +48,20 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import IMAGE_TOKEN, Record, load_records
+from ddfm.data import SHORT_ANSWER_WORDS, Record, check_images, load_records, log_failed_images
 from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
+from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normalize_answer", "exact_match",
-           "aggregate", "chance_levels", "markdown_report"]
+           "vqa_accuracy", "is_qa", "QA_MAX_WORDS", "aggregate", "route_clusters", "chance_levels", "oracle_chance_levels",
+           "markdown_report"]
 
-# ------------------------------------------------------------------------------ VQA normalisation
-# The official VQA evaluation (vqaEval.py, Antol et al. 2015): contractions, punctuation,
-# number words -> digits, articles dropped.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd",
-    "itll": "it'll", "lets": "let's", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's",
-    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
-    "wheres": "where's", "whos": "who's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're",
-    "youve": "you've",
-}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-          ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def _process_punctuation(text: str) -> str:
-    # as vqaEval.processPunctuation: a mark next to a space (or a digit comma) vanishes,
-    # any other mark becomes a space; periods not inside numbers vanish
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or re.search(_COMMA_STRIP, text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
-
-
-def normalize_answer(text: str) -> str:
-    """VQA-normalised answer: lowercase, punctuation stripped, number words to digits,
-    articles (a, an, the) dropped, contractions restored, whitespace collapsed.
-
-    >>> normalize_answer("  The Two dogs!")
-    '2 dogs'
-    """
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _process_punctuation(text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Normalised exact match of a generated answer against the reference answer."""
-    return normalize_answer(prediction) == normalize_answer(reference)
-
+# records whose reference answer has at most this many words are question-answer records
+# (accuracy + perplexity); longer ones get perplexity only. --qa-max-words changes it.
+QA_MAX_WORDS = SHORT_ANSWER_WORDS
 
 # ------------------------------------------------------------------------------ aggregation
 
@@ -136,37 +94,60 @@ def aggregate(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
     return {name: _group_stats(groups[name]) for name in sorted(groups)}
 
 
-def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None) -> dict[str, float]:
-    """Chance accuracy per question-answer task: ``chance_majority`` from prepare.json when
-    given and present, else the test answers' majority-answer rate."""
-    if prepare_json is not None and Path(prepare_json).is_file():
-        tasks = read_json(prepare_json).get("tasks", {})
-        found = {t: v["chance_majority"] for t, v in tasks.items() if v.get("chance_majority") is not None}
-        if found:
-            return found
+def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None, *,
+                  qa_max_words: int = QA_MAX_WORDS) -> dict[str, float]:
+    """Chance accuracy per question-answer task of ``records``: the accuracy of always giving
+    the *train* split's majority answer (``majority_answer`` in ``prepare.json``), scored by
+    :func:`exact_match` on these very records — so a ``--limit`` subset gets its own rate and
+    chance is measured as accuracy is. ``{}`` without a prepare.json; the test answers alone
+    cannot give a chance level: see :func:`oracle_chance_levels`."""
+    if prepare_json is None or not Path(prepare_json).is_file():
+        return {}
+    tasks = read_json(prepare_json).get("tasks", {})
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        majority = (tasks.get(r.task) or {}).get("majority_answer")
+        if majority is not None and is_qa(r, qa_max_words):
+            hits[r.task].append(exact_match(majority, r.answer()))
+    return {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+
+
+def oracle_chance_levels(records: Sequence[Record], *, skip: Iterable[str] = (),
+                         qa_max_words: int = QA_MAX_WORDS) -> dict[str, float]:
+    """Per question-answer task (except ``skip``): the share of its records whose normalised
+    reference is the task's most common one — the best accuracy any constant answer reaches
+    on these records. An *oracle* figure: it picks the answer by looking at the test answers,
+    so it is reported as ``chance_oracle``, never as ``chance``."""
+    skip = set(skip)
     by_task: dict[str, list[str]] = defaultdict(list)
     for r in records:
-        if _is_qa(r):
+        if r.task not in skip and is_qa(r, qa_max_words):
             by_task[r.task].append(normalize_answer(r.answer()))
-    return {t: Counter(a).most_common(1)[0][1] / len(a) for t, a in by_task.items()}
+    return {t: Counter(a).most_common(1)[0][1] / len(a) for t, a in sorted(by_task.items())}
 
 
 # ------------------------------------------------------------------------------ evaluation
 
-def _is_qa(record: Record) -> bool:
-    # short-answer questions: image records (prepare's text records are passages, scored by perplexity)
-    return record.has_image
+def is_qa(record: Record, max_words: int = QA_MAX_WORDS) -> bool:
+    """A question-answer record: its reference answer has at most ``max_words`` words
+    (VQA-style short answers, with an image or text-only: "What is 12+7?" -> "19"). Such
+    records are scored by accuracy and perplexity; longer answers (passages, descriptions)
+    by perplexity only, since an exact match of a passage says nothing."""
+    return len(record.answer().split()) <= max_words
 
 
 def to_request(record: Record):
-    """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`."""
+    """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`, with
+    the turns before it (a system prompt) as history: the prompt training saw before the
+    reference answer."""
     from ddfm.ensemble import Request
 
-    prompt = record.prompt()
-    if IMAGE_TOKEN in prompt:
-        before, after = prompt.split(IMAGE_TOKEN, 1)
-        prompt = (before + after.lstrip("\n")).strip()
-    return Request(prompt=prompt, image=str(record.image_path) if record.image_path else None)
+    first = next(i for i, t in enumerate(record.conversations) if t["from"] == "human")
+    # the <image> placeholder stays where the record puts it (LLaVA data has both
+    # "<image>\nWhat is this?" and "What is this?\n<image>")
+    return Request(prompt=record.conversations[first]["value"],
+                   image=str(record.image_path) if record.image_path else None,
+                   history=record.conversations[:first] or None)
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -198,9 +179,9 @@ class _Progress:
             self.bar.close()
 
 
-def _clusters(router, records: list[Record]) -> list[str]:
-    """Cluster of each record under ``router`` (argmax of eq. 29); text records under an
-    image router are 'text'."""
+def route_clusters(router, records: Sequence[Record]) -> list[str]:
+    """Cluster of each record under ``router`` (argmax of eq. 29: the nearest centroid);
+    text records under an image router are 'text'. Images are decoded 256 at a time."""
     import torch
 
     from ddfm.data import open_image
@@ -209,33 +190,43 @@ def _clusters(router, records: list[Record]) -> list[str]:
         return ["-"] * len(records)
     labels = ["text"] * len(records)
     if router.modality == "text":
-        idx, items = list(range(len(records))), [r.prompt() for r in records]
+        idx = list(range(len(records)))
     else:
         idx = [i for i, r in enumerate(records) if r.image_path is not None]
-        items = [open_image(records[i].image_path) for i in idx]
-    for chunk in _batches(list(zip(idx, items)), 256):
-        w = router.probabilities(router.features([it for _, it in chunk]))
-        for (i, _), k in zip(chunk, torch.argmax(w, dim=1).tolist()):
+    for chunk in _batches(idx, 256):
+        items = [records[i].prompt() if router.modality == "text" else open_image(records[i].image_path)
+                 for i in chunk]
+        w = router.log_probabilities(router.features(items))
+        for i, k in zip(chunk, torch.argmax(w, dim=1).tolist()):
             labels[i] = str(k)
     return labels
 
 
 def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_new_tokens: int = 12,
-             cluster_router=None, chance: dict[str, float] | None = None, desc: str = "eval") -> dict[str, Any]:
+             cluster_router=None, chance: dict[str, float] | None = None, qa_max_words: int = QA_MAX_WORDS,
+             desc: str = "eval") -> dict[str, Any]:
     """Evaluate an :class:`~ddfm.ensemble.Ensemble` (one model = an ensemble of one) on records.
 
-    Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "predictions",
-    "n_records", "elapsed_s"}``; every group holds n, accuracy (normalised exact match over
-    its question-answer records), nll_per_token and perplexity.
+    Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "chance_oracle",
+    "qa_cut_short", "predictions", "n_records", "elapsed_s"}``; every group holds n, n_qa,
+    accuracy (normalised exact match over its question-answer records, :func:`is_qa`),
+    nll_per_token and perplexity. ``chance`` is as given (:func:`chance_levels`);
+    ``chance_oracle`` holds :func:`oracle_chance_levels` of the question-answer tasks that
+    ``chance`` lacks; ``qa_cut_short`` counts (and names up to 20 of) the question-answer
+    records whose reference has more than ``max_new_tokens`` tokens, which cannot match.
+    Records whose image is missing or unreadable are not evaluated and are listed in
+    ``skipped_images`` ``{"count", "records": [{file, line, id, image, reason}]}``.
     """
-    records = list(records)
+    records, skipped = check_images(records)
     if not records:
-        raise ValueError("eval: the test file holds no records")
+        raise ValueError("eval: the test file holds no records" + (
+            f" whose image can be read ({len(skipped)} failed, first: {skipped[0]})" if skipped else ""))
+    log_failed_images(desc, skipped, "eval.json")
     t0 = time.perf_counter()
-    clusters = _clusters(cluster_router, records)
+    clusters = route_clusters(cluster_router, records)
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
              "prediction": None, "correct": None} for r, c in zip(records, clusters)]
-    qa = [i for i, r in enumerate(records) if _is_qa(r)]
+    qa = [i for i, r in enumerate(records) if is_qa(r, qa_max_words)]
     bar = _Progress(len(qa) + len(records), desc)
     for chunk in _batches(qa, batch_size):
         gens = ensemble.generate([to_request(records[i]) for i in chunk], max_new_tokens=max_new_tokens)
@@ -252,9 +243,20 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
             rows[i].setdefault("weights", s["weights"])
         bar.update(len(chunk))
     bar.close()
+    # n_tokens counts the closing eos: a longer reference is cut by the generation budget and
+    # scores 0 whatever the model does
+    cut = [rows[i]["id"] for i in qa if rows[i]["n_tokens"] - 1 > max_new_tokens]
+    if cut:
+        log.warning("eval: %d question-answer record(s) have a reference of more than --max-new-tokens=%d "
+                    "tokens: their generation stops before the answer is complete (first: %s); raise "
+                    "--max-new-tokens", len(cut), max_new_tokens, cut[0])
     return {"overall": aggregate(rows), "by_task": aggregate(rows, "task"),
             "by_source": aggregate(rows, "source"), "by_cluster": aggregate(rows, "cluster"),
-            "chance": dict(chance or {}), "predictions": rows, "n_records": len(rows),
+            "chance": dict(chance or {}),
+            "chance_oracle": oracle_chance_levels(records, skip=chance or {}, qa_max_words=qa_max_words),
+            "qa_cut_short": {"n": len(cut), "max_new_tokens": max_new_tokens, "ids": cut[:20]},
+            "predictions": rows, "n_records": len(rows),
+            "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},
             "elapsed_s": time.perf_counter() - t0}
 
 
@@ -266,19 +268,42 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}" if x < 100 else f"{x:.1f}"
 
 
+def _chance_cell(name: str, chance: dict, oracle: dict) -> str:
+    if name in chance:
+        return _fmt(chance[name], True)
+    return f"{_fmt(oracle[name], True)} (oracle)" if name in oracle else _fmt(None)
+
+
 def markdown_report(result: dict, title: str = "Evaluation") -> str:
-    """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity)."""
-    chance = result.get("chance", {})
-    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s", ""]
+    """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity); an oracle
+    chance figure (``chance_oracle``) is marked "(oracle)" in a column named so."""
+    chance, oracle = result.get("chance", {}), result.get("chance_oracle", {})
+    chance_head = "oracle chance %" if oracle and not chance else "chance %"
+    skipped = (result.get("skipped_images") or {}).get("count", 0)
+    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s"
+             + (f"; {skipped} record(s) skipped: their image failed (listed in eval.json)" if skipped else ""), ""]
     o = result["overall"]
     lines += ["| overall | accuracy % | perplexity | records |", "| --- | ---: | ---: | ---: |",
               f"| all | {_fmt(o['accuracy'], True)} | {_fmt(o['perplexity'])} | {o['n']} |", ""]
     for key, label in (("by_task", "task"), ("by_source", "source"), ("by_cluster", "cluster")):
-        lines += [f"| {label} | accuracy % | chance % | perplexity | records |", "| --- | ---: | ---: | ---: | ---: |"]
+        head = chance_head if key == "by_task" else "chance %"
+        lines += [f"| {label} | accuracy % | {head} | perplexity | records |", "| --- | ---: | ---: | ---: | ---: |"]
         for name, g in result[key].items():
-            c = chance.get(name) if key == "by_task" else None
-            lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {_fmt(c, True)} | {_fmt(g['perplexity'])} | {g['n']} |")
+            c = _chance_cell(name, chance, oracle) if key == "by_task" else _fmt(None)
+            lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {c} | {_fmt(g['perplexity'])} | {g['n']} |")
         lines.append("")
+    cut = result.get("qa_cut_short") or {}
+    if cut.get("n"):
+        lines += [f"**{cut['n']} question-answer record(s) have a reference longer than max_new_tokens = "
+                  f"{cut['max_new_tokens']} tokens**: generation stops before their answer is complete, so they "
+                  f"count as wrong (first: {', '.join(cut['ids'][:5])}).", ""]
+    if chance:
+        lines.append("Chance: accuracy of always giving the train split's majority answer (prepare.json).")
+    if oracle:
+        lines.append("(oracle): no train split to take a chance level from, so this is the share of the "
+                     "test answers that are the task's most common one: the best any constant answer can "
+                     "do here. It is read off the test answers (an oracle), so it bounds a constant answer from above "
+                     "and is not a chance level.")
     return "\n".join(lines)
 
 
@@ -305,6 +330,8 @@ class EvalConfig:
     out: str = arg("output directory (eval.json, eval.md, predictions.jsonl)", default="runs/eval")
     clusters: Optional[str] = arg("router file whose clusters group the results (default: --router)", default=None)
     prepare_json: Optional[str] = arg("prepare.json with chance levels (default: beside the test file)", default=None)
+    qa_max_words: int = arg("a reference answer of at most this many words is scored by accuracy too "
+                            "(question-answer); longer ones by perplexity only", default=QA_MAX_WORDS)
     batch_size: int = arg("requests per generate/score call", default=32)
     max_new_tokens: int = arg("tokens generated per answer at most", default=12)
     limit: Optional[int] = arg("evaluate only the first N records", default=None)
@@ -315,6 +342,8 @@ class EvalConfig:
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.qa_max_words < 0:
+            raise ValueError(f"--qa-max-words must be >= 0 (0: perplexity only), got {self.qa_max_words}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         ens = self.ensemble
@@ -331,16 +360,17 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     from ddfm.router import Router
 
     torch.manual_seed(0)
-    records = load_records(cfg.data).records
+    records = load_records(cfg.data, check_images=False).records  # evaluate() reports failed images
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ens = Ensemble.from_config(cfg.ensemble)
     cluster_file = cfg.clusters or cfg.ensemble.router
     cluster_router = Router.load(cluster_file) if cluster_file else None
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"
-    chance = chance_levels(records, prepare_json)
+    chance = chance_levels(records, prepare_json, qa_max_words=cfg.qa_max_words)
     return evaluate(ens, records, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    cluster_router=cluster_router, chance=chance, desc=f"eval {Path(cfg.out).name}")
+                    cluster_router=cluster_router, chance=chance, qa_max_words=cfg.qa_max_words,
+                    desc=f"eval {Path(cfg.out).name}")
 
 
 def evaluate_cli(cfg: EvalConfig) -> Path:

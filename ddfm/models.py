@@ -40,7 +40,7 @@ from typing import Any, Iterable
 
 from ddfm.config import arg
 from ddfm.data import IMAGE_TOKEN, load_records
-from ddfm.io import write_json
+from ddfm.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +306,43 @@ def init(cfg: InitConfig) -> Path:
     model, processor = build_model(cfg.preset, records, seed=cfg.seed, vocab_size=cfg.vocab_size)
     out = save_checkpoint(model, processor, cfg.out, meta={
         "stage": "init", "preset": cfg.preset, "preset_config": PRESETS[cfg.preset],
-        "data": os.path.abspath(cfg.data), "records": len(records), "seed": cfg.seed,
+        "data": cfg.data, "records": len(records), "seed": cfg.seed,
         "parameters": sum(p.numel() for p in model.parameters()), "versions": versions()})
     log.info("init: %s (%s, %.2fM parameters, vocab %d) -> %s", cfg.preset, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, model.config.get_text_config().vocab_size, out)
     return out
+
+
+# ddfm.json fields that name files or directories, at any depth ("init_meta", "config",
+# "skipped_images"): stored relative to the directory holding ddfm.json, so a moved tree of
+# runs still resolves; write_meta relativises them, read_meta resolves them.
+META_PATH_FIELDS = ("shard", "init", "data", "out", "file", "image", "from")
+
+
+def _map_paths(meta: Any, fn) -> Any:
+    if isinstance(meta, dict):
+        return {k: fn(v) if k in META_PATH_FIELDS and isinstance(v, str) else _map_paths(v, fn)
+                for k, v in meta.items()}
+    if isinstance(meta, list):
+        return [_map_paths(v, fn) for v in meta]
+    return meta
+
+
+def write_meta(out: str | os.PathLike, meta: dict) -> None:
+    """Write ``out/ddfm.json``; path fields (relative to the working directory, or absolute)
+    are stored relative to ``out``."""
+    base = os.path.abspath(out)
+    write_json(Path(out) / "ddfm.json", _map_paths(meta, lambda v: os.path.relpath(os.path.abspath(v), base)))
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict | None:
+    """A checkpoint's ``ddfm.json`` with every path field resolved to an absolute path
+    (relative to the checkpoint directory), or None when there is none."""
+    path = Path(checkpoint) / "ddfm.json"
+    if not path.is_file():
+        return None
+    base = Path(checkpoint).resolve()
+    return _map_paths(read_json(path), lambda v: os.path.normpath(base / v))  # an absolute v stays itself
 
 
 # files of a checkpoint directory that are ddfm's bookkeeping, not the checkpoint's own
@@ -380,9 +412,8 @@ def init_from(source: str | os.PathLike, out: str | os.PathLike) -> Path:
         (out / "ddfm.json").unlink(missing_ok=True)
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
-        write_json(out / "ddfm.json", {"stage": "init", "from": str(src.resolve()), "family": family.name,
-                                       "model_type": config.model_type, "parameters": parameters,
-                                       "versions": versions()})
+        write_meta(out, {"stage": "init", "from": str(src.resolve()), "family": family.name,
+                         "model_type": config.model_type, "parameters": parameters, "versions": versions()})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("init: %s (%s, %.2fM parameters) from %s -> %s", family.name, config.model_type, parameters / 1e6,
@@ -397,6 +428,7 @@ def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None 
     Files are written into a temporary sibling directory and each moved into ``out`` with
     an atomic rename; ``ddfm.json`` comes last, so its presence marks a complete
     checkpoint. Other files in ``out`` (a training log, the resume state) are kept.
+    ``meta``'s path fields are stored relative to ``out`` (:func:`write_meta`).
     ``processor_files``: the checkpoint the processor came from; an images-only processor
     (``ddfm.families.images_only``) has its files copied from there unchanged (they keep
     the family's video-processor settings), any other is saved with ``save_pretrained``.
@@ -419,7 +451,7 @@ def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None 
             os.chmod(f, 0o644)
             os.replace(f, out / f.name)
         if meta is not None:
-            write_json(out / "ddfm.json", meta)
+            write_meta(out, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -14,12 +14,19 @@ whole global batch, whatever the split into ranks and micro-batches.
 
 The data order is a pure function of ``(seed, step)``: epoch e visits the shard in the
 order ``randperm(N, seed + e)`` and step s takes global samples ``[s·B, (s+1)·B)``. A
-checkpoint every ``--save-every`` steps (model, optimizer, scheduler, RNG, step, counters)
-lets ``--resume`` continue bit for bit where a killed job stopped.
+checkpoint every ``--save-every`` steps (model, optimizer, scheduler, RNG, step, counters
+including elapsed and CPU time) lets ``--resume`` continue bit for bit where a killed job
+stopped; ``log.jsonl`` is cut back to that step, so each step appears once and time runs on.
+
+Records whose image is missing or unreadable are skipped with every record sharing the
+image, named in one log line and listed in ``ddfm.json`` "skipped_images" (file, line, id,
+image, reason); nothing else in the shard is dropped.
 
 Output directory: the final Hugging Face checkpoint (``config.json``, ``model.safetensors``,
-processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint, compute, seed,
-versions) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest resume state).
+processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint -- paths relative to
+this directory, :func:`ddfm.models.read_meta` resolves them -- compute, seed, versions,
+skipped records) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest
+resume state).
 """
 
 from __future__ import annotations
@@ -34,12 +41,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ddfm.config import arg, to_dict
-from ddfm.data import load_records, open_image
+from ddfm.data import FailedImage, load_records, log_failed_images, open_image
 from ddfm.families import family_of, part_of, stack_vision
-from ddfm.io import atomic_path, read_json
+from ddfm.io import atomic_path, atomic_write_text
 from ddfm.models import (
     encode_conversation,
     expand_image,
@@ -47,6 +54,7 @@ from ddfm.models import (
     image_token,
     is_vision_language,
     load_model,
+    read_meta,
     save_checkpoint,
     versions,
 )
@@ -64,6 +72,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "align": ("projector",),
 }
 IGNORE = -100  # label of tokens outside the loss
+DEFAULT_STEPS, DEFAULT_BATCH_SIZE = 200, 16  # when neither given nor implied by --match
 STATE_FILE = "resume/state.pt"
 
 
@@ -74,8 +83,11 @@ class TrainConfig:
     init: str = arg("initial checkpoint directory (ddfm init, or any local HF VLM / causal LM)")
     data: str = arg("training shard (JSONL / LLaVA JSON)")
     out: str = arg("output directory (final HF checkpoint + ddfm.json + log.jsonl)")
-    steps: int = arg("optimisation steps", default=200)
-    batch_size: int = arg("global batch: samples per optimisation step, over all ranks", default=16)
+    # None = not given: --match then supplies the value, else the default (resolved in __post_init__)
+    steps: Optional[int] = arg(f"optimisation steps (default: {DEFAULT_STEPS}, or what --match implies)",
+                               default=None)
+    batch_size: Optional[int] = arg("global batch: samples per optimisation step, over all ranks "
+                                    f"(default: {DEFAULT_BATCH_SIZE}, or what --match implies)", default=None)
     grad_accum: int = arg("micro-batches per step and rank (micro-batch = batch / (accum * ranks))", default=1)
     lr: float = arg("peak learning rate (AdamW)", default=1e-3)
     warmup: int = arg("linear warm-up steps before the cosine decay", default=10)
@@ -94,21 +106,33 @@ class TrainConfig:
     compile: bool = arg("torch.compile the model", default=False)
     device: str = arg("cpu, cuda or auto", default="auto")
     log_every: int = arg("log a plain line every N steps when not on a terminal", default=10)
+    eval_data: list[str] = arg("held-out data files whose answer loss is logged (log.jsonl eval_loss) before "
+                               "training, every --eval-every steps and at the end", default_factory=list)
+    eval_every: int = arg("steps between held-out losses (0: only before and after training)", default=0)
     parts: tuple[str, ...] = field(default=(), init=False)
     matched: dict | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.parts = parse_parts(self.train)
+        implied = {"steps": DEFAULT_STEPS, "batch_size": DEFAULT_BATCH_SIZE}
         if self.match:
             self.matched = parse_match(self.match)
-            self.steps, self.batch_size = self.matched["steps"], self.matched["batch_size"]
+            implied = {name: self.matched[name] for name in implied}
+            for name, value in implied.items():
+                given, flag = getattr(self, name), "--" + name.replace("_", "-")
+                if given is not None and given != value:
+                    raise ValueError(f"{flag} {given} conflicts with --match {self.match}, which implies "
+                                     f"{flag} {value}; give only one of them")
+        for name, value in implied.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.warmup < 0 or self.save_every < 0:
-            raise ValueError("--warmup and --save-every must be >= 0")
+        if self.warmup < 0 or self.save_every < 0 or self.eval_every < 0:
+            raise ValueError("--warmup, --save-every and --eval-every must be >= 0")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"--device must be cpu, cuda or auto, got {self.device!r}")
 
@@ -151,18 +175,23 @@ class Example:
     token_types: dict = field(default_factory=dict)  # per-token inputs (Qwen2-VL's mm_token_type_ids), each (T,)
 
 
-def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any]]:
+def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any], list[FailedImage]]:
     """Load, encode and check a shard against the init checkpoint; raise before training.
 
-    Returns the examples and a dict of each image's processor inputs keyed by path
-    (``pixel_values`` and whatever else the family returns, the image on dim 0; the
-    placeholder of every record expanded to its own image's tokens). Errors (ValueError, naming the file and records): empty
-    shard, images for a text-only checkpoint, a tokenizer that does not fit the model,
+    Returns the examples, a dict of each image's processor inputs keyed by path
+    (``pixel_values`` and whatever else the family returns, the image on dim 0; every
+    record's placeholder expanded to its own image's tokens) and the records left out
+    because their image is missing or unreadable (every record sharing such an image;
+    :class:`ddfm.data.FailedImage`, listed in ``ddfm.json``). Errors (ValueError, naming
+    the file and records): empty shard, images for a text-only checkpoint, a tokenizer
+    that does not fit the model,
     special-token text inside the data, a sequence longer than the model's context.
     """
-    records = load_records(path).records
+    loaded = load_records(path)
+    records, skipped = loaded.records, list(loaded.missing_images)
     if not records:
-        raise ValueError(f"{path}: the shard is empty (no usable records)")
+        raise ValueError(f"{path}: the shard is empty (no usable records"
+                         + (f"; {len(skipped)} left out because their image is missing)" if skipped else ")"))
     tokenizer = get_tokenizer(processor)
     placeholder = image_token(processor)
     with_images = [r for r in records if r.has_image]
@@ -173,11 +202,19 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
     config = model.config
     vocab = config.get_text_config().vocab_size
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    examples, too_long, pixels, expanded = [], [], {}, {}
+    examples, too_long, expanded, unreadable = [], [], {}, {}
     for r in records:
         key = str(r.image_path) if r.has_image else None
-        if key is not None and key not in expanded:  # each image through the processor once
-            expanded[key] = expand_image(processor, open_image(r.image_path))
+        if key is not None and key not in expanded and key not in unreadable:
+            try:
+                image = open_image(r.image_path)
+            except ValueError as err:  # unreadable bytes: this record and all that share the image
+                unreadable[key] = str(err)
+            else:  # each image through the family's processor once, its ids spliced into every record
+                expanded[key] = expand_image(processor, image)
+        if key in unreadable:
+            skipped.append(FailedImage.of(r, unreadable[key]))
+            continue
         enc = encode_conversation(processor, r.conversations, [expanded[key]] if key else None)
         ids, mask = enc.ids, enc.mask
         if max(ids) >= vocab:
@@ -186,14 +223,16 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
         if context and len(ids) > context:
             too_long.append(f"{r.id} ({len(ids)} tokens)")
         labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-        if key is not None and key not in pixels:
-            pixels[key] = enc.vision
         examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:]),
                                 {k: v.tolist() for k, v in enc.token_types.items()}))
     if too_long:
         raise ValueError(f"{path}: {len(too_long)} record(s) longer than the model's context of {context} "
                          f"tokens: {', '.join(too_long[:5])}")
-    return examples, pixels
+    if not examples:
+        raise ValueError(f"{path}: no usable records: all {len(skipped)} left out because their image failed "
+                         f"(first: {skipped[0]})")
+    skipped.sort(key=lambda f: f.line)
+    return examples, {k: e.vision for k, e in expanded.items()}, skipped
 
 
 def _check_special_text(path, records, tokenizer) -> None:
@@ -323,15 +362,34 @@ def setup_distributed(device: str):
     return rank, world, device
 
 
+def examples_digest(examples: list[Example]) -> str:
+    """Identity of what a run trains on: each example's id, token ids and image path, in order.
+
+    The data order is ``randperm`` over these examples, so a resume state is only valid
+    for the same list: a rewritten shard at the same path, another tokenizer, or images
+    that now fail (or now load) change it.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.image, e.input_ids, e.labels], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
 def save_state(out: Path, model, optimizer, scheduler, step: int, counters: dict, config_key: dict) -> None:
-    """The resume state: one dict of tensors and plain values, written atomically."""
+    """The resume state: one dict of tensors and plain values, written atomically.
+
+    ``config_key``: the options that define the run, plus ``examples`` (:func:`examples_digest`).
+    """
     import torch
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "counters": counters,
              "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "config": json.dumps(config_key, sort_keys=True)}
+             "config": json.dumps({k: v for k, v in config_key.items() if k != "examples"}, sort_keys=True),
+             "examples": config_key["examples"]}
     with atomic_path(out / STATE_FILE) as tmp:
         torch.save(state, tmp)
 
@@ -341,9 +399,13 @@ def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tupl
     import torch
 
     state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-    if state["config"] != json.dumps(config_key, sort_keys=True):
+    if state["config"] != json.dumps({k: v for k, v in config_key.items() if k != "examples"}, sort_keys=True):
         raise ValueError(f"{out / STATE_FILE}: written by a run with a different configuration "
                          f"({state['config']}); use another --out or the same options")
+    if state.get("examples", config_key["examples"]) != config_key["examples"]:  # states before this check pass
+        raise ValueError(f"{out / STATE_FILE}: the training examples of {config_key['data']} changed since this "
+                         "state was written (the shard was rewritten, the tokenizer differs, or images now "
+                         "fail or load); resuming would continue on another data order: use another --out")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -351,6 +413,33 @@ def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tupl
     if state["rng_cuda"]:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state["step"], state["counters"]
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Cut ``log.jsonl`` back to the resumed ``step``, atomically; return the steps cut.
+
+    The rows an interrupted run logged after its last checkpoint describe work that the
+    resumed run does again: they go, so every step appears once. If a step appears more
+    than once (a log from before this rule), its last row is the one kept. A row cut off
+    mid-write by a kill is dropped.
+    """
+    if not path.is_file():
+        return 0
+    rows: dict[int, str] = {}
+    beyond: set[int] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            s = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if s <= step:
+            rows[s] = line
+        else:
+            beyond.add(s)
+    if len(rows) < step:
+        log.warning("train: %s holds rows for %d of the %d steps before the resume point", path, len(rows), step)
+    atomic_write_text(path, "".join(rows[s] + "\n" for s in sorted(rows)))
+    return len(beyond)
 
 
 def _cluster_id(cfg: TrainConfig) -> int | None:
@@ -382,10 +471,20 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum} "
                          f"x {world} rank(s)")
     if (out / STATE_FILE).exists() and not cfg.resume:
-        raise ValueError(f"{out} holds an unfinished run ({STATE_FILE}); pass --resume or choose another --out")
+        which = "a finished" if (out / "ddfm.json").is_file() else "an unfinished"
+        raise ValueError(f"{out} holds {which} run ({STATE_FILE}); pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
     model, processor = load_model(cfg.init)
-    examples, pixels = encode_shard(cfg.data, processor, model)
+    examples, pixels, skipped = encode_shard(cfg.data, processor, model)
+    if rank == 0:
+        log_failed_images(f"train {cfg.data}", skipped, f"{out}/ddfm.json")
+    held_out = {}  # name -> examples of each --eval-data file
+    for path in cfg.eval_data:
+        ex, px, failed = encode_shard(path, processor, model)
+        if rank == 0:
+            log_failed_images(f"train --eval-data {path}", failed, f"{out}/log.jsonl")
+        held_out[Path(path).stem] = ex
+        pixels.update(px)
     vlm = is_vision_language(model.config)
     part_sizes = set_trainable(model, cfg.parts)
     model.to(device).train()
@@ -396,11 +495,19 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     config_key = {k: v for k, v in to_dict(cfg).items()
-                  if k not in ("resume", "save_every", "log_every", "device", "compile", "out")}
-    step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0}
+                  if k not in ("resume", "save_every", "log_every", "device", "compile", "out", "eval_data",
+                               "eval_every")}
+    config_key["examples"] = examples_digest(examples)
+    # running totals, carried in the resume state: samples and tokens seen, training time
+    # (wall and CPU) of the steps that made this model, resumes and steps done again
+    step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0, "cpu_s": 0.0,
+                         "resumes": 0, "steps_redone": 0}
     if cfg.resume and (out / STATE_FILE).exists():
-        step, counters = load_state(out, model, optimizer, scheduler, config_key)
-        log.info("train: resuming %s at step %d", out, step)
+        step, saved = load_state(out, model, optimizer, scheduler, config_key)
+        counters = {**counters, **saved, "resumes": saved.get("resumes", 0) + 1}
+        if rank == 0:
+            counters["steps_redone"] += truncate_log(out / "log.jsonl", step)
+        log.info("train: resuming %s at step %d (%.1f s of training so far)", out, step, counters["elapsed_s"])
     ddp = DDP(model, find_unused_parameters=vlm) if world > 1 else model
     fwd = torch.compile(ddp) if cfg.compile else ddp
     if rank == 0:
@@ -412,6 +519,24 @@ def train(cfg: TrainConfig) -> Path:
     bar = _progress(cfg, step, rank)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
     t_start, t_last, cpu_start = time.perf_counter(), time.perf_counter(), time.process_time()
+    elapsed0, cpu0 = counters["elapsed_s"], counters["cpu_s"]  # time before a resume
+
+    def clock() -> None:  # elapsed and CPU time up to now, resumes included
+        counters["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+        counters["cpu_s"] = cpu0 + time.process_time() - cpu_start  # CPU time: steadier on a shared machine
+
+    def evaluate_held_out() -> dict:  # {file stem: mean answer NLL}; not counted as training time
+        nonlocal t_start, cpu_start
+        t0, c0 = time.perf_counter(), time.process_time()
+        losses = {name: held_out_loss(model, ex, pixels, pad_id, device, autocast) for name, ex in held_out.items()}
+        t_start, cpu_start = t_start + time.perf_counter() - t0, cpu_start + time.process_time() - c0
+        return losses
+
+    if held_out and step == 0:
+        losses = evaluate_held_out()
+        if rank == 0:
+            log_file.write(json.dumps({"step": 0, "eval_loss": losses}) + "\n")
+            log_file.flush()
 
     # ---- train
     while step < cfg.steps:
@@ -426,12 +551,7 @@ def train(cfg: TrainConfig) -> Path:
             labels = batch.pop("labels")
             sync = i == len(mine) - 1 or world == 1  # all-reduce gradients once per step
             with (ddp.no_sync() if not sync else nullcontext()), autocast:
-                logits = fwd(**batch).logits  # (B, T, V)
-                # position t predicts token t+1: shift the labels, not the (large) logits
-                targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
-                loss = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), targets.flatten(),
-                    ignore_index=IGNORE, reduction="sum") / max(n_loss, 1)
+                loss = answer_nll(fwd(**batch).logits, labels)[0] / max(n_loss, 1)  # logits (B, T, V)
                 if not loss.requires_grad:
                     # nothing trainable on this path (a text-only group under the projector-only
                     # "align" recipe): a zero-weighted tie to the parameters gives zero
@@ -449,14 +569,21 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         n_tokens = sum(len(e.input_ids) for e in batch_examples)
-        counters = {"samples": counters["samples"] + len(batch_examples),
-                    "tokens": counters["tokens"] + n_tokens, "loss_tokens": counters["loss_tokens"] + n_loss}
+        counters.update(samples=counters["samples"] + len(batch_examples), tokens=counters["tokens"] + n_tokens,
+                        loss_tokens=counters["loss_tokens"] + n_loss)
         if rank == 0:
+            loss_value = step_loss.item()  # waits for the step to finish before the clock reads
             now = time.perf_counter()
-            row = {"step": step, "loss": step_loss.item(), "lr": lr, "tokens": n_tokens,
-                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": now - t_start,
-                   "cpu_s": time.process_time() - cpu_start}  # CPU time: steadier on a shared machine
-            t_last = now
+            clock()
+            row = {"step": step, "loss": loss_value, "lr": lr, "tokens": n_tokens,
+                   "tokens_per_s": n_tokens / max(now - t_last, 1e-9), "elapsed": counters["elapsed_s"],
+                   "cpu_s": counters["cpu_s"]}
+        if held_out and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            losses = evaluate_held_out()
+            if rank == 0:
+                row["eval_loss"] = losses
+        if rank == 0:
+            t_last = time.perf_counter()
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             _report(bar, row, cfg)
@@ -468,14 +595,50 @@ def train(cfg: TrainConfig) -> Path:
         if bar is not None:
             bar.close()
         log_file.close()
+        clock()
         save_state(out, model, optimizer, scheduler, step, counters, config_key)
-        meta = _metadata(cfg, world, counters, part_sizes, len(examples), time.perf_counter() - t_start)
+        meta = _metadata(cfg, world, counters, part_sizes, len(examples), skipped)
         save_checkpoint(model, processor, out, meta=meta, processor_files=cfg.init)
         log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+def answer_nll(logits, labels):
+    """Σ −log p(x_t | x_<t) over the answer tokens: logits (B, T, V), labels (B, T) with
+    IGNORE outside answers. Returns (summed NLL (float32 scalar tensor), answer tokens)."""
+    import torch
+
+    # position t predicts token t+1: shift the labels, not the (large) logits
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=IGNORE, reduction="sum")
+    return nll, int((targets != IGNORE).sum())
+
+
+def held_out_loss(model, examples: list[Example], pixels: dict, pad_id: int, device, autocast,
+                  batch_size: int = 32) -> float:
+    """Mean answer-token NLL (nats) of held-out examples under ``model`` (no gradients).
+
+    Every rank computes it on all examples (the same forward passes on each, as a sharded
+    model needs); it reads no training state, so the training run is unchanged by it.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast:
+        for i in range(0, len(examples), batch_size):
+            for group in length_groups(examples[i:i + batch_size]):
+                batch = {k: v.to(device) for k, v in collate(group, pixels, pad_id).items()}
+                labels = batch.pop("labels")
+                nll, n = answer_nll(model(**batch).logits, labels)
+                total, count = total + float(nll), count + n
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def _dry_run(model, batch, device, path) -> None:
@@ -509,20 +672,25 @@ def _report(bar, row: dict, cfg: TrainConfig) -> None:
 
 
 def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_examples: int,
-              elapsed: float) -> dict:
-    init_meta = Path(cfg.init) / "ddfm.json"
+              skipped: list[FailedImage]) -> dict:
+    # paths as given (or absolute): save_checkpoint stores them relative to the run directory
     return {
         "stage": "train",
-        "shard": os.path.abspath(cfg.data),
+        "shard": cfg.data,
         "cluster": _cluster_id(cfg),
-        "init": os.path.abspath(cfg.init),
-        "init_meta": read_json(init_meta) if init_meta.is_file() else None,
+        "init": cfg.init,
+        "init_meta": read_meta(cfg.init),
         "examples": n_examples,
+        # records of the shard not trained on because their image is missing or unreadable
+        "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},
         "compute": {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                     "world_size": world, "samples_seen": counters["samples"],
                     "tokens_seen": counters["tokens"], "loss_tokens_seen": counters["loss_tokens"],
                     "epochs": counters["samples"] / max(n_examples, 1), "match": cfg.matched,
-                    "elapsed_s": elapsed},
+                    # training-loop time of the steps that made this model, over resumes
+                    # (work lost after the last checkpoint of an interrupted run not counted)
+                    "elapsed_s": counters["elapsed_s"], "cpu_s": counters["cpu_s"],
+                    "resumes": counters["resumes"], "steps_redone": counters["steps_redone"]},
         "trainable": {"parts": list(cfg.parts), "parameters": part_sizes},
         "seed": cfg.seed,
         "config": to_dict(cfg),

@@ -326,3 +326,22 @@ def test_efficientnet_default_clusters_real_fashion_mnist(tmp_path):
         pred = KMeans(10, n_init=3, random_state=0).fit_predict(feats)
         scores[spec] = normalized_mutual_info_score(labels[order], pred)
     assert scores["efficientnet-lite0"] > 0.5 and scores["pixels"] > 0.45, scores  # random features: ~0.03
+
+
+def test_truncated_and_garbage_images_shared_by_records_get_one_failed_entry_each(tmp_path):
+    images, _ = real_images(2)
+    images[0].save(tmp_path / "ok.png")
+    images[1].save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"GIF89a but not really" * 4)
+    rows = [rec("a", "ok.png"), rec("t1", "truncated.png"), rec("t2", "truncated.png", question="Again?"),
+            rec("g1", "garbage.png"), rec("g2", "garbage.png"), rec("m1", "gone.png"), rec("m2", "gone.png")]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, keys, meta = load_features(embed(EmbedConfig(data=[str(path)], encoder="pixels", out=str(tmp_path / "e"))))
+    assert [Path(k).name for k in keys] == ["ok.png"]
+    failed = {Path(f["key"]).name: f["error"] for f in meta["failed"]}
+    assert len(meta["failed"]) == 3 and failed["truncated.png"].endswith("image file is truncated")
+    assert "cannot identify image file" in failed["garbage.png"]
+    assert failed["gone.png"] == f"image file not found: {(tmp_path / 'gone.png').resolve()}"

@@ -450,9 +450,10 @@ def test_experts_from_different_inits_are_mixed_with_a_warning(world, tmp_path, 
         return train(TrainConfig(init=str(init_dir), data=str(world["data"]), out=str(tmp_path / name), steps=1,
                                  batch_size=2, save_every=0, device="cpu"))
 
-    a, b = expert(world["experts"][0], "a"), expert(world["experts"][0], "b")
+    a, b = expert(world["experts"][0], "a"), expert(world["experts"][0], "deeper/b")
     c = expert(world["experts"][1], "c")  # same tokenizer and vocabulary, another `ddfm init`
-    assert warn_different_inits(["a", "b"], [a, b]) == []
+    # same start (the init itself, or experts at other depths from it): no warning
+    assert warn_different_inits(["a", "b", "init"], [a, b, world["experts"][0]]) == []
     with caplog.at_level("WARNING"):
         Ensemble.from_pretrained([a, c], mode="uniform")
     assert "experts a and c were trained from different initial checkpoints" in caplog.text

@@ -82,7 +82,7 @@ def test_presets_are_data():
             assert preset["text"]["max_position_embeddings"] >= 128
 
 
-def test_init_loads_with_plain_transformers(llava_dir):
+def test_init_loads_with_plain_transformers(llava_dir, data):
     from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     model = AutoModelForImageTextToText.from_pretrained(llava_dir)
@@ -96,6 +96,10 @@ def test_init_loads_with_plain_transformers(llava_dir):
     assert 1e6 < n_params < 2e7
     meta = json.loads((llava_dir / "ddfm.json").read_text())
     assert meta["preset"] == "tiny-llava" and meta["stage"] == "init"
+    # the data file relative to the checkpoint directory, resolved by read_meta
+    from ddfm.models import read_meta
+    assert not Path(meta["data"]).is_absolute()
+    assert read_meta(llava_dir)["data"] == str(Path(data).resolve())
 
 
 def test_small_llava_preset_is_the_tiny_one_with_a_bigger_language_model(data, tmp_path):

@@ -296,9 +296,13 @@ class Ensemble:
             token_lp = torch.logsumexp(mix + tokens[i].T.nan_to_num(neginf=-1e30), dim=1)
             top = None
             if top_logprobs:
-                lp = torch.stack([full[i, k] if (i, k) in full else torch.zeros_like(next(iter(full.values())))
+                V = next(iter(full.values())).shape[-1]
+                lp = torch.stack([full[i, k] if (i, k) in full else torch.zeros(n - 1, V)  # expert k not run
                                   for k in range(K)], 1)  # (n-1, K, V)
                 mixture = mixture_log_probs(mix.float(), lp)  # (n-1, V): eq. 24 at every position
+                # the chosen tokens' values from the same tensor as the alternatives, so that a
+                # token that is the most likely one has exactly the top value (harnesses compare)
+                token_lp = mixture.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
                 best = torch.topk(mixture, min(top_logprobs, mixture.shape[-1]), dim=-1)
                 top = [None] + [[[int(t), float(v)] for v, t in zip(vs, ts)] for vs, ts in zip(best.values, best.indices)]
             results.append({"token_ids": ids, "token_logprobs": [None] + [float(x) for x in token_lp],
@@ -394,18 +398,23 @@ def check_compatible(names: Sequence[str], processors: Sequence[Any], models: Se
 
 def init_identity(path: str | os.PathLike) -> Optional[str]:
     """Where an expert's training started: a fingerprint of its initial checkpoint's
-    ``ddfm.json`` (as ``ddfm train`` copied it), else the initial checkpoint's path; None
-    for a checkpoint without ``ddfm.json`` (not trained by ddfm)."""
-    meta_file = Path(path) / "ddfm.json"
-    if not meta_file.is_file():
+    ``ddfm.json`` (``ddfm train`` keeps a copy as ``init_meta``; a checkpoint written by
+    ``ddfm init`` is its own start), else the initial checkpoint's path; None for a
+    checkpoint that ddfm did not write."""
+    from ddfm.models import read_meta
+
+    meta = read_meta(path)  # paths resolved, so copies at other depths compare equal
+    if meta is None:
         return None
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    if meta.get("stage") != "train":
-        return None
-    if meta.get("init_meta"):
-        return hashlib.sha256(json.dumps(meta["init_meta"], sort_keys=True).encode()).hexdigest()[:16]
-    init = meta.get("init")
-    return str((Path(path) / init).resolve()) if init else None
+
+    def fingerprint(m: dict) -> str:
+        return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+
+    if meta.get("stage") == "init":
+        return fingerprint(meta)
+    if meta.get("stage") == "train":
+        return fingerprint(meta["init_meta"]) if meta.get("init_meta") else meta.get("init")
+    return None
 
 
 def warn_different_inits(names: Sequence[str], paths: Sequence[str]) -> list[str]:

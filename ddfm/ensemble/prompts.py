@@ -29,7 +29,10 @@ class Request:
     messages (``{"role", "content"}``); ``image`` is a PIL image or an image file path.
     A *raw* request (OpenAI's completions API) skips the chat template: ``token_ids`` are
     the prompt as given, or, with ``raw=True``, ``prompt`` is tokenized as plain text
-    (with the tokenizer's own special tokens, e.g. a leading bos).
+    (with the tokenizer's own special tokens, e.g. a leading bos). ``encoded``: the request
+    already encoded by this ensemble's :class:`PromptEncoder` (``ddfm serve`` encodes while
+    it checks the prompt's length, in the request's thread, so the decoding thread does not
+    encode it again).
     """
 
     prompt: str
@@ -37,6 +40,7 @@ class Request:
     history: Optional[list[dict]] = None
     raw: bool = False
     token_ids: Optional[list[int]] = None
+    encoded: Optional["Encoded"] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -83,11 +87,20 @@ def open_request_image(image):
 
 
 def _messages(request: Request, with_image: bool) -> list[dict]:
+    """The chat messages of a request. The image goes where the prompt's ``<image>``
+    placeholder stands (as LLaVA records place it), else before the prompt's text, unless
+    an earlier turn already holds it."""
+    from ddfm.data import IMAGE_TOKEN
     from ddfm.models import to_chat_messages
 
     history = to_chat_messages(request.history or [])
     has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
                          for m in history)
+    if IMAGE_TOKEN in request.prompt:
+        if not with_image or has_image_part:
+            raise ValueError(f"the prompt holds an {IMAGE_TOKEN} placeholder but the request has no image for it")
+        [user] = to_chat_messages([{"from": "human", "value": request.prompt}])
+        return history + [user]
     parts = ([{"type": "image"}] if with_image and not has_image_part else []) + [{"type": "text", "text": request.prompt}]
     return history + [{"role": "user", "content": parts}]
 
@@ -110,6 +123,8 @@ class PromptEncoder:
     def encode(self, request: Request) -> Encoded:
         from ddfm.models import encode_prompt, render_prompt
 
+        if request.encoded is not None:
+            return request.encoded
         if request.token_ids is not None or request.raw:
             return self._encode_raw(request)
         image = open_request_image(request.image)
