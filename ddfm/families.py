@@ -31,8 +31,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -51,7 +51,6 @@ class Family:
     mrope: bool = False
     reuse_tower: bool = False
     kind: str = "vlm"  # "vlm" | "lm"
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 _LANGUAGE = ("model.language_model.", "lm_head.")
@@ -162,15 +161,18 @@ def processor_class(config) -> type | None:
 def load_processor(path: str | os.PathLike, config):
     """The processor of a VLM checkpoint directory, without torchvision.
 
-    Families whose processor has a video processor load as :func:`images_only` (the image
-    processor on the PIL backend); the others with ``AutoProcessor``.
+    Families whose processor has a video processor load as :func:`images_only`; the others
+    with ``AutoProcessor``. The image processor is always the PIL one, so an environment
+    with torchvision encodes images exactly as one without.
     """
+    import transformers
     from transformers import AutoProcessor
 
+    pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
     cls = processor_class(config)
     if cls is None or "video_processor" not in cls.get_attributes():
-        return AutoProcessor.from_pretrained(path)
-    return images_only(cls).from_pretrained(path, backend="pil")
+        return AutoProcessor.from_pretrained(path, **pil)
+    return images_only(cls).from_pretrained(path, **pil)
 
 
 # --------------------------------------------------------------------------- vision inputs

@@ -99,3 +99,14 @@ def test_trained_checkpoint_keeps_the_full_processor(family, data, tmp_path):
     for name in ("processor_config.json", "chat_template.jinja", "tokenizer.json"):
         if (source / name).is_file():
             assert (out / name).read_bytes() == (source / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_processors_without_a_video_processor_use_the_pil_backend_here_too(family, data, tmp_path):
+    """Where torchvision is installed AutoProcessor would pick its image backend; ddfm keeps
+    PIL, so experts encode images the same in both environments."""
+    from transformers import AutoConfig
+
+    path = family_checkpoints.build(family, data["records"], tmp_path / family)
+    processor = load_processor(path, AutoConfig.from_pretrained(path))
+    assert type(processor.image_processor).__name__.endswith("Pil")
