@@ -294,7 +294,7 @@ def test_consolidated_checkpoint_is_the_trained_model(init_dir, data, two_rank_r
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ddfm.data import load_records, open_image
-    from ddfm.models import encode_conversation, num_image_tokens
+    from ddfm.models import encode_conversation
 
     state = torch.load(two_rank_run / "resume" / "state.pt", weights_only=True)
     assert state["step"] == 8 and state["sharded"] == "sharded-00000008"
@@ -307,14 +307,13 @@ def test_consolidated_checkpoint_is_the_trained_model(init_dir, data, two_rank_r
     loaded = AutoModelForImageTextToText.from_pretrained(two_rank_run).eval()
     processor = AutoProcessor.from_pretrained(two_rank_run)
     record = next(r for r in load_records(data).records if r.has_image)
-    ids, _ = encode_conversation(processor, record.conversations, num_image_tokens(processor))
-    pixels = processor.image_processor(images=[open_image(record.image_path)], return_tensors="pt")["pixel_values"]
+    enc = encode_conversation(processor, record.conversations, [open_image(record.image_path)])
+    inputs = {"input_ids": torch.tensor([enc.ids]), **enc.vision}  # pixel_values (1, 3, H, W)
     with torch.no_grad():
-        a = trained(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
-        b = loaded(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+        a = trained(**inputs).logits
+        b = loaded(**inputs).logits
+        init_logits = AutoModelForImageTextToText.from_pretrained(init_dir).eval()(**inputs).logits
     assert torch.equal(a, b)
-    init_logits = AutoModelForImageTextToText.from_pretrained(init_dir).eval()(
-        input_ids=torch.tensor([ids]), pixel_values=pixels).logits
     assert not torch.allclose(a, init_logits, atol=1e-3)  # it did train
     assert json.loads((two_rank_run / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
 
