@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/doc/python3.11/html/_sources/index.rst.txt
 
-.PHONY: demo test test-all venv data-packages clean bench
+.PHONY: demo test test-all venv data-packages clean bench harness
 
 venv: $(STAMP)
 
@@ -21,6 +21,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
+
+# The evaluation harnesses (tests/test_harness.py; .ci/run installs them): lm-eval from the
+# `harness` extra; lmms-eval without its requirements (they pull torchvision, timm and a CUDA
+# torch). 0.7.0: 0.7.1-0.7.3 import filelock._api, which filelock 4 no longer has.
+# torch must stay the one that was there, and `pip check` clean but for lmms-eval's requirements.
+LMMS_EVAL := lmms-eval==0.7
+HARNESS_STAMP := $(VENV)/.installed-harness
+harness: $(HARNESS_STAMP)
+$(HARNESS_STAMP): $(STAMP) pyproject.toml Makefile
+	@before=$$($(BIN)/python -c "import torch; print(torch.__version__)"); \
+	$(BIN)/pip install -e '.[test,harness]' && $(BIN)/pip install --no-deps '$(LMMS_EVAL)' && \
+	after=$$($(BIN)/python -c "import torch; print(torch.__version__)") && \
+	if [ "$$before" != "$$after" ]; then echo "harness install replaced torch $$before with $$after"; exit 1; fi
+	@# pip check lists lmms-eval's own requirements, left out on purpose; anything else is a conflict
+	@other=$$($(BIN)/pip check | grep -v '^lmms-eval [^ ]* requires' || true); \
+	if [ -n "$$other" ]; then echo "pip check: $$other"; exit 1; fi; \
+	echo "pip check: clean but for lmms-eval's $$($(BIN)/pip check | grep -c '^lmms-eval') requirements left out"
+	$(BIN)/python -c "import lm_eval, lmms_eval.models.simple.openai, lmms_eval.models.chat.openai"
+	touch $(HARNESS_STAMP)
 
 # Real offline data from Debian: Fashion-MNIST images and the Python docs' text.
 data-packages:
