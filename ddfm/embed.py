@@ -291,27 +291,31 @@ class HFImageEncoder(Encoder):
 
 
 class VisionTowerEncoder(Encoder):
-    """The vision tower of a vision-language checkpoint (LLaVA-style), mean-pooled.
+    """The vision tower of a vision-language checkpoint, mean-pooled (any family of
+    ``ddfm.families`` with a tower: LLaVA-1.5, LLaVA-OneVision, InternVL, Qwen2-VL,
+    Qwen2.5-VL, Idefics3, SmolVLM).
 
-    Only the tower's weights are read from the safetensors files (a 7B LLaVA is not
-    loaded to route). Features: the hidden states of layer ``vision_feature_layer`` (the
-    ones the VLM projects into its language model; several layers are concatenated like the
-    VLM does), the CLS token dropped when ``vision_feature_select_strategy == "default"``,
-    mean over the remaining patch tokens -> (B, hidden_size * n_layers).
+    Only the tower's weights are read from the safetensors files (a 7B VLM is not
+    loaded to route). Features (:func:`ddfm.families.tower_features`): the tower states
+    the VLM feeds its projector (LLaVA: ``vision_feature_layer``, several layers
+    concatenated, CLS dropped for the ``default`` strategy; Qwen2-VL: before the merger),
+    averaged over each image's tokens and tiles -> (B, D). Images go through the
+    checkpoint's own image processor (PIL backend), one at a time (tiles and grids differ
+    per image).
     """
 
     modality = "image"
 
     def __init__(self, path: str | None = None, device: str = "cpu"):
+        from ddfm.families import FAMILIES
+
         root, config = _checkpoint_config(path, "tower")
-        vision_config = getattr(config, "vision_config", None)
-        if vision_config is None or config.model_type in HF_IMAGE_MODELS:
-            raise ValueError(f"tower:{path}: {root} holds a {config.model_type!r} model without a vision tower "
-                             "(expected a vision-language model such as LLaVA); for CLIP/SigLIP use clip:PATH")
+        family = FAMILIES.get(config.model_type)
+        if family is None or family.tower is None or getattr(config, "vision_config", None) is None:
+            raise ValueError(f"tower:{path}: {root} holds a {config.model_type!r} model without a vision tower ddfm "
+                             f"can route with (families: {', '.join(FAMILIES)}); for CLIP/SigLIP use clip:PATH")
         self.spec, self.identity = f"tower:{root}", _dir_fingerprint(root)
-        self.layer = getattr(config, "vision_feature_layer", -1)
-        self.select = getattr(config, "vision_feature_select_strategy", "full")
-        self.device, self._root, self._vision_config = _torch_device(device), root, vision_config
+        self.device, self._root, self._config, self._family = _torch_device(device), root, config, family
 
     @cached_property
     def processor(self):
@@ -319,56 +323,54 @@ class VisionTowerEncoder(Encoder):
 
     @cached_property
     def tower(self):
-        return _load_vision_tower(self._root, self._vision_config).eval().to(self.device)
+        return _load_vision_tower(self._root, self._config, self._family).eval().to(self.device)
 
     @cached_property
     def dim(self) -> int:
         return int(self._encode([_blank_image()]).shape[1])
 
     def _encode(self, items: list) -> np.ndarray:
-        import torch
+        from ddfm.families import tower_features
 
-        pixels = self.processor(images=[im.convert("RGB") for im in items], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            out = self.tower(pixel_values=pixels.to(self.device, dtype=self.tower.dtype), output_hidden_states=True)
-            layers = self.layer if isinstance(self.layer, (list, tuple)) else [self.layer]
-            hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1)  # (B, T, H * n_layers)
-            if self.select == "default":
-                hidden = hidden[:, 1:]  # drop CLS, as the VLM does before projecting
-            return hidden.mean(1).float().cpu().numpy()  # (B, H * n_layers)
+        visions = [dict(self.processor(images=[im.convert("RGB")], return_tensors="pt")) for im in items]
+        features, _ = tower_features(self._config, self.tower, visions)
+        return features.cpu().numpy()  # (B, D)
 
 
-def _load_vision_tower(root: Path, vision_config):
-    """Build the tower from ``vision_config`` and load only its tensors from safetensors.
+def _load_vision_tower(root: Path, config, family):
+    """Build the tower from ``config.vision_config`` and load only its tensors from safetensors.
 
-    Checkpoint keys look like ``[model.]vision_tower.[vision_model.]<name>`` depending on
+    Checkpoint keys look like ``[model.]<tower>.[vision_model.]<name>`` (``<tower>`` the
+    family's tower attribute: ``vision_tower``, ``visual``, ``vision_model``) depending on
     the transformers version that wrote them; they are matched to the tower's own keys
     with both optional infixes ignored. Falls back to loading the whole VLM when the
     tensors cannot be matched (unusual layouts), which is slower but exact.
     """
+    import torch
     from safetensors import safe_open
-    from transformers import AutoModel
+    from transformers import AutoModelForImageTextToText
 
-    tower = AutoModel.from_config(vision_config)
+    from ddfm.families import tower_of
+
+    with torch.device("meta"):  # the VLM's own tower class, without building its weights
+        tower_class = type(tower_of(AutoModelForImageTextToText.from_config(config)))
+    tower = tower_class._from_config(config.vision_config)
+    marker = family.tower.split(".")[-1] + "."
     files = sorted(root.glob("*.safetensors"))
     wanted = {_strip_vision_model(k): k for k in tower.state_dict()}
     found: dict[str, Any] = {}
     for f in files:
         with safe_open(f, framework="pt") as st:
             for key in st.keys():
-                if "vision_tower." not in key:
+                if marker not in key:
                     continue
-                name = _strip_vision_model(key.split("vision_tower.", 1)[1])
+                name = _strip_vision_model(key.split(marker, 1)[1])
                 if name in wanted:
                     found[wanted[name]] = st.get_tensor(key)
     missing = [k for k in wanted.values() if k not in found and not k.endswith("position_ids")]
     if not files or missing:
         log.info("tower: vision-tower tensors not matched in %s (%d missing); loading the full model", root, len(missing))
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(root)
-        inner = getattr(model, "model", model)
-        return getattr(inner, "vision_tower", None) or model.get_vision_tower()
+        return tower_of(AutoModelForImageTextToText.from_pretrained(root))
     tower.load_state_dict(found, strict=False)
     return tower
 

@@ -45,14 +45,15 @@ from typing import Any, Optional
 
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, load_records, log_failed_images, open_image
+from ddfm.families import family_of, part_of, stack_vision
 from ddfm.io import atomic_path, atomic_write_text
 from ddfm.models import (
     encode_conversation,
+    expand_image,
     get_tokenizer,
     image_token,
     is_vision_language,
     load_model,
-    num_image_tokens,
     read_meta,
     save_checkpoint,
     versions,
@@ -60,12 +61,9 @@ from ddfm.models import (
 
 log = logging.getLogger(__name__)
 
-# parameter-name fragments of each trainable part (first match wins; the rest is "language")
-PARTS: dict[str, tuple[str, ...]] = {
-    "vision": ("vision_tower", "vision_model", "visual."),
-    "projector": ("multi_modal_projector", "mm_projector", "connector", "mlp1"),
-    "language": ("language_model", "lm_head", "embed_tokens"),
-}
+# the trainable parts; which parameters each holds is written per family in
+# ddfm/families.py (FAMILIES[model_type].parts)
+PARTS = ("vision", "projector", "language")
 # named recipes: LLaVA trains projector + LM with a frozen vision tower, InternVL everything,
 # "align" is LLaVA's first stage (projector only).
 RECIPES: dict[str, tuple[str, ...]] = {
@@ -174,16 +172,19 @@ class Example:
     labels: list[int]
     image: str | None
     n_loss: int  # tokens in the loss: labels[1:] that are not IGNORE (the first is never predicted)
+    token_types: dict = field(default_factory=dict)  # per-token inputs (Qwen2-VL's mm_token_type_ids), each (T,)
 
 
 def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any], list[FailedImage]]:
     """Load, encode and check a shard against the init checkpoint; raise before training.
 
-    Returns the examples, a dict of decoded images' ``pixel_values`` keyed by path (each
-    ``(3, H, W)`` float32) and the records left out because their image is missing or
-    unreadable (every record sharing such an image; :class:`ddfm.data.FailedImage`, listed
-    in ``ddfm.json``). Errors (ValueError, naming the file and records): empty shard,
-    images for a text-only checkpoint, a tokenizer that does not fit the model,
+    Returns the examples, a dict of each image's processor inputs keyed by path
+    (``pixel_values`` and whatever else the family returns, the image on dim 0; every
+    record's placeholder expanded to its own image's tokens) and the records left out
+    because their image is missing or unreadable (every record sharing such an image;
+    :class:`ddfm.data.FailedImage`, listed in ``ddfm.json``). Errors (ValueError, naming
+    the file and records): empty shard, images for a text-only checkpoint, a tokenizer
+    that does not fit the model,
     special-token text inside the data, a sequence longer than the model's context.
     """
     loaded = load_records(path)
@@ -198,31 +199,32 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
         raise ValueError(f"{path}: {len(with_images)} record(s) have images (first: {with_images[0].id}) "
                          "but the init checkpoint is text-only (no image token / processor)")
     _check_special_text(path, records, tokenizer)
-    n_image = num_image_tokens(processor) if placeholder is not None else None
     config = model.config
     vocab = config.get_text_config().vocab_size
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    examples, too_long, pixels, unreadable = [], [], {}, {}
+    examples, too_long, expanded, unreadable = [], [], {}, {}
     for r in records:
         key = str(r.image_path) if r.has_image else None
-        if key is not None and key not in pixels and key not in unreadable:
+        if key is not None and key not in expanded and key not in unreadable:
             try:
                 image = open_image(r.image_path)
             except ValueError as err:  # unreadable bytes: this record and all that share the image
                 unreadable[key] = str(err)
-            else:
-                pixels[key] = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            else:  # each image through the family's processor once, its ids spliced into every record
+                expanded[key] = expand_image(processor, image)
         if key in unreadable:
             skipped.append(FailedImage.of(r, unreadable[key]))
             continue
-        ids, mask = encode_conversation(processor, r.conversations, n_image)
+        enc = encode_conversation(processor, r.conversations, [expanded[key]] if key else None)
+        ids, mask = enc.ids, enc.mask
         if max(ids) >= vocab:
             raise ValueError(f"{path}: record {r.id}: token id {max(ids)} >= the model's vocabulary "
                              f"{vocab}: the checkpoint's tokenizer does not match its model")
         if context and len(ids) > context:
             too_long.append(f"{r.id} ({len(ids)} tokens)")
         labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-        examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:])))
+        examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:]),
+                                {k: v.tolist() for k, v in enc.token_types.items()}))
     if too_long:
         raise ValueError(f"{path}: {len(too_long)} record(s) longer than the model's context of {context} "
                          f"tokens: {', '.join(too_long[:5])}")
@@ -230,7 +232,7 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
         raise ValueError(f"{path}: no usable records: all {len(skipped)} left out because their image failed "
                          f"(first: {skipped[0]})")
     skipped.sort(key=lambda f: f.line)
-    return examples, pixels, skipped
+    return examples, {k: e.vision for k, e in expanded.items()}, skipped
 
 
 def _check_special_text(path, records, tokenizer) -> None:
@@ -261,8 +263,9 @@ def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
-    """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` (B, T) int64 and
-    ``pixel_values`` (n_images, 3, H, W) of the examples with an image, in order."""
+    """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` (B, T) int64, the
+    per-token inputs (B, T) padded with 0, and the image inputs of the examples with an
+    image, in order (``ddfm.families.stack_vision``: e.g. ``pixel_values`` (n, 3, H, W))."""
     import torch
 
     T = max(len(e.input_ids) for e in examples)
@@ -275,9 +278,14 @@ def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(e.labels)
         attn[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    for key in {k for e in examples for k in e.token_types}:
+        batch[key] = torch.zeros((len(examples), T), dtype=torch.long)
+        for i, e in enumerate(examples):
+            if key in e.token_types:  # else all text: type 0
+                batch[key][i, :len(e.input_ids)] = torch.tensor(e.token_types[key])
     images = [pixels[e.image] for e in examples if e.image is not None]
     if images:
-        batch["pixel_values"] = torch.stack(images)
+        batch.update(stack_vision(images))
     return batch
 
 
@@ -304,15 +312,25 @@ def length_groups(examples: list[Example], max_padding: float = 0.25) -> list[li
 # model, optimizer, schedule, distributed
 
 def set_trainable(model, parts: tuple[str, ...]) -> dict[str, int]:
-    """Freeze everything but ``parts``; return the parameter count of each part."""
+    """Freeze everything but ``parts``; return the parameter count of each part.
+
+    Parameters map to parts by the family's table (``ddfm.families.FAMILIES``); a
+    parameter of no part, or a requested part the family lacks, is a ``ValueError``
+    naming the family.
+    """
+    family = family_of(model.config)
     counts = {p: 0 for p in PARTS}
     for name, param in model.named_parameters():
-        part = next((p for p, keys in PARTS.items() if any(k in name for k in keys)), "language")
+        part = part_of(family, name)
+        if part is None:
+            raise ValueError(f"--train: parameter {name} of {type(model).__name__} belongs to no part of the "
+                             f"{family.name} family ({', '.join(family.parts)})")
         counts[part] += param.numel()
         param.requires_grad_(part in parts)
     missing = [p for p in parts if counts[p] == 0]
     if missing:
-        raise ValueError(f"--train: the model {type(model).__name__} has no {', '.join(missing)} parameters")
+        raise ValueError(f"--train {'+'.join(parts)}: the {family.name} family ({type(model).__name__}) has no "
+                         f"{', '.join(missing)}; its parts are {', '.join(p for p in PARTS if counts[p])}")
     return counts
 
 
@@ -580,7 +598,7 @@ def train(cfg: TrainConfig) -> Path:
         clock()
         save_state(out, model, optimizer, scheduler, step, counters, config_key)
         meta = _metadata(cfg, world, counters, part_sizes, len(examples), skipped)
-        save_checkpoint(model, processor, out, meta=meta)
+        save_checkpoint(model, processor, out, meta=meta, processor_files=cfg.init)
         log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
     if world > 1:
         dist.barrier()
