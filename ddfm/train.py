@@ -544,7 +544,10 @@ def train(cfg: TrainConfig) -> Path:
         which = "a finished" if (out / "ddfm.json").is_file() else "an unfinished"
         raise ValueError(f"{out} holds {which} run ({STATE_FILE}); pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
-    model, processor = load_model(cfg.init)
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads a bf16/fp16
+    # checkpoint as such, and AdamW on half-precision weights loses small updates);
+    # --bf16 computes in bf16 under autocast
+    model, processor = load_model(cfg.init, dtype=torch.float32)
     examples, pixels, skipped = encode_shard(cfg.data, processor, model)
     if rank == 0:
         log_failed_images(f"train {cfg.data}", skipped, f"{out}/ddfm.json")
