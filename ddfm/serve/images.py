@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from ddfm.data import load_strict
 from ddfm.serve.errors import bad
 
 __all__ = ["load_image_url", "decode_image"]
@@ -55,7 +56,7 @@ def decode_image(data: bytes, param: str, max_pixels: int):
         raise bad(f"{param}: image is {w}x{h} = {w * h} pixels, more than this server's limit of {max_pixels}",
                   param, "image_too_large")
     try:
-        img.load()
+        load_strict(img)
         return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise bad(f"{param}: the image data is corrupt ({err})", param, "invalid_image") from None
