@@ -2,17 +2,24 @@
 
     .venv/bin/python benchmarks/bench_serve.py                      # tiny experts built here
     .venv/bin/python benchmarks/bench_serve.py --experts runs/expert-0 runs/expert-1 \\
-        --router runs/partition/router.json --requests 64 --max-tokens 16
+        --router runs/partition/router.json --requests 64 --max-tokens 4 8 16 32
 
 The reference is the Python API in a loop: one ``Ensemble.generate`` call per request,
 one request at a time (what a user without the server would write). The server is
 ``ddfm serve`` started as a subprocess on a free 127.0.0.1 port and driven over HTTP by
-an asyncio client at concurrency 1, 8 and 32; its dynamic batcher decodes concurrent
-requests together, so its requests/s should pass the loop's as concurrency grows, while
-at concurrency 1 the ratio shows the HTTP + JSON + batching-window overhead. Rows are
-measured in interleaved rounds (direct, c=1, c=8, c=32, direct, ...) so that load from
-other processes on a shared machine falls on all of them alike; each side uses one torch
-thread. Everything is bounded (``--rounds`` x ``--requests`` per row) and stays on loopback.
+an asyncio client at concurrency 1, 8 and 32. Both sides answer the same N requests
+(greedy, each with its own ``max_tokens``, cycling through ``--max-tokens``: mixed
+lengths) and each is timed as what a user waits for: the wall time from the first request
+to the last answer. The server's continuous batcher lets requests join and leave the
+running batch at token boundaries, so its requests/s should pass the loop's as
+concurrency grows, while at concurrency 1 the ratio shows the HTTP + JSON overhead. A last
+row repeats concurrency 32 with identical ``max_tokens`` (``--same-max-tokens``), the
+setting of the figure before continuous batching. Rows are measured in interleaved rounds
+(direct, c=1, c=8, c=32, ..., direct, ...) so that load from other processes on a shared
+machine falls on all of them alike; the ratio of each row is taken per round (against the
+same round's loop) and the median and best over rounds are printed. Each side uses one
+torch thread. Everything is bounded (``--rounds`` x ``--requests`` per row) and stays on
+loopback.
 """
 
 from __future__ import annotations
@@ -66,18 +73,19 @@ def summary(latencies: list[float], wall: float) -> dict[str, float]:
             "p99_ms": 1000 * float(np.percentile(lat, 99))}
 
 
-def direct_round(ens, images, n: int, max_tokens: int, offset: int = 0) -> tuple[list[float], float]:
-    """``n`` requests through ``Ensemble.generate``, one call per request: (latencies, wall seconds)."""
+def direct_round(ens, images, lengths: list[int]) -> tuple[list[float], float, int]:
+    """One ``Ensemble.generate`` call per request: (latencies, wall seconds, tokens generated)."""
     from ddfm.ensemble import Request
 
-    latencies = []
+    latencies, tokens = [], 0
     t0 = time.perf_counter()
-    for i in range(n):
+    for i, n in enumerate(lengths):
         t = time.perf_counter()
-        ens.generate(Request(prompt="What is this?", image=images[(offset + i) % len(images)]),
-                     max_new_tokens=max_tokens, do_sample=False)
+        [gen] = ens.generate(Request(prompt="What is this?", image=images[i % len(images)]), max_new_tokens=n,
+                             do_sample=False)
         latencies.append(time.perf_counter() - t)
-    return latencies, time.perf_counter() - t0
+        tokens += gen.completion_tokens
+    return latencies, time.perf_counter() - t0, tokens
 
 
 def free_port() -> int:
@@ -105,37 +113,80 @@ def start_server(experts, router, port: int, max_batch: int) -> subprocess.Popen
     raise RuntimeError("ddfm serve did not come up in 120 s")
 
 
-async def server_round(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float]:
-    """The bodies sent with at most ``concurrency`` in flight: (latencies, wall seconds)."""
+async def server_round(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], float, int]:
+    """The bodies sent with at most ``concurrency`` in flight: (latencies, wall seconds, tokens generated)."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    tokens = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def one(body):
+            nonlocal tokens
             async with sem:
                 t = time.perf_counter()
                 resp = await client.post(url, json=body)
                 resp.raise_for_status()
                 latencies.append(time.perf_counter() - t)
+                tokens += resp.json()["usage"]["completion_tokens"]
 
-        await one(bodies[0])  # open the connection
+        await one({**bodies[0], "max_tokens": 1})  # open the connection
         latencies.clear()
+        tokens = 0
+        busy = await batcher_busy(client, url)
         t0 = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
-        return latencies, time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        print(f"  c={concurrency}: {len(bodies) / wall:.1f} req/s, batcher thread busy "
+              f"{100 * (await batcher_busy(client, url) - busy) / wall:.0f} % of the wall time", flush=True)
+        return latencies, wall, tokens
+
+
+async def batcher_busy(client, url: str) -> float:
+    """``ddfm_batcher_busy_seconds_total`` from the server's /metrics."""
+    text = (await client.get(url.replace("/v1/chat/completions", "/metrics"))).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("ddfm_batcher_busy_seconds_total ")))
+
+
+def chat_bodies(images, lengths: list[int]) -> list[dict]:
+    return [{"model": "ddfm", "max_tokens": n, "temperature": 0, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": data_url(images[i % len(images)])}}]}]}
+            for i, n in enumerate(lengths)]
+
+
+def report(rows: dict[str, list], args, n_experts: int) -> None:
+    """Per row: requests/s and latency over all rounds, and the ratio to the same round's loop."""
+    print(f"\n{args.rounds} rounds x {args.requests} requests per row, greedy, max_tokens cycling "
+          f"{args.max_tokens} (mixed) unless marked, {n_experts} experts (top-1), 1 torch thread per side, "
+          f"{os.cpu_count()} CPU cores, loopback; wall time from the first request to the last answer")
+    print(f"{'':38s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'tokens':>7s}   {'ratio: median':>13s} {'best':>6s}")
+    for name, rounds in rows.items():
+        lat = [x for r in rounds for x in r[0]]
+        s = summary(lat, sum(r[1] for r in rounds))
+        tokens = rounds[0][2]
+        line = f"{name:38s} {s['rps']:7.2f} {s['p50_ms']:8.1f} {s['p99_ms']:8.1f} {tokens:7d}"
+        ref = rows["direct" if "same" not in name else "direct, same max_tokens"]
+        if rounds is not ref:
+            ratios = [ref_r[1] / r[1] for r, ref_r in zip(rounds, ref)]  # same requests: time ratio = rps ratio
+            line += f"   {float(np.median(ratios)):12.2f}x {max(ratios):5.2f}x"
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", nargs="*", default=None, help="expert directories (default: build tiny ones)")
     p.add_argument("--router", default=None, help="router.json (with --experts)")
-    p.add_argument("--requests", type=int, default=32, help="requests per row and round")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all rows")
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--requests", type=int, default=128, help="requests per row and round (4 times the largest "
+                   "concurrency: a steady state, not only the first wave and its tail)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all rows")
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[4, 8, 16, 32],
+                   help="max_tokens of the requests, cycled (mixed lengths)")
+    p.add_argument("--same-max-tokens", type=int, default=8, help="max_tokens of the identical-lengths row (0: skip)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=32)
     args = p.parse_args(argv)
 
     # One torch thread on both sides: the comparison is of the serving path, not of how
@@ -146,43 +197,32 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     images = fmnist_images(32)
-    rows: dict[str, tuple[list[float], float]] = {}
-
-    def add(name: str, result: tuple[list[float], float]) -> None:
-        lat, wall = rows.get(name, ([], 0.0))
-        rows[name] = (lat + result[0], wall + result[1])
-
+    mixed = [args.max_tokens[i % len(args.max_tokens)] for i in range(args.requests)]
+    same = [args.same_max_tokens] * args.requests
+    rows: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         experts, router = (args.experts, args.router) if args.experts else build_tiny_ensemble(Path(tmp), images)
         ens = Ensemble.from_pretrained(experts, router, mode="centroid", top_k=1)
-        ens.generate(Request(prompt="What is this?", image=images[0]), max_new_tokens=args.max_tokens)  # warm-up
+        ens.generate(Request(prompt="What is this?", image=images[0]), max_new_tokens=4)  # warm-up
         port = free_port()
         proc = start_server(experts, router, port, args.max_batch_size)
         try:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            bodies = [{"model": "ddfm", "max_tokens": args.max_tokens, "temperature": 0, "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                             {"type": "image_url", "image_url": {"url": data_url(images[i % 32])}}]}]}
-                      for i in range(args.requests)]
             # rounds interleave the rows, so drifting load on a shared machine hits them alike
             for r in range(args.rounds):
                 print(f"round {r + 1}/{args.rounds}", flush=True)
-                add("direct", direct_round(ens, images, args.requests, args.max_tokens))
+                rows.setdefault("direct", []).append(direct_round(ens, images, mixed))
                 for c in args.concurrency:
-                    add(c, asyncio.run(server_round(url, bodies, c)))
+                    rows.setdefault(f"ddfm serve, concurrency {c}", []).append(
+                        asyncio.run(server_round(url, chat_bodies(images, mixed), c)))
+                if args.same_max_tokens:
+                    rows.setdefault("direct, same max_tokens", []).append(direct_round(ens, images, same))
+                    rows.setdefault("ddfm serve, concurrency 32, same max_tokens", []).append(
+                        asyncio.run(server_round(url, chat_bodies(images, same), 32)))
         finally:
             proc.terminate()
             proc.wait(30)
-
-    direct = summary(*rows.pop("direct"))
-    print(f"\n{args.rounds} x {args.requests} requests per row, max_tokens={args.max_tokens}, {len(experts)} experts "
-          f"(top-1), 1 torch thread per side, {os.cpu_count()} CPU cores, loopback")
-    print(f"{'':28s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}   {'req/s ratio':>11s} {'p50 ratio':>9s}")
-    print(f"{'Ensemble.generate loop':28s} {direct['rps']:8.2f} {direct['p50_ms']:9.1f} {direct['p99_ms']:9.1f}")
-    for c, result in rows.items():
-        s = summary(*result)
-        print(f"{'ddfm serve, concurrency ' + str(c):28s} {s['rps']:8.2f} {s['p50_ms']:9.1f} {s['p99_ms']:9.1f}"
-              f"   {s['rps'] / direct['rps']:10.2f}x {s['p50_ms'] / direct['p50_ms']:8.2f}x")
+    report(rows, args, len(experts))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def plain_loop(init_dir: Path, data: Path, steps: int, batch_size: int, lr: floa
 
     Returns tokens per wall second and per CPU second of this process."""
     model, processor = load_model(init_dir)
-    examples, pixels = encode_shard(str(data), processor, model)
+    examples, pixels, _ = encode_shard(str(data), processor, model)
     pad = processor.tokenizer.pad_token_id
     for name, p in model.named_parameters():
         p.requires_grad_("vision_tower" not in name)  # the same llava recipe

@@ -51,7 +51,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "the whole method on the embedded real data, with REPORT.md"),
     "ablate": ("ddfm.ablate:AblateConfig:ablate",
                "the paper's ablations (K, encoder, clustering, routing) in one table"),
-    "serve": ("ddfm.serve:ServeConfig:serve",
+    "tasks": ("ddfm.harness:TasksConfig:write_tasks",
+              "task files for lm-evaluation-harness and lmms-eval over prepared test data"),
+    "serve": ("ddfm.serve.cli:ServeConfig:serve",
               "OpenAI-compatible HTTP API over the ensemble"),
     "theory": ("ddfm.theory:TheoryConfig:theory_cli",
                "check the paper's identities exactly and print the residuals"),
@@ -85,6 +87,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # faiss logs at INFO which of its builds it tries to load (AVX512, AVX2, ...) on every
+    # import: not our users' business
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     # transformers 5 draws a "Loading weights" bar for every checkpoint it opens, dozens in
     # a demo; our stages show their own progress. Set before transformers is imported; a
     # user's own HF_HUB_DISABLE_PROGRESS_BARS=0 wins.

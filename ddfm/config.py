@@ -12,7 +12,14 @@ never drifts from the Python API::
 
 Rules: a field marked ``positional=True`` becomes a positional argument; ``bool``
 fields become ``--flag/--no-flag``; ``list[...]`` fields take one or more values;
-``Optional[T]`` fields default to ``None``. Field names map to ``--kebab-case``.
+``Optional[T]`` fields default to ``None``; ``arg(..., type=f)`` parses the option's text
+with ``f``. Field names map to ``--kebab-case``. A field whose type is itself such a
+dataclass (one config included by several commands, e.g. the ensemble's) adds its
+options as a group of their own, under their own names, and is rebuilt from them.
+A value that another option may imply (``train``'s ``--steps`` under ``--match``) is an
+``Optional`` field with default ``None`` meaning "not given", resolved in ``__post_init__``
+(the given value, or the implied one, or the documented default), so a conflict between
+an explicit value and an implied one can be refused instead of silently overridden.
 Validation lives in each config's ``__post_init__`` and raises ``ValueError`` naming
 the field, which the CLI prints as a one-line error.
 """
@@ -30,9 +37,10 @@ _MISSING = dataclasses.MISSING
 
 def arg(help: str, default: Any = _MISSING, *, positional: bool = False,
         choices: typing.Sequence[str] | None = None, default_factory: Any = _MISSING,
-        short: str | None = None) -> Any:
-    """A dataclass field with CLI metadata (``help``, ``positional``, ``choices``, ``short``)."""
-    metadata = {"help": help, "positional": positional, "choices": choices, "short": short}
+        short: str | None = None, type: typing.Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field with CLI metadata (``help``, ``positional``, ``choices``, ``short``,
+    ``type``: the parser of the option's text when the annotation is not one)."""
+    metadata = {"help": help, "positional": positional, "choices": choices, "short": short, "type": type}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     if default is _MISSING:
@@ -57,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         meta = f.metadata
+        if dataclasses.is_dataclass(tp):  # an included config: its options, as a group
+            add_arguments(parser.add_argument_group(meta.get("help") or tp.__name__), tp)
+            continue
         help_text = meta.get("help", "")
         has_default = f.default is not _MISSING or f.default_factory is not _MISSING
         default = f.default if f.default is not _MISSING else (
@@ -73,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["nargs"] = "+" if (meta.get("positional") or not has_default) else "*"
         else:
             kwargs["type"] = tp
+        if meta.get("type") is not None:
+            kwargs["type"] = meta["type"]
         if meta.get("positional"):
             if has_default:
                 kwargs["nargs"] = kwargs.get("nargs", "?")
@@ -97,10 +110,16 @@ def _plain_help(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    """Build ``cls`` from parsed arguments (lists stay lists, tuples become tuples)."""
+    """Build ``cls`` from parsed arguments (lists stay lists; included configs rebuilt)."""
+    hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
-        if f.init and hasattr(ns, f.name):
+        if not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = from_namespace(tp, ns)
+        elif hasattr(ns, f.name):
             values[f.name] = getattr(ns, f.name)
     return cls(**values)
 

@@ -21,10 +21,16 @@ Rules checked for every record (each violation names file, line and field):
   record with an image and no placeholder gets one prepended to its first human turn,
   which is what LLaVA's own preprocessing does).
 
-A record whose image file is missing is *not* an error of the file: it is reported,
-counted in :attr:`LoadResult.missing_images` and left out, so one lost file does not
-stop a run over a million records. Unreadable image bytes are caught later, when the
-image is decoded (:func:`open_image`), and handled the same way by the embed stage.
+Images that fail. A record whose image file is missing or cannot be decoded is *not* an
+error of the file, so one lost file does not stop a run over a million records; and it
+is never used silently either. One rule in every stage: such a record is left out and
+reported as a :class:`FailedImage` (data file, line, record id, image, reason such as
+``image file not found: …`` or ``unreadable image …: cannot identify image file …``);
+every record sharing the failed image is left out with it. :func:`load_records` leaves
+out missing files (:attr:`LoadResult.missing_images`); :func:`check_images` also decodes
+each unique image once; ``embed`` lists failed images in ``embed.json``, ``partition``
+keeps their records out of every shard and lists them in its report, ``train`` and
+``eval`` skip them and list them in ``ddfm.json`` / ``eval.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -43,6 +50,10 @@ log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt", "system")
 MAX_REPORTED_ERRORS = 20
+# a reference answer of at most this many words is a short (VQA-style) answer: the demo's
+# longest are 4-word captions, a Python-docs passage has at least 8 (ddfm.prepare's min_words)
+SHORT_ANSWER_WORDS = 5
+MAX_LOGGED_FAILED_IMAGES = 5  # a log line names this many; the stage's output file lists all
 
 
 class DataError(ValueError):
@@ -82,14 +93,27 @@ class Record:
     image: str | None = None
     image_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    file: str | None = field(default=None, compare=False)  # the data file it was read from
+    line: int | None = field(default=None, compare=False)  # 1-based line (JSONL) or list index (JSON)
 
     @property
     def source(self) -> str:
-        return str(self.extra.get("source", "unknown"))
+        """``extra["source"]``; when absent (or null), the name of the image's folder (``fabric`` for
+        ``fabric/0.png``), or ``"text"`` for a text-only record."""
+        if self.extra.get("source") not in (None, ""):
+            return str(self.extra["source"])
+        if self.image is None:
+            return "text"
+        return (self.image_path or Path(self.image)).parent.name or "images"
 
     @property
     def task(self) -> str:
-        return str(self.extra.get("task", "unknown"))
+        """``extra["task"]``; when absent (or null), ``"qa"`` if the reference answer is short (at most
+        :data:`SHORT_ANSWER_WORDS` words, the records ``ddfm eval`` scores by accuracy by
+        default), else ``"long-answer"``."""
+        if self.extra.get("task") not in (None, ""):
+            return str(self.extra["task"])
+        return "qa" if len(self.answer().split()) <= SHORT_ANSWER_WORDS else "long-answer"
 
     @property
     def has_image(self) -> bool:
@@ -115,6 +139,38 @@ class Record:
         return {"id": self.id, "image": image, "conversations": self.conversations, **self.extra}
 
 
+@dataclass(frozen=True)
+class FailedImage:
+    """A record left out because its image is missing or unreadable, and why."""
+
+    file: str  # the data file
+    line: int  # 1-based line (JSONL) or list index (JSON list)
+    id: str
+    image: str  # the image path, resolved against the data file's directory
+    reason: str  # "image file not found: ..." or "unreadable image ...: ..."
+
+    @classmethod
+    def of(cls, record: Record, reason: str) -> "FailedImage":
+        # a Record built in Python has no file: "<in memory>", line 0
+        return cls(record.file or "<in memory>", record.line or 0, record.id, str(record.image_path), reason)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "id": self.id, "image": self.image, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: record {self.id!r}: {self.reason}"
+
+
+def log_failed_images(what: str, failed: list[FailedImage], where: str) -> None:
+    """One warning line: how many records ``what`` left out, the first few, and where all are listed."""
+    if not failed:
+        return
+    first = "; ".join(str(f) for f in failed[:MAX_LOGGED_FAILED_IMAGES])
+    more = f" and {len(failed) - MAX_LOGGED_FAILED_IMAGES} more" if len(failed) > MAX_LOGGED_FAILED_IMAGES else ""
+    log.warning("%s: %d record(s) left out because their image failed: %s%s (all listed in %s)",
+                what, len(failed), first, more, where)
+
+
 @dataclass
 class LoadResult:
     """Records that passed validation, plus what was left out and why."""
@@ -122,7 +178,7 @@ class LoadResult:
     path: Path
     records: list[Record]
     errors: list[RecordError] = field(default_factory=list)
-    missing_images: list[RecordError] = field(default_factory=list)
+    missing_images: list[FailedImage] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -201,7 +257,8 @@ def _validate(raw: Any, path: Path, line: int) -> tuple[Record | None, list[Reco
     image_path = None
     if image is not None:
         image_path = Path(image) if os.path.isabs(image) else (path.parent / image)
-    return Record(id=rid, conversations=turns, image=image, image_path=image_path, extra=extra), []
+    return Record(id=rid, conversations=turns, image=image, image_path=image_path, extra=extra,
+                  file=str(path), line=line), []
 
 
 def load_records(path: str | os.PathLike, *, strict: bool = True, check_images: bool = True) -> LoadResult:
@@ -214,14 +271,15 @@ def load_records(path: str | os.PathLike, *, strict: bool = True, check_images: 
         every bad record with its line and field; if False they are skipped, logged
         and returned in ``LoadResult.errors``.
     check_images : check that each image file exists; records whose image is missing
-        are left out, logged and counted in ``LoadResult.missing_images`` (never fatal).
+        are left out, logged and listed in ``LoadResult.missing_images`` (never fatal).
+        Whether the bytes decode is :func:`check_images`'s job (it reads every image).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     records: list[Record] = []
     errors: list[RecordError] = []
-    missing: list[RecordError] = []
+    missing: list[FailedImage] = []
     seen: dict[str, int] = {}
     for line, raw, parse_error in _iter_raw(path):
         if parse_error is not None:
@@ -237,7 +295,7 @@ def load_records(path: str | os.PathLike, *, strict: bool = True, check_images: 
             continue
         seen[record.id] = line
         if check_images and record.image_path is not None and not record.image_path.is_file():
-            missing.append(RecordError(str(path), line, "image", f"image file not found: {record.image_path}"))
+            missing.append(FailedImage.of(record, f"image file not found: {record.image_path}"))
             continue
         records.append(record)
     if errors and strict:
@@ -257,11 +315,70 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> None:
 
 
 def open_image(path: str | os.PathLike):
-    """Decode an image file to an RGB ``PIL.Image``; raises ``ValueError`` naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode an image file to an RGB ``PIL.Image``.
 
+    Raises ``ValueError`` naming the file: ``image file not found: PATH`` or
+    ``unreadable image PATH: REASON`` (not an image, truncated, a decompression bomb, ...).
+    """
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ValueError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            load_strict(img)
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+    # OSError covers UnidentifiedImageError and truncated files; some decoders raise
+    # SyntaxError, ValueError or EOFError on malformed headers, and PIL refuses images over
+    # 2 x MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise ValueError(f"unreadable image {path}: {err}") from None
+
+
+_STRICT = threading.Lock()
+
+
+def load_strict(img) -> None:
+    """Decode ``img``'s pixels, raising ``OSError`` on a truncated file whatever the process set.
+
+    Pillow pads a truncated image with grey, silently, once anything in the process sets
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` (importing ``lmms_eval`` does). The flag is
+    a module global read during ``load()``: hold it False for the decode and restore it, under
+    a lock so concurrent decodes (the server's threads) cannot restore it in between.
+    """
+    from PIL import ImageFile
+
+    with _STRICT:
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def check_images(records: Iterable[Record]) -> tuple[list[Record], list[FailedImage]]:
+    """Split records into those whose image decodes (or that have none) and those left out.
+
+    Each unique image is decoded once (:func:`open_image`); every record that shares a
+    failed image is left out with the same reason. Order is kept in both lists.
+    """
+    kept: list[Record] = []
+    failed: list[FailedImage] = []
+    reason_of: dict[Path, str | None] = {}  # by resolved path: "a.png" and "./a.png" are one image
+    for r in records:
+        if r.image_path is None:
+            kept.append(r)
+            continue
+        key = r.image_path.resolve()
+        if key not in reason_of:
+            try:
+                open_image(r.image_path)
+                reason_of[key] = None
+            except ValueError as err:
+                reason_of[key] = str(err)
+        reason = reason_of[key]
+        if reason is None:
+            kept.append(r)
+        else:
+            failed.append(FailedImage.of(r, reason))
+    return kept, failed

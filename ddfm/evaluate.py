@@ -6,19 +6,35 @@
 
 For every record of a canonical test file:
 
-* question-answer records (those with an image, or any record whose task has a short
-  answer set) get a greedy generation scored by VQA-style normalised exact match
-  (:func:`normalize_answer`: lowercase, punctuation and articles stripped, number words
-  to digits, as in the official VQA evaluation);
+* question-answer records — those whose reference answer is short, at most
+  ``QA_MAX_WORDS`` (5) words (``--qa-max-words``), with an image or text-only alike
+  (:func:`is_qa`) — get a greedy generation scored by the official VQA accuracy against
+  the one reference: exact match after VQA normalisation (:mod:`ddfm.vqa`: punctuation,
+  lowercase, number words to digits, articles dropped, contractions restored);
 * every record gets the negative log-likelihood of its reference answer under the model
   (or the mixture, eq. 24) from :meth:`ddfm.ensemble.Ensemble.score`; perplexity is
-  exp(Σ nll / Σ tokens). Text-only test sets get perplexity only.
+  exp(Σ nll / Σ tokens). Longer answers (passages) get perplexity only.
 
-Results are aggregated per task, per source and per cluster (the cluster a record's image
-routes to under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
-``eval.md`` and ``predictions.jsonl``. The chance level of each task comes from the
-prepare stage's ``prepare.json`` beside the test file, or else from the test answers
-(majority-answer rate).
+Results are aggregated per task, per source (``task``/``source`` fields, or the fallbacks
+of :class:`ddfm.data.Record`) and per cluster (the cluster a record's image routes to
+under ``--clusters``/``--router``: argmax of eq. 29), written as ``eval.json``,
+``eval.md`` and ``predictions.jsonl``. The chance level of a task (``chance``) is the
+test accuracy of always giving the train split's majority answer, from the prepare
+stage's ``prepare.json`` beside the test file. Without one, the test answers' own
+majority rate is reported instead, under ``chance_oracle`` and marked "(oracle)": it is
+read off the test answers, so it is not a chance level.
+
+A record whose image is missing or unreadable is not evaluated: it is left out of every
+figure (a data fault is not the model's error, and every model evaluated on the same file
+leaves out the same records, so comparisons stay paired), logged, and listed in
+``eval.json`` "skipped_images" (file, line, id, reason) and counted in ``eval.md``.
+
+``--text`` scores plain text instead, as language-model harnesses do: each record's
+reference answer (a python-docs passage) is tokenized without a chat template and scored
+in lm-evaluation-harness's ``loglikelihood_rolling`` windows (:func:`rolling_windows`,
+:func:`evaluate_text`), conditioned on one prefix token; the result is the total NLL and
+the perplexity per token, per word and per byte (``word_perplexity``, ``byte_perplexity``,
+``bits_per_byte``: the numbers lm-eval reports for such a task through ``ddfm serve``).
 
 Python API::
 
@@ -40,69 +56,21 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import IMAGE_TOKEN, Record, load_records
+from ddfm.data import SHORT_ANSWER_WORDS, Record, check_images, load_records, log_failed_images
+from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
+from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normalize_answer", "exact_match",
-           "aggregate", "chance_levels", "markdown_report"]
+           "vqa_accuracy", "is_qa", "QA_MAX_WORDS", "aggregate", "route_clusters", "chance_levels", "oracle_chance_levels",
+           "markdown_report", "rolling_windows", "prefix_token_id", "evaluate_text", "aggregate_text",
+           "text_markdown_report"]
 
-# ------------------------------------------------------------------------------ VQA normalisation
-# The official VQA evaluation (vqaEval.py, Antol et al. 2015): contractions, punctuation,
-# number words -> digits, articles dropped.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hes": "he's", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd",
-    "itll": "it'll", "lets": "let's", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's",
-    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
-    "wheres": "where's", "whos": "who's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're",
-    "youve": "you've",
-}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-          ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def _process_punctuation(text: str) -> str:
-    # as vqaEval.processPunctuation: a mark next to a space (or a digit comma) vanishes,
-    # any other mark becomes a space; periods not inside numbers vanish
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or re.search(_COMMA_STRIP, text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
-
-
-def normalize_answer(text: str) -> str:
-    """VQA-normalised answer: lowercase, punctuation stripped, number words to digits,
-    articles (a, an, the) dropped, contractions restored, whitespace collapsed.
-
-    >>> normalize_answer("  The Two dogs!")
-    '2 dogs'
-    """
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _process_punctuation(text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Normalised exact match of a generated answer against the reference answer."""
-    return normalize_answer(prediction) == normalize_answer(reference)
-
+# records whose reference answer has at most this many words are question-answer records
+# (accuracy + perplexity); longer ones get perplexity only. --qa-max-words changes it.
+QA_MAX_WORDS = SHORT_ANSWER_WORDS
 
 # ------------------------------------------------------------------------------ aggregation
 
@@ -135,37 +103,60 @@ def aggregate(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
     return {name: _group_stats(groups[name]) for name in sorted(groups)}
 
 
-def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None) -> dict[str, float]:
-    """Chance accuracy per question-answer task: ``chance_majority`` from prepare.json when
-    given and present, else the test answers' majority-answer rate."""
-    if prepare_json is not None and Path(prepare_json).is_file():
-        tasks = read_json(prepare_json).get("tasks", {})
-        found = {t: v["chance_majority"] for t, v in tasks.items() if v.get("chance_majority") is not None}
-        if found:
-            return found
+def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None, *,
+                  qa_max_words: int = QA_MAX_WORDS) -> dict[str, float]:
+    """Chance accuracy per question-answer task of ``records``: the accuracy of always giving
+    the *train* split's majority answer (``majority_answer`` in ``prepare.json``), scored by
+    :func:`exact_match` on these very records — so a ``--limit`` subset gets its own rate and
+    chance is measured as accuracy is. ``{}`` without a prepare.json; the test answers alone
+    cannot give a chance level: see :func:`oracle_chance_levels`."""
+    if prepare_json is None or not Path(prepare_json).is_file():
+        return {}
+    tasks = read_json(prepare_json).get("tasks", {})
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        majority = (tasks.get(r.task) or {}).get("majority_answer")
+        if majority is not None and is_qa(r, qa_max_words):
+            hits[r.task].append(exact_match(majority, r.answer()))
+    return {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+
+
+def oracle_chance_levels(records: Sequence[Record], *, skip: Iterable[str] = (),
+                         qa_max_words: int = QA_MAX_WORDS) -> dict[str, float]:
+    """Per question-answer task (except ``skip``): the share of its records whose normalised
+    reference is the task's most common one — the best accuracy any constant answer reaches
+    on these records. An *oracle* figure: it picks the answer by looking at the test answers,
+    so it is reported as ``chance_oracle``, never as ``chance``."""
+    skip = set(skip)
     by_task: dict[str, list[str]] = defaultdict(list)
     for r in records:
-        if _is_qa(r):
+        if r.task not in skip and is_qa(r, qa_max_words):
             by_task[r.task].append(normalize_answer(r.answer()))
-    return {t: Counter(a).most_common(1)[0][1] / len(a) for t, a in by_task.items()}
+    return {t: Counter(a).most_common(1)[0][1] / len(a) for t, a in sorted(by_task.items())}
 
 
 # ------------------------------------------------------------------------------ evaluation
 
-def _is_qa(record: Record) -> bool:
-    # short-answer questions: image records (prepare's text records are passages, scored by perplexity)
-    return record.has_image
+def is_qa(record: Record, max_words: int = QA_MAX_WORDS) -> bool:
+    """A question-answer record: its reference answer has at most ``max_words`` words
+    (VQA-style short answers, with an image or text-only: "What is 12+7?" -> "19"). Such
+    records are scored by accuracy and perplexity; longer answers (passages, descriptions)
+    by perplexity only, since an exact match of a passage says nothing."""
+    return len(record.answer().split()) <= max_words
 
 
 def to_request(record: Record):
-    """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`."""
+    """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`, with
+    the turns before it (a system prompt) as history: the prompt training saw before the
+    reference answer."""
     from ddfm.ensemble import Request
 
-    prompt = record.prompt()
-    if IMAGE_TOKEN in prompt:
-        before, after = prompt.split(IMAGE_TOKEN, 1)
-        prompt = (before + after.lstrip("\n")).strip()
-    return Request(prompt=prompt, image=str(record.image_path) if record.image_path else None)
+    first = next(i for i, t in enumerate(record.conversations) if t["from"] == "human")
+    # the <image> placeholder stays where the record puts it (LLaVA data has both
+    # "<image>\nWhat is this?" and "What is this?\n<image>")
+    return Request(prompt=record.conversations[first]["value"],
+                   image=str(record.image_path) if record.image_path else None,
+                   history=record.conversations[:first] or None)
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -197,9 +188,9 @@ class _Progress:
             self.bar.close()
 
 
-def _clusters(router, records: list[Record]) -> list[str]:
-    """Cluster of each record under ``router`` (argmax of eq. 29); text records under an
-    image router are 'text'."""
+def route_clusters(router, records: Sequence[Record]) -> list[str]:
+    """Cluster of each record under ``router`` (argmax of eq. 29: the nearest centroid);
+    text records under an image router are 'text'. Images are decoded 256 at a time."""
     import torch
 
     from ddfm.data import open_image
@@ -208,33 +199,43 @@ def _clusters(router, records: list[Record]) -> list[str]:
         return ["-"] * len(records)
     labels = ["text"] * len(records)
     if router.modality == "text":
-        idx, items = list(range(len(records))), [r.prompt() for r in records]
+        idx = list(range(len(records)))
     else:
         idx = [i for i, r in enumerate(records) if r.image_path is not None]
-        items = [open_image(records[i].image_path) for i in idx]
-    for chunk in _batches(list(zip(idx, items)), 256):
-        w = router.probabilities(router.features([it for _, it in chunk]))
-        for (i, _), k in zip(chunk, torch.argmax(w, dim=1).tolist()):
+    for chunk in _batches(idx, 256):
+        items = [records[i].prompt() if router.modality == "text" else open_image(records[i].image_path)
+                 for i in chunk]
+        w = router.log_probabilities(router.features(items))
+        for i, k in zip(chunk, torch.argmax(w, dim=1).tolist()):
             labels[i] = str(k)
     return labels
 
 
 def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_new_tokens: int = 12,
-             cluster_router=None, chance: dict[str, float] | None = None, desc: str = "eval") -> dict[str, Any]:
+             cluster_router=None, chance: dict[str, float] | None = None, qa_max_words: int = QA_MAX_WORDS,
+             desc: str = "eval") -> dict[str, Any]:
     """Evaluate an :class:`~ddfm.ensemble.Ensemble` (one model = an ensemble of one) on records.
 
-    Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "predictions",
-    "n_records", "elapsed_s"}``; every group holds n, accuracy (normalised exact match over
-    its question-answer records), nll_per_token and perplexity.
+    Returns ``{"overall", "by_task", "by_source", "by_cluster", "chance", "chance_oracle",
+    "qa_cut_short", "predictions", "n_records", "elapsed_s"}``; every group holds n, n_qa,
+    accuracy (normalised exact match over its question-answer records, :func:`is_qa`),
+    nll_per_token and perplexity. ``chance`` is as given (:func:`chance_levels`);
+    ``chance_oracle`` holds :func:`oracle_chance_levels` of the question-answer tasks that
+    ``chance`` lacks; ``qa_cut_short`` counts (and names up to 20 of) the question-answer
+    records whose reference has more than ``max_new_tokens`` tokens, which cannot match.
+    Records whose image is missing or unreadable are not evaluated and are listed in
+    ``skipped_images`` ``{"count", "records": [{file, line, id, image, reason}]}``.
     """
-    records = list(records)
+    records, skipped = check_images(records)
     if not records:
-        raise ValueError("eval: the test file holds no records")
+        raise ValueError("eval: the test file holds no records" + (
+            f" whose image can be read ({len(skipped)} failed, first: {skipped[0]})" if skipped else ""))
+    log_failed_images(desc, skipped, "eval.json")
     t0 = time.perf_counter()
-    clusters = _clusters(cluster_router, records)
+    clusters = route_clusters(cluster_router, records)
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
              "prediction": None, "correct": None} for r, c in zip(records, clusters)]
-    qa = [i for i, r in enumerate(records) if _is_qa(r)]
+    qa = [i for i, r in enumerate(records) if is_qa(r, qa_max_words)]
     bar = _Progress(len(qa) + len(records), desc)
     for chunk in _batches(qa, batch_size):
         gens = ensemble.generate([to_request(records[i]) for i in chunk], max_new_tokens=max_new_tokens)
@@ -251,10 +252,153 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
             rows[i].setdefault("weights", s["weights"])
         bar.update(len(chunk))
     bar.close()
+    # n_tokens counts the closing eos: a longer reference is cut by the generation budget and
+    # scores 0 whatever the model does
+    cut = [rows[i]["id"] for i in qa if rows[i]["n_tokens"] - 1 > max_new_tokens]
+    if cut:
+        log.warning("eval: %d question-answer record(s) have a reference of more than --max-new-tokens=%d "
+                    "tokens: their generation stops before the answer is complete (first: %s); raise "
+                    "--max-new-tokens", len(cut), max_new_tokens, cut[0])
     return {"overall": aggregate(rows), "by_task": aggregate(rows, "task"),
             "by_source": aggregate(rows, "source"), "by_cluster": aggregate(rows, "cluster"),
-            "chance": dict(chance or {}), "predictions": rows, "n_records": len(rows),
+            "chance": dict(chance or {}),
+            "chance_oracle": oracle_chance_levels(records, skip=chance or {}, qa_max_words=qa_max_words),
+            "qa_cut_short": {"n": len(cut), "max_new_tokens": max_new_tokens, "ids": cut[:20]},
+            "predictions": rows, "n_records": len(rows),
+            "skipped_images": {"count": len(skipped), "records": [f.to_json() for f in skipped]},
             "elapsed_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------ plain text
+
+def prefix_token_id(tokenizer) -> int:
+    """The token the first text token is conditioned on: the tokenizer's bos, or its eos when
+    it has no bos (lm-evaluation-harness's ``prefix_token_id`` for a Hugging Face tokenizer)."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError("--text: the tokenizer has neither a bos nor an eos token to condition the first token on")
+    return int(tid)
+
+
+def rolling_windows(ids: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
+    """lm-evaluation-harness's ``loglikelihood_rolling`` windows over a text's token ids, as
+    its API models (``local-completions``) send them: ``[(window ids, n scored)]``.
+
+    With ``max_length`` M (the harness's model argument) a request holds at most M - 1
+    tokens (one position is kept for the token the API generates) and scores at most
+    M - 2 of them. The first window is the prefix token followed by the first M - 2
+    tokens, all scored; each later window scores the next M - 2 tokens (fewer at the
+    end), conditioned on the tokens just before them that fill the window (disjoint
+    scored spans: ``get_rolling_token_windows(..., context_len=1)`` then
+    ``make_disjoint_window`` in ``lm_eval.utils``). Every token of ``ids`` is scored
+    exactly once; the score of a window is the sum of its last n log-probabilities.
+    """
+    n_pred = max_length - 2
+    if n_pred < 1:
+        raise ValueError(f"--max-length must be >= 3 (a window needs the prefix token, a scored token and the "
+                         f"harness's generated one), got {max_length}")
+    ids = list(ids)
+    if not ids:
+        return []
+    first = min(n_pred, len(ids))
+    windows = [([prefix_id] + ids[:first], first)]
+    done = first
+    while done < len(ids):
+        n = min(len(ids) - done, n_pred)
+        end = done + n
+        context = ids[end - n_pred - 1:end - n]  # the window's tokens before the scored ones
+        windows.append((context + ids[end - n:end], n))
+        done = end
+    return windows
+
+
+def _context_length(ensemble) -> int:
+    """The experts' context in tokens (``max_position_embeddings``)."""
+    ref = next(m for m in ensemble.experts if m is not None)
+    n = getattr(ref.config.get_text_config(), "max_position_embeddings", None)
+    if n is None:
+        raise ValueError("--text: the experts' config gives no context length; pass --max-length")
+    return int(n)
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for ``word_perplexity``: pieces between
+    runs of whitespace (``len(re.split(r"\s+", text))``; leading or trailing whitespace
+    counts an empty piece, as there)."""
+    return len(re.split(r"\s+", text))
+
+
+def _text_stats(rows: list[dict]) -> dict[str, Any]:
+    nll = sum(r["nll"] for r in rows)
+    tokens, words, nbytes = (sum(r[k] for r in rows) for k in ("n_tokens", "n_words", "n_bytes"))
+    return {"n": len(rows), "nll": nll, "tokens": tokens, "words": words, "bytes": nbytes,
+            "nll_per_token": nll / tokens if tokens else None,
+            "token_perplexity": math.exp(nll / tokens) if tokens else None,
+            "word_perplexity": math.exp(nll / words) if words else None,
+            "byte_perplexity": math.exp(nll / nbytes) if nbytes else None,
+            "bits_per_byte": nll / nbytes / math.log(2) if nbytes else None}
+
+
+def aggregate_text(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
+    """Total NLL (nats) over the texts and its perplexity per token, word and byte, overall
+    (``key=None``) or per value of ``row[key]``; lm-eval's ``weighted_perplexity``:
+    exp(Σ nll / Σ words), and ``bits_per_byte`` Σ nll / Σ bytes / ln 2."""
+    if key is None:
+        return _text_stats(list(rows))
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[str(r.get(key))].append(r)
+    return {name: _text_stats(groups[name]) for name in sorted(groups)}
+
+
+def evaluate_text(ensemble, records: Sequence[Record], *, max_length: int | None = None, batch_size: int = 32,
+                  desc: str = "eval") -> dict[str, Any]:
+    """Perplexity of each record's reference answer as plain text under the model or the
+    ensemble's mixture (eq. 24), the quantity lm-evaluation-harness's
+    ``loglikelihood_rolling`` measures through ``ddfm serve``'s ``/v1/completions``.
+
+    The text is tokenized without special tokens and without a chat template, split into
+    :func:`rolling_windows` (``max_length``: default the experts' context) and each window
+    scored as a token-id prompt by :meth:`~ddfm.ensemble.Ensemble.score_tokens`, the
+    function the server answers ``echo`` + ``logprobs`` with, so the routing of every mode
+    (a text router sees the window's text; the posterior starts afresh in each window, as
+    it does for each harness request) is the server's. Returns ``{"overall", "by_task",
+    "by_source", "predictions", "n_records", "max_length", "prefix_token_id", "elapsed_s"}``
+    (:func:`aggregate_text` groups; per record ``nll``, ``n_tokens``, ``n_words``, ``n_bytes``).
+    """
+    from ddfm.ensemble import Request
+
+    with_image = [r for r in records if r.image is not None]
+    if with_image:
+        r = with_image[0]
+        raise ValueError(f"--text scores plain text, but {len(with_image)} record(s) have an image (first: "
+                         f"{r.file or '<in memory>'}:{r.line or 0}, id {r.id}); give a text-only test file "
+                         "(ddfm prepare python-docs) or leave out --text")
+    if not records:
+        raise ValueError("eval --text: the test file holds no records")
+    t0 = time.perf_counter()
+    tok = ensemble.tokenizer
+    max_length = max_length or _context_length(ensemble)
+    prefix = prefix_token_id(tok)
+    rows, windows = [], []  # windows: (row, ids, n scored)
+    for i, r in enumerate(records):
+        text = r.answer()
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        rows.append({"id": r.id, "task": r.task, "source": r.source, "nll": 0.0, "n_tokens": len(ids),
+                     "n_words": count_words(text), "n_bytes": len(text.encode("utf-8")), "windows": 0})
+        windows += [(i, w, n) for w, n in rolling_windows(ids, prefix, max_length)]
+    windows.sort(key=lambda w: len(w[1]))  # similar lengths batch together
+    bar = _Progress(len(windows), desc + " (text windows)")
+    for chunk in _batches(windows, batch_size):
+        scores = ensemble.score_tokens([Request(prompt="", token_ids=w) for _, w, _ in chunk])
+        for (i, _, n), s in zip(chunk, scores):
+            rows[i]["nll"] -= math.fsum(s["token_logprobs"][-n:])
+            rows[i]["windows"] += 1
+        bar.update(len(chunk))
+    bar.close()
+    return {"overall": aggregate_text(rows), "by_task": aggregate_text(rows, "task"),
+            "by_source": aggregate_text(rows, "source"), "predictions": rows, "n_records": len(rows),
+            "max_length": max_length, "prefix_token_id": prefix, "elapsed_s": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------ report
@@ -265,29 +409,71 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}" if x < 100 else f"{x:.1f}"
 
 
+def _chance_cell(name: str, chance: dict, oracle: dict) -> str:
+    if name in chance:
+        return _fmt(chance[name], True)
+    return f"{_fmt(oracle[name], True)} (oracle)" if name in oracle else _fmt(None)
+
+
 def markdown_report(result: dict, title: str = "Evaluation") -> str:
-    """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity)."""
-    chance = result.get("chance", {})
-    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s", ""]
+    """Markdown tables of an :func:`evaluate` result (accuracy in %, perplexity); an oracle
+    chance figure (``chance_oracle``) is marked "(oracle)" in a column named so."""
+    chance, oracle = result.get("chance", {}), result.get("chance_oracle", {})
+    chance_head = "oracle chance %" if oracle and not chance else "chance %"
+    skipped = (result.get("skipped_images") or {}).get("count", 0)
+    lines = [f"# {title}", "", f"{result['n_records']} records, {result['elapsed_s']:.1f} s"
+             + (f"; {skipped} record(s) skipped: their image failed (listed in eval.json)" if skipped else ""), ""]
     o = result["overall"]
     lines += ["| overall | accuracy % | perplexity | records |", "| --- | ---: | ---: | ---: |",
               f"| all | {_fmt(o['accuracy'], True)} | {_fmt(o['perplexity'])} | {o['n']} |", ""]
     for key, label in (("by_task", "task"), ("by_source", "source"), ("by_cluster", "cluster")):
-        lines += [f"| {label} | accuracy % | chance % | perplexity | records |", "| --- | ---: | ---: | ---: | ---: |"]
+        head = chance_head if key == "by_task" else "chance %"
+        lines += [f"| {label} | accuracy % | {head} | perplexity | records |", "| --- | ---: | ---: | ---: | ---: |"]
         for name, g in result[key].items():
-            c = chance.get(name) if key == "by_task" else None
-            lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {_fmt(c, True)} | {_fmt(g['perplexity'])} | {g['n']} |")
+            c = _chance_cell(name, chance, oracle) if key == "by_task" else _fmt(None)
+            lines.append(f"| {name} | {_fmt(g['accuracy'], True)} | {c} | {_fmt(g['perplexity'])} | {g['n']} |")
+        lines.append("")
+    cut = result.get("qa_cut_short") or {}
+    if cut.get("n"):
+        lines += [f"**{cut['n']} question-answer record(s) have a reference longer than max_new_tokens = "
+                  f"{cut['max_new_tokens']} tokens**: generation stops before their answer is complete, so they "
+                  f"count as wrong (first: {', '.join(cut['ids'][:5])}).", ""]
+    if chance:
+        lines.append("Chance: accuracy of always giving the train split's majority answer (prepare.json).")
+    if oracle:
+        lines.append("(oracle): no train split to take a chance level from, so this is the share of the "
+                     "test answers that are the task's most common one: the best any constant answer can "
+                     "do here. It is read off the test answers (an oracle), so it bounds a constant answer from above "
+                     "and is not a chance level.")
+    return "\n".join(lines)
+
+
+def text_markdown_report(result: dict, title: str = "Evaluation") -> str:
+    """Markdown tables of an :func:`evaluate_text` result: perplexity per word, byte and token."""
+    lines = [f"# {title}: plain text", "",
+             f"{result['n_records']} texts, lm-eval loglikelihood_rolling windows of max_length "
+             f"{result['max_length']} (first token conditioned on token id {result['prefix_token_id']}), "
+             f"{result['elapsed_s']:.1f} s", ""]
+    head = ["| {} | word perplexity | byte perplexity | bits per byte | token perplexity | tokens | texts |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    groups = [("overall", {"all": result["overall"]}), ("task", result["by_task"]), ("source", result["by_source"])]
+    for label, table in groups:
+        lines += [head[0].format(label), head[1]]
+        for name, g in table.items():
+            lines.append(f"| {name} | {_fmt(g['word_perplexity'])} | {_fmt(g['byte_perplexity'])} | "
+                         f"{_fmt(g['bits_per_byte'])} | {_fmt(g['token_perplexity'])} | {g['tokens']} | {g['n']} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def write_result(out: str | Path, result: dict, title: str, meta: dict | None = None) -> Path:
-    """Write eval.json (without per-record rows), predictions.jsonl and eval.md to ``out``."""
+def write_result(out: str | Path, result: dict, title: str, meta: dict | None = None,
+                 report=markdown_report) -> Path:
+    """Write eval.json (without per-record rows), predictions.jsonl and eval.md (``report``) to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "predictions.jsonl", result["predictions"])
     summary = {k: v for k, v in result.items() if k != "predictions"}
-    atomic_write_text(out / "eval.md", markdown_report(result, title) + "\n")
+    atomic_write_text(out / "eval.md", report(result, title) + "\n")
     write_json(out / "eval.json", {**summary, **({"meta": meta} if meta else {})})
     return out
 
@@ -299,31 +485,38 @@ class EvalConfig:
     """``ddfm eval TEST --experts DIR... [--router FILE --mode M --top-k N] --out DIR``."""
 
     data: str = arg("test file in the canonical format (JSONL or LLaVA JSON list)", positional=True)
-    experts: list[str] = arg("one model directory, or the K expert directories in the router's order")
+    ensemble: EnsembleConfig = arg("the model (one directory) or the ensemble (shared by generate, eval and "
+                                   "serve)", default_factory=EnsembleConfig)
     out: str = arg("output directory (eval.json, eval.md, predictions.jsonl)", default="runs/eval")
-    router: Optional[str] = arg("router.json (or partition directory) of the ensemble", default=None)
-    mode: str = arg("routing: centroid, posterior, uniform or expert:J", default="centroid")
-    top_k: Optional[int] = arg("experts mixed per request (default: router's top_k for centroid, else all)",
-                               default=None)
-    temperature: Optional[float] = arg("router temperature τ of eq. 29 (default: the router file's)", default=None)
-    evidence: str = arg("posterior routing: prompt tokens counted as evidence (prompt = all, answers = only "
-                        "earlier assistant turns)", default="prompt", choices=("prompt", "answers"))
     clusters: Optional[str] = arg("router file whose clusters group the results (default: --router)", default=None)
     prepare_json: Optional[str] = arg("prepare.json with chance levels (default: beside the test file)", default=None)
+    qa_max_words: int = arg("a reference answer of at most this many words is scored by accuracy too "
+                            "(question-answer); longer ones by perplexity only", default=QA_MAX_WORDS)
     batch_size: int = arg("requests per generate/score call", default=32)
     max_new_tokens: int = arg("tokens generated per answer at most", default=12)
     limit: Optional[int] = arg("evaluate only the first N records", default=None)
-    device: str = arg("torch device", default="cpu")
+    text: bool = arg("score each record's reference answer as plain text (no chat template) in lm-evaluation-"
+                     "harness's loglikelihood_rolling windows: perplexity per token, word and byte, as lm-eval "
+                     "reports it through `ddfm serve`", default=False)
+    max_length: Optional[int] = arg("--text: lm-eval's max_length model argument (requests of at most N-1 tokens, "
+                                    "N-2 scored per window; default: the experts' context)", default=None)
 
     def __post_init__(self):
-        if not self.experts:
+        if not self.ensemble.experts:
             raise ValueError("--experts: give one model directory or the K expert directories")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.qa_max_words < 0:
+            raise ValueError(f"--qa-max-words must be >= 0 (0: perplexity only), got {self.qa_max_words}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
-        if len(self.experts) > 1 and self.router is None and self.mode == "centroid":
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError(f"--max-length must be >= 3, got {self.max_length}")
+        if self.max_length is not None and not self.text:
+            raise ValueError("--max-length applies to --text only")
+        ens = self.ensemble
+        if len(ens.experts) > 1 and ens.router is None and ens.mode == "centroid":
             raise ValueError("--router is required for centroid routing of several experts "
                              "(or use --mode uniform / posterior)")
 
@@ -336,27 +529,35 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     from ddfm.router import Router
 
     torch.manual_seed(0)
-    records = load_records(cfg.data).records
+    records = load_records(cfg.data, check_images=False).records  # evaluate() reports failed images
     if cfg.limit is not None:
         records = records[:cfg.limit]
-    ens = Ensemble.from_pretrained(cfg.experts, cfg.router, mode=cfg.mode, top_k=cfg.top_k,
-                                   temperature=cfg.temperature, device=cfg.device,
-                                   evidence=cfg.evidence)
-    cluster_file = cfg.clusters or cfg.router
+    ens = Ensemble.from_config(cfg.ensemble)
+    if cfg.text:
+        return evaluate_text(ens, records, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                             desc=f"eval {Path(cfg.out).name}")
+    cluster_file = cfg.clusters or cfg.ensemble.router
     cluster_router = Router.load(cluster_file) if cluster_file else None
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"
-    chance = chance_levels(records, prepare_json)
+    chance = chance_levels(records, prepare_json, qa_max_words=cfg.qa_max_words)
     return evaluate(ens, records, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    cluster_router=cluster_router, chance=chance, desc=f"eval {Path(cfg.out).name}")
+                    cluster_router=cluster_router, chance=chance, qa_max_words=cfg.qa_max_words,
+                    desc=f"eval {Path(cfg.out).name}")
 
 
 def evaluate_cli(cfg: EvalConfig) -> Path:
     """``ddfm eval``: evaluate and write eval.json, eval.md, predictions.jsonl to ``cfg.out``."""
     result = evaluate_paths(cfg)
-    names = ", ".join(Path(e).name for e in cfg.experts)
-    title = f"Evaluation of {names} ({cfg.mode}" + (f", top-{cfg.top_k}" if cfg.top_k else "") + ")"
-    out = write_result(cfg.out, result, title, meta={"config": to_dict(cfg)})
+    names = ", ".join(Path(e).name for e in cfg.ensemble.experts)
+    title = f"Evaluation of {names} ({cfg.ensemble.mode}" + (f", top-k {cfg.ensemble.top_k}" if cfg.ensemble.top_k else "") + ")"
+    out = write_result(cfg.out, result, title, meta={"config": to_dict(cfg)},
+                       report=text_markdown_report if cfg.text else markdown_report)
     o = result["overall"]
+    if cfg.text:
+        log.info("eval --text: word perplexity %.4f, byte perplexity %.4f, token perplexity %.4f over %d texts "
+                 "(%d tokens) -> %s", o["word_perplexity"], o["byte_perplexity"], o["token_perplexity"],
+                 result["n_records"], o["tokens"], out / "eval.md")
+        return out
     log.info("eval: accuracy %s %%, perplexity %s over %d records -> %s", _fmt(o["accuracy"], True),
              _fmt(o["perplexity"]), result["n_records"], out / "eval.md")
     return out

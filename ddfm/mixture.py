@@ -11,7 +11,9 @@ never by averaging logits (that would be a product of experts, a different model
 Experts with weight 0 have ``log w_k = -inf``; their entries are never read, so a
 caller may leave them as any finite value (or ``-inf``) without running the expert.
 
-The exact router is the posterior over clusters given the prefix (eq. 26–27):
+For experts that model whole sequences the exact router is the posterior over clusters
+given the prefix (eq. 26–27; for n-gram experts it is the posterior given the context,
+see ``ddfm.theory``):
 
     w_k(x_{1..t}) ∝ w_k(x_{1..t-1}) · p_k(x_t | x_{<t}),
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mixture_log_probs", "Mixture", "posterior_update", "top_k_renormalise", "normalise_log"]
+__all__ = ["mixture_log_probs", "Mixture", "posterior_update", "top_k_renormalise", "top_k_log", "normalise_log"]
 
 
 def normalise_log(log_weights: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,8 @@ class Mixture:
 
 
 def posterior_update(log_weights: torch.Tensor, token_log_probs: torch.Tensor) -> torch.Tensor:
-    """One step of the exact router (eq. 26–27): ``log w_k + log p_k(x_t)``, renormalised.
+    """One step of the whole-prefix posterior (eq. 26–27; exact for whole-sequence experts):
+    ``log w_k + log p_k(x_t)``, renormalised.
 
     Args:
         log_weights: (B, K) current log-weights (``-inf`` = expert excluded, stays excluded).
@@ -146,3 +149,29 @@ def top_k_renormalise(weights: torch.Tensor, k: int) -> torch.Tensor:
     if (total <= 0).any():
         raise ValueError("a row of weights sums to 0; cannot renormalise")
     return kept / total
+
+
+def top_k_log(log_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`top_k_renormalise` in log space: keep each row's ``k`` largest log-weights,
+    set the rest to ``-inf`` and renormalise.
+
+    Working in logs keeps weights that a probability would round to 0 (a float32 softmax
+    underflows below ~1e-45, a cosine gap of 1 at τ = 100 is e^-100): they stay finite
+    and comparable. Ties go to the lower expert index, as in :func:`top_k_renormalise`.
+
+    Args:
+        log_weights: (B, K) log-weights, ``-inf`` for excluded experts (float64 recommended).
+        k: experts to keep, ``1 <= k``; ``k >= K`` only renormalises.
+    """
+    if log_weights.dim() != 2:
+        raise ValueError(f"log_weights must be (B, K), got {tuple(log_weights.shape)}")
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if torch.isnan(log_weights).any() or torch.isposinf(log_weights).any():
+        raise ValueError("log_weights must not be NaN or +inf")
+    if k < log_weights.shape[1]:
+        order = torch.sort(log_weights, dim=1, descending=True, stable=True).indices[:, k:]
+        log_weights = log_weights.scatter(1, order, float("-inf"))
+    if torch.isneginf(log_weights).all(1).any():
+        raise ValueError("a row of weights is all zero; cannot renormalise")
+    return normalise_log(log_weights)

@@ -5,11 +5,16 @@
 
 Balance is over *unique items*: records that share an image share its feature row and go
 to the same cluster (the paper balances unique images, not image-text pairs or tokens;
-the report shows all three). Text-only records under an image encoder, and records whose
-image has no feature row because embedding failed (listed in ``embed.json`` "failed") or
-whose image file is missing, are spread randomly and equally over the clusters (seeded),
-as the paper does with LLaVA's text-only samples. Under a text encoder (modality "text")
-the records themselves are clustered.
+the report shows all three). Text-only records under an image encoder are spread randomly
+and equally over the clusters (seeded), as the paper does with LLaVA's text-only samples.
+Under a text encoder (modality "text") the records themselves are clustered.
+
+Records whose image failed are left out of every shard (a record that cannot be trained
+on must not take a place in the balance, and records sharing the failed image stay
+together: out) and are listed in ``report.json`` "left_out" and ``report.md`` with file,
+line and reason: under an image encoder, the images ``embed`` could not read (its
+``embed.json`` "failed") and any image file missing now; under a text encoder every
+image is decoded here (:func:`ddfm.data.check_images`).
 
 Output directory (docs/ARCHITECTURE.md): ``shard-XX.jsonl`` (records in input order,
 image paths relative to the shard), ``router.json`` + ``router.safetensors`` (centroids
@@ -30,6 +35,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +44,7 @@ from typing import Optional
 import numpy as np
 
 from ddfm.config import arg, to_dict
-from ddfm.data import Record, load_records, write_records
+from ddfm.data import FailedImage, Record, check_images, load_records, log_failed_images, write_records
 from ddfm.io import atomic_path, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -93,14 +99,13 @@ class Items:
     """Records mapped to unique feature rows.
 
     ``rows`` (U,) feature-row index of each unique item (first-appearance order);
-    ``record_item`` (R,) index into ``rows`` per record, −1 for records without a row;
-    ``no_feature`` ids of records with an image but no usable feature row.
+    ``record_item`` (R,) index into ``rows`` per record, −1 for text-only records under
+    an image encoder (the only records without a row once failed images are left out).
     """
 
     keys: list[str]
     rows: np.ndarray
     record_item: np.ndarray
-    no_feature: list[str]
 
 
 def _features(path: str):
@@ -115,24 +120,46 @@ def _record_key(record: Record, modality: str) -> str | None:
     return record_key(record, modality)
 
 
+def leave_out_failed_images(records: list[Record], keys: list[str], meta: dict) -> tuple[list[Record], list[FailedImage]]:
+    """Split off the records whose image failed: (records that go into shards, left out).
+
+    Image modality: an image ``embed`` listed as failed (its reason), or a file missing
+    now (features alone cannot train). Text modality: every image is decoded here.
+    """
+    if meta.get("modality") == "text":
+        return check_images(records)
+    row_of = set(keys)
+    failed = {f.get("key"): str(f.get("error")) for f in meta.get("failed", []) if isinstance(f, dict)}
+    kept: list[Record] = []
+    left_out: list[FailedImage] = []
+    for rec in records:
+        key = _record_key(rec, "image") if meta.get("modality") == "image" else None
+        if key is None:
+            kept.append(rec)
+        elif key in failed and key not in row_of:
+            left_out.append(FailedImage.of(rec, failed[key]))
+        elif not rec.image_path.is_file():
+            left_out.append(FailedImage.of(rec, f"image file not found: {rec.image_path}"))
+        else:
+            kept.append(rec)
+    return kept, left_out
+
+
 def map_items(records: list[Record], keys: list[str], meta: dict, features_dir: str) -> Items:
     """Match records to feature rows; raise naming the records the features do not cover."""
     modality = meta.get("modality")
     if modality not in ("image", "text"):
         raise ValueError(f"{features_dir}/embed.json: modality must be 'image' or 'text', got {modality!r}")
     row_of = {k: i for i, k in enumerate(keys)}
-    failed = {f.get("key") for f in meta.get("failed", []) if isinstance(f, dict)}
     item_of: dict[str, int] = {}
     record_item = np.full(len(records), -1, dtype=np.int64)
-    no_feature: list[str] = []
     uncovered: list[str] = []
     for r, rec in enumerate(records):
         key = _record_key(rec, modality)
         if key is None:
             continue  # text-only record under an image encoder
         if key not in row_of:
-            missing_file = rec.image_path is not None and not rec.image_path.is_file()
-            (no_feature if key in failed or missing_file else uncovered).append(rec.id)
+            uncovered.append(rec.id)
             continue
         record_item[r] = item_of.setdefault(key, len(item_of))
     if uncovered:
@@ -140,7 +167,19 @@ def map_items(records: list[Record], keys: list[str], meta: dict, features_dir: 
                          f"and were not listed as failed there (first: {', '.join(uncovered[:5])}); "
                          "the features were computed for other data: re-run `ddfm embed` on this data file")
     item_keys = list(item_of)
-    return Items(item_keys, np.array([row_of[k] for k in item_keys], dtype=np.int64), record_item, no_feature)
+    return Items(item_keys, np.array([row_of[k] for k in item_keys], dtype=np.int64), record_item)
+
+
+def item_features(feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The unique items' features ``feats[rows]`` (U, D), without a copy when it can.
+
+    ``feats`` is memory-mapped (:func:`ddfm.embed.load_features`), so it costs page cache,
+    not a copy. When the items are exactly its rows in order (the data file partitioned
+    is the one embedded) it is returned as it is; otherwise the rows are gathered: one copy.
+    """
+    if len(rows) == len(feats) and np.array_equal(rows, np.arange(len(feats))):
+        return feats
+    return feats[rows]
 
 
 # ----------------------------------------------------------------------- clustering
@@ -177,7 +216,8 @@ def calibrate_temperature(X: np.ndarray, centroids: np.ndarray, labels: np.ndarr
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(X), CALIBRATION_SAMPLE, replace=False)) if len(X) > CALIBRATION_SAMPLE \
         else np.arange(len(X))
-    cos = (X[idx] @ centroids.T).astype(np.float64)  # (n, K)
+    sample = X[idx] if len(idx) < len(X) else X  # all of X: no copy of it
+    cos = (sample @ centroids.T).astype(np.float64)  # (n, K)
     own = cos[np.arange(len(idx)), labels[idx]]
 
     gap = cos - own[:, None]  # (n, K), 0 at the label
@@ -270,14 +310,14 @@ def _balance(values: list[int | float]) -> dict:
 
 
 def build_report(records: list[Record], labels: np.ndarray, items: Items, k: int,
-                 token_label: str, count_tokens) -> dict:
-    """Per-cluster counts (unique items, image-text pairs, text-only, tokens, source, task)."""
+                 token_label: str, count_tokens, left_out: list[FailedImage] = ()) -> dict:
+    """Per-cluster counts (unique items, image-text pairs, text-only, tokens, source, task)
+    of the records in the shards, and the records left out (file, line, id, image, reason)."""
     clusters = []
     item_labels = np.full(len(items.keys), -1)
     has_item = items.record_item >= 0
     item_labels[items.record_item[has_item]] = labels[has_item]
     tokens = np.array([count_tokens(_record_text(r)) for r in records], dtype=np.int64)
-    no_feature = set(items.no_feature)
     for c in range(k):
         idx = np.flatnonzero(labels == c)
         recs = [records[i] for i in idx]
@@ -287,7 +327,6 @@ def build_report(records: list[Record], labels: np.ndarray, items: Items, k: int
             "unique_items": int((item_labels == c).sum()),
             "image_text_pairs": sum(r.has_image for r in recs),
             "text_only": sum(not r.has_image for r in recs),
-            "no_feature": sum(r.id in no_feature for r in recs),
             "tokens": int(tokens[idx].sum()),
             "by_source": dict(sorted(Counter(r.source for r in recs).items())),
             "by_task": dict(sorted(Counter(f"{r.source}/{r.task}" for r in recs).items())),
@@ -300,7 +339,9 @@ def build_report(records: list[Record], labels: np.ndarray, items: Items, k: int
         "totals": {"records": len(records), "unique_items": len(items.keys),
                    "image_text_pairs": sum(r.has_image for r in records),
                    "text_only": sum(not r.has_image for r in records),
-                   "no_feature": len(items.no_feature), "tokens": int(tokens.sum())},
+                   "tokens": int(tokens.sum()), "left_out": len(left_out),
+                   "input_records": len(records) + len(left_out)},
+        "left_out": [f.to_json() for f in left_out],
     }
 
 
@@ -310,9 +351,9 @@ def report_markdown(report: dict) -> str:
     lines = [f"# Partition into K = {report['k']} clusters", "",
              f"data: `{report['data']}`  features: `{report['features']}` ({report['encoder']}, "
              f"{report['modality']})  algorithm: {report['algorithm']['name']}  seed: {report['seed']}", "",
-             f"{t['records']} records, {t['unique_items']} unique items, {t['image_text_pairs']} image-text "
-             f"pairs, {t['text_only']} text-only, {t['no_feature']} without a feature row "
-             f"(spread like text-only); token unit: {report['token_unit']}.", "",
+             f"{t['records']} records in the shards, {t['unique_items']} unique items, {t['image_text_pairs']} "
+             f"image-text pairs, {t['text_only']} text-only; {t['left_out']} record(s) left out because their "
+             f"image failed (listed below); token unit: {report['token_unit']}.", "",
              "| cluster | unique items | records | image-text pairs | text-only | tokens | share π_k |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for c, share in zip(report["clusters"], report["cluster_shares"]):
@@ -329,7 +370,23 @@ def report_markdown(report: dict) -> str:
     lines += ["", f"Router temperature τ = {cal['temperature']} ({cal['source']}{bound}); "
                   f"mean top router weight on the training features {cal.get('mean_top_weight', float('nan')):.3f}.",
               "", "Timing (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _left_out_markdown(report["left_out"]))
+
+
+def _left_out_markdown(left_out: list[dict], shown: int = 200) -> list[str]:
+    if not left_out:
+        return []
+    lines = [f"## {len(left_out)} record(s) left out: their image failed", "",
+             "Not in any shard: not trained on, not counted above.", "",
+             "| file:line | record | reason |", "| --- | --- | --- |"]
+
+    def cell(x) -> str:  # a '|' in a path or id must not end the table cell
+        return str(x).replace("|", "\\|")
+
+    lines += [f"| {cell(e['file'])}:{e['line']} | {cell(e['id'])} | {cell(e['reason'])} |" for e in left_out[:shown]]
+    if len(left_out) > shown:
+        lines.append(f"| … | {len(left_out) - shown} more | all listed in report.json |")
+    return lines + [""]
 
 
 def plot_partition(path: Path, X: np.ndarray, item_labels: np.ndarray, report: dict, seed: int) -> None:
@@ -395,17 +452,21 @@ def partition(cfg: PartitionConfig) -> Path:
     token_label, count_tokens = _token_counter(cfg.tokenizer)  # fail early, before any output
     feats, keys, meta = _features(cfg.features)
     records = load_records(cfg.data, check_images=False).records
+    records, left_out = leave_out_failed_images(records, keys, meta)
+    log_failed_images("partition", left_out, f"{cfg.out}/report.json")
     items = map_items(records, keys, meta, cfg.features)
     if len(items.keys) < cfg.k:
         raise ValueError(f"k={cfg.k} is larger than the number of unique items with features "
                          f"({len(items.keys)}) in {cfg.data}")
-    X = feats[items.rows]  # (U, D)
+    X = item_features(feats, items.rows)  # (U, D)
     seconds["load"] = time.perf_counter() - t0
-    log.info("partition: %d records, %d unique %s items, %d without features; fitting %s k-means, K=%d",
+    log.info("partition: %d records, %d unique %s items, %d text-only without a row; fitting %s k-means, K=%d",
              len(records), len(X), meta["modality"], int((items.record_item < 0).sum()), cfg.algorithm, cfg.k)
 
     t0 = time.perf_counter()
-    model = make_model(cfg).fit(X)
+    with warnings.catch_warnings():  # X may be the read-only memory map: k-means only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        model = make_model(cfg).fit(X)
     item_labels = model.labels_
     seconds["fit"] = time.perf_counter() - t0
     log.info("partition: %d iterations in %.1f s, unique items per cluster %s",
@@ -445,8 +506,8 @@ def partition(cfg: PartitionConfig) -> Path:
     report = {"k": cfg.k, "data": str(cfg.data), "features": str(cfg.features), "encoder": meta.get("encoder"),
               "modality": meta["modality"], "seed": cfg.seed, "config": to_dict(cfg), "algorithm": algorithm,
               "fit_info": model.fit_info_, "cluster_shares": shares, "temperature": calibration,
-              "no_feature_ids": items.no_feature[:100], "seconds": seconds,
-              **build_report(records, labels, items, cfg.k, token_label, count_tokens)}
+              "seconds": seconds,
+              **build_report(records, labels, items, cfg.k, token_label, count_tokens, left_out)}
     if cfg.plot:
         plot_partition(out / "partition.png", X, item_labels, report, cfg.seed)
         report["plot"] = "partition.png"

@@ -70,7 +70,7 @@ import os
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -118,6 +118,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+@functools.lru_cache(maxsize=4)
 def _load_fashion_mnist(root: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     root_p = Path(root)
     files = {s: (root_p / f"{p}-images-idx3-ubyte.gz", root_p / f"{p}-labels-idx1-ubyte.gz")
@@ -138,6 +139,7 @@ def _load_fashion_mnist(root: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _load_digits(root: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -233,14 +235,16 @@ def _sample_stratified(y: np.ndarray, n: int | None, rng: np.random.Generator) -
 
 
 def _image_records(source: str, split: str, data: ImageSplit, idx: np.ndarray, seed: int,
-                   tasks_per_image: int | None) -> tuple[list[Record], dict[str, np.ndarray]]:
-    """Records of the images ``idx`` of one split: several tasks per image."""
+                   tasks_per_image: int | None, *, only: tuple[str, ...] | None = None,
+                   split_name: str | None = None) -> tuple[list[Record], dict[str, np.ndarray]]:
+    """Records of the images ``idx`` of one source split (``train``/``test``): several tasks
+    per image (``only`` those tasks), ids naming ``split_name`` (default: the split)."""
     spec = IMAGE_SOURCES[source]
-    names = list(spec["tasks"])
-    rng = np.random.default_rng([seed, _stable_int(source), _stable_int(split)])
+    names = [t for t in spec["tasks"] if only is None or t in only]
+    rng = np.random.default_rng([seed, _stable_int(source), _stable_int(split_name or split)])
     k = len(names) if tasks_per_image is None else min(tasks_per_image, len(names))
     chosen = [sorted(rng.choice(len(names), size=k, replace=False)) for _ in idx]
-    yes_pool = [i for i, c in zip(idx, chosen) if names.index("yesno") in c]
+    yes_pool = [i for i, c in zip(idx, chosen) if "yesno" in names and names.index("yesno") in c]
     yes = set(rng.permutation(yes_pool)[: (len(yes_pool) + 1) // 2].tolist())  # balanced yes/no
     records, images = [], {}
     for i, task_ids in zip(idx.tolist(), chosen):
@@ -260,7 +264,7 @@ def _image_records(source: str, split: str, data: ImageSplit, idx: np.ndarray, s
                 answer = answer_fn(label, attr)
             prompt = templates[int(rng.integers(len(templates)))]
             records.append(Record(
-                id=f"{spec['short']}-{split}-{i:05d}-{task}", image=rel,
+                id=f"{spec['short']}-{split_name or split}-{i:05d}-{task}", image=rel,
                 conversations=[{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
                                {"from": "gpt", "value": answer}],
                 extra={"source": source, "task": f"{spec['short']}-{task}", "label": label}))
@@ -496,29 +500,72 @@ def _docs_records(root: str, max_words: int, min_words: int = 8) -> dict[str, li
 
 @dataclass
 class Built:
-    """What a source builder returns: records per split and the pixels of each image path."""
+    """What a source builder returns: records per split and the pixels of each image path.
+
+    ``extra`` holds the optional splits (``val``, ``align``, ``pretrain``) by name."""
 
     train: list[Record]
     test: list[Record]
     images: dict[str, np.ndarray]
+    extra: dict[str, list[Record]] = field(default_factory=dict)
+
+    def splits(self) -> dict[str, list[Record]]:
+        return {"train": self.train, "test": self.test, **{k: v for k, v in self.extra.items() if v}}
+
+    def add(self, other: "Built") -> None:
+        self.train += other.train
+        self.test += other.test
+        self.images.update(other.images)
+        for name, recs in other.extra.items():
+            self.extra.setdefault(name, []).extend(recs)
 
 
 def _build_image_source(source: str, o: dict, shares: dict[str, float] | None = None) -> Built:
+    """Records of one image source: ``train`` (every task) and ``test`` from the source's
+    own splits; then ``val`` (held out, every task) and ``align`` (captions only, LLaVA's
+    stage-1 pairs) from the train split's images that ``train`` did not take (``align``
+    reuses train images when the source runs out, and says so)."""
     spec = IMAGE_SOURCES[source]
     option, default_root = spec["root"]  # which option names the source's directory
     data = _with_attributes(spec["load"](o.get(option) or default_root), spec["measure"])
     rng = np.random.default_rng([o["seed"], _stable_int(source)])
     share = 1.0 if shares is None else shares[source]
     out = Built([], [], {})
-    for split, size in (("train", o.get("train_size")), ("test", o.get("test_size"))):
+    pool = np.arange(len(data["train"].y))  # train-split images not used yet
+    taken: dict[str, np.ndarray] = {}
+    for split, size in (("train", o.get("train_size")), ("test", o.get("test_size")),
+                        ("val", o.get("val_size")), ("align", o.get("align_size"))):
+        if split in ("val", "align") and not size:
+            continue
         n = None if size is None else int(round(size * share))
-        if n is not None and n > len(data[split].y):
-            log.warning("%s: %d %s images asked, only %d exist; using all", source, n, split, len(data[split].y))
-        idx = _sample_stratified(data[split].y, n, rng)
-        recs, imgs = _image_records(source, split, data[split], idx, o["seed"], o.get("tasks_per_image"))
-        getattr(out, split).extend(recs)
+        if split == "test":
+            idx, where = _sample_stratified(data["test"].y, _capped(source, split, n, len(data["test"].y)), rng), "test"
+        else:
+            idx = pool[_sample_stratified(data["train"].y[pool], _capped(source, split, n, len(pool)), rng)]
+            where = "train"
+            if split == "align" and n is not None and len(idx) < n:  # the source ran out: reuse train images
+                used = taken["train"]  # never val images: those stay held out
+                more = used[_sample_stratified(data["train"].y[used], min(n - len(idx), len(used)), rng)]
+                log.warning("%s: reusing %d train images for the align split (only %d unused remain)",
+                            source, len(more), len(idx))
+                idx = np.sort(np.concatenate([idx, more]))
+            pool = np.setdiff1d(pool, idx)
+            taken[split] = idx
+        recs, imgs = _image_records(source, where, data[where], idx, o["seed"], o.get("tasks_per_image"),
+                                    only=("caption",) if split == "align" else None, split_name=split)
         out.images.update(imgs)
+        if split in ("train", "test"):
+            setattr(out, split, recs)
+        else:
+            out.extra[split] = recs
     return out
+
+
+def _capped(source: str, split: str, n: int | None, have: int) -> int | None:
+    if n is not None and n > have:
+        log.warning("%s: %d %s images asked, only %d exist; using all", source, n, split, have)
+        return have
+    return n
 
 
 def _build_docs(o: dict) -> Built:
@@ -531,25 +578,68 @@ def _build_docs(o: dict) -> Built:
     return Built(recs["train"], recs["test"], {})
 
 
+def _mix_sizes(o: dict, shares: dict[str, float]) -> dict[str, dict[str, int | None]]:
+    """Images per source and split: ``size · share``, and a source short of images gives
+    its deficit to the others (digits has 1,437 train images; Fashion-MNIST 60,000), so
+    the mix holds the number of unique images asked for whenever they exist. ``align``
+    keeps the shares (reusing train images of a short source, see :func:`_build_image_source`)."""
+    have = {src: {sp: len(IMAGE_SOURCES[src]["load"](o.get(IMAGE_SOURCES[src]["root"][0]) or
+                                                     IMAGE_SOURCES[src]["root"][1])[sp][1])
+                  for sp in ("train", "test")} for src in shares}
+    sizes: dict[str, dict[str, int | None]] = {src: {} for src in shares}
+    left = {src: have[src]["train"] for src in shares}  # the train split feeds train, val and align
+    for split in ("train", "test", "val", "align"):
+        size = o.get(f"{split}_size")
+        if not size:
+            for src in shares:
+                sizes[src][split] = size
+            continue
+        # align may reuse train images (each source keeps its share of captions), the others may not
+        room = {src: have[src]["test"] if split == "test" else have[src]["train"] if split == "align"
+                else left[src] for src in shares}
+        want = {src: size * shares[src] for src in shares}
+        for _ in shares:  # hand the deficit of a capped source to the sources with room
+            capped = {src for src in shares if want[src] > room[src]}
+            deficit = sum(want[src] - room[src] for src in capped)
+            open_ = [src for src in shares if src not in capped and want[src] < room[src]]
+            for src in capped:
+                want[src] = room[src]
+            if not deficit or not open_:
+                break
+            total = sum(shares[src] for src in open_)
+            for src in open_:
+                want[src] += deficit * shares[src] / total
+        for src in shares:
+            n = int(round(want[src]))
+            sizes[src][split] = n
+            if split != "test":
+                left[src] = max(0, left[src] - n)
+    return sizes
+
+
 def _build_mix(o: dict) -> Built:
     spec = SOURCES["mix"]
     o = {**o, "train_size": o.get("train_size") or spec["train_size"],
          "test_size": o.get("test_size") or spec["test_size"]}
     out = Built([], [], {})
+    sizes = _mix_sizes(o, spec["images"])
     for source in spec["images"]:
-        part = _build_image_source(source, o, spec["images"])
-        out.train += part.train
-        out.test += part.test
-        out.images.update(part.images)
+        out.add(_build_image_source(source, {**o, **{f"{k}_size": v for k, v in sizes[source].items()}}))
     share = spec["text_share"] if o.get("text_share") is None else o["text_share"]
-    if share > 0:
+    docs = None
+    if share > 0 or o.get("pretrain_size"):
         docs = _docs_records(o.get("python_docs_dir") or PYTHON_DOCS_DIR, o.get("max_words") or 120)
+    if share > 0:
         rng = np.random.default_rng([o["seed"], _stable_int("mix-text")])
         for split in ("train", "test"):
             recs = getattr(out, split)
             n = min(int(round(share / (1 - share) * len(recs))), len(docs[split]))
             keep = np.sort(rng.choice(len(docs[split]), size=n, replace=False))
             recs.extend(docs[split][i] for i in keep)
+    if o.get("pretrain_size"):  # language pretraining text: python-docs passages of the train files
+        rng = np.random.default_rng([o["seed"], _stable_int("mix-pretrain")])
+        n = min(o["pretrain_size"], len(docs["train"]))
+        out.extra["pretrain"] = [docs["train"][i] for i in np.sort(rng.choice(len(docs["train"]), n, replace=False))]
     return out
 
 
@@ -566,8 +656,8 @@ SOURCES: dict[str, dict[str, Any]] = {
             "help": "the embedded default: Fashion-MNIST + digits images, several tasks each, "
                     "plus a share of python-docs text"},
 }
-OPTIONS = ("train_size", "test_size", "tasks_per_image", "text_share", "max_words",
-           "fashion_mnist_dir", "python_docs_dir")
+OPTIONS = ("train_size", "test_size", "val_size", "align_size", "pretrain_size", "tasks_per_image", "text_share",
+           "max_words", "fashion_mnist_dir", "python_docs_dir")
 
 
 def _check_source(name: str) -> None:
@@ -609,6 +699,13 @@ class PrepareConfig:
                                  "default: 3000 for mix, all for the others", default=None)
     test_size: int | None = arg("unique test images (text passages for python-docs); "
                                 "default: 500 for mix, all for the others", default=None)
+    val_size: int | None = arg("mix/image sources: unique held-out images (all tasks) from the train split's "
+                               "unused images -> val.jsonl (held-out loss during training)", default=None)
+    align_size: int | None = arg("mix/image sources: unique images with a caption each -> align.jsonl (the "
+                                 "alignment stage's image-text pairs; disjoint from train while images last)",
+                                 default=None)
+    pretrain_size: int | None = arg("mix: python-docs passages of the train files -> pretrain.jsonl (language "
+                                    "pretraining text)", default=None)
     tasks_per_image: int | None = arg("tasks (records) per image, chosen at random; default: all 4",
                                       default=None)
     text_share: float | None = arg("mix: fraction of records that are text-only python-docs "
@@ -620,10 +717,18 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         _check_source(self.source)
-        for name in ("train_size", "test_size", "tasks_per_image"):
+        for name in ("train_size", "test_size", "tasks_per_image"):  # 0 is allowed for the optional splits
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v}")
+        for name in ("val_size", "align_size", "pretrain_size"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ValueError(f"{name}: must be >= 0, got {v}")
+        if self.pretrain_size and self.source != "mix":
+            raise ValueError(f"pretrain_size: only the mix source has pretraining text, not {self.source!r}")
+        if (self.val_size or self.align_size) and self.source == "python-docs":
+            raise ValueError("val_size / align_size: image sources only (python-docs has no images)")
         if self.tasks_per_image is not None and self.tasks_per_image > 4:
             raise ValueError(f"tasks_per_image: at most 4 tasks exist per image, got {self.tasks_per_image}")
         if self.text_share is not None and not 0 <= self.text_share < 1:
@@ -716,7 +821,8 @@ def _is_complete(out: Path, identity: dict) -> bool:
     if {k: meta.get(k) for k in identity} != identity:
         return False
     digests = meta.get("digests", {})
-    return all((out / f).is_file() and file_digest(out / f) == digests.get(f) for f in ("train.jsonl", "test.jsonl"))
+    files = list((meta.get("files") or {"train": "train.jsonl", "test": "test.jsonl"}).values())
+    return all((out / f).is_file() and file_digest(out / f) == digests.get(f) for f in files)
 
 
 def prepare(cfg: PrepareConfig) -> Path:
@@ -732,20 +838,23 @@ def prepare(cfg: PrepareConfig) -> Path:
     (out / "prepare.json").unlink(missing_ok=True)  # the output is incomplete until rewritten
     _write_images(out, built.images)
     root = out.resolve()
-    for split, recs in (("train", built.train), ("test", built.test)):
+    splits = built.splits()
+    for split, recs in splits.items():
         for r in recs:
             r.image_path = root / r.image if r.image else None
         write_records(out / f"{split}.jsonl", recs)
-    meta = {**identity, "config": to_dict(cfg),
-            "files": {"train": "train.jsonl", "test": "test.jsonl"},
-            "digests": {f: file_digest(out / f) for f in ("train.jsonl", "test.jsonl")},
-            "counts": {"train": _split_counts(built.train), "test": _split_counts(built.test)},
+    for stale in ("val", "align", "pretrain"):  # an earlier run's optional split that this one has not
+        if stale not in splits:
+            (out / f"{stale}.jsonl").unlink(missing_ok=True)
+    files = {split: f"{split}.jsonl" for split in splits}
+    meta = {**identity, "config": to_dict(cfg), "files": files,
+            "digests": {f: file_digest(out / f) for f in files.values()},
+            "counts": {split: _split_counts(recs) for split, recs in splits.items()},
             "tasks": task_stats(built.train, built.test)}
     write_json(out / "prepare.json", meta)
-    c = meta["counts"]
-    log.info("prepare: %s -> %s: train %d records (%d images, %d text), test %d records (%d images, %d text)",
-             cfg.source, out, c["train"]["records"], c["train"]["images"], c["train"]["text_only"],
-             c["test"]["records"], c["test"]["images"], c["test"]["text_only"])
+    log.info("prepare: %s -> %s: %s", cfg.source, out, "; ".join(
+        f"{split} {c['records']} records ({c['images']} images, {c['text_only']} text)"
+        for split, c in meta["counts"].items()))
     return out
 
 

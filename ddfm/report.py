@@ -93,8 +93,12 @@ def compute_table(runs: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _log_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in _log_rows(run_dir) if "loss" in r]
     batch = read_json(run_dir / "ddfm.json")["compute"]["batch_size"]
     return [r["step"] * batch for r in rows], [r["loss"] for r in rows]
 
@@ -119,9 +123,9 @@ def plot_losses(path: Path, runs: dict[str, Path]) -> None:
     for name, d in runs.items():
         x, y = _loss_curve(d)
         ax.plot([offset + v for v in x], _smooth(y, len(y)), label=name, lw=1.4)
-        if name == "align":  # dense and experts continue from the aligned base
-            offset = x[-1]
-    ax.set_xlabel("samples seen (dense and experts after the alignment stage)")
+        if name in ("pretrain", "align"):  # the next stage continues from this checkpoint
+            offset += x[-1]
+    ax.set_xlabel("samples seen (dense and experts after the base stages)")
     ax.set_ylabel("training loss (answer tokens, nats)")
     ax.set_title("training loss of every run")
     ax.legend()
@@ -130,6 +134,127 @@ def plot_losses(path: Path, runs: dict[str, Path]) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def held_out_curves(runs: dict[str, Path]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Held-out answer loss over training (``log.jsonl`` eval_loss): run -> file -> (steps, losses)."""
+    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for name, d in runs.items():
+        for r in _log_rows(d):
+            for f, v in (r.get("eval_loss") or {}).items():
+                steps, losses = out.setdefault(name, {}).setdefault(f, ([], []))
+                steps.append(r["step"])
+                losses.append(v)
+    return out
+
+
+def plot_held_out(path: Path, runs: dict[str, Path], k: int) -> bool:
+    """One panel per cluster: the held-out loss of dense and of the cluster's expert on that
+    cluster's val records, against training steps (the same steps for both). False if none logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = held_out_curves(runs)
+    if "dense" not in curves:
+        return False
+    fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.6), squeeze=False)
+    for j, ax in enumerate(axes[0]):
+        f = f"cluster-{j}"
+        for name, style in (("dense", "k-"), (f"expert-{j}", "C1-")):
+            if f in curves.get(name, {}):
+                x, y = curves[name][f]
+                ax.plot(x, y, style, marker="o", ms=3, label=name)
+        ax.set(title=f"cluster {j}: held-out val records", xlabel="training step", ylabel="answer loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def router_only_baseline(shards: list[Path], predictions: list[dict]) -> dict[str, Any]:
+    """Accuracy of answering every test item with its cluster's most common training answer
+    for its task (no model at all): how much of a score the clustering alone gives.
+
+    shards: the partition's shard files (cluster k = shards[k]); predictions: eval rows with
+    ``task``, ``cluster`` (the cluster the item's features route to), ``reference``,
+    ``correct`` (None for perplexity-only rows). Returns ``{"by_task": {task: acc}, "overall": acc}``.
+    """
+    from collections import Counter, defaultdict
+
+    from ddfm.data import load_records
+    from ddfm.vqa import exact_match, normalize_answer
+
+    majority: dict[tuple[str, str], str] = {}
+    for k, shard in enumerate(shards):
+        answers: dict[str, Counter] = defaultdict(Counter)
+        for r in load_records(shard, check_images=False).records:
+            answers[r.task][normalize_answer(r.answer())] += 1
+        majority.update({(str(k), t): c.most_common(1)[0][0] for t, c in answers.items()})
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row in predictions:
+        if row.get("correct") is None:
+            continue
+        guess = majority.get((str(row["cluster"]), row["task"]))
+        hits[row["task"]].append(guess is not None and exact_match(guess, row["reference"]))
+    every = [h for v in hits.values() for h in v]
+    return {"by_task": {t: sum(v) / len(v) for t, v in sorted(hits.items())},
+            "overall": sum(every) / len(every) if every else None}
+
+
+def route_disagreement(predictions: list[dict]) -> float | None:
+    """Share of test items whose ensemble route (argmax of the final weights) is not the
+    cluster their own features fall in (nearest centroid, eq. 29's argmax)."""
+    rows = [r for r in predictions if r.get("weights") and str(r.get("cluster")).isdigit()]
+    if not rows:
+        return None
+    return sum(max(range(len(r["weights"])), key=r["weights"].__getitem__) != int(r["cluster"]) for r in rows) / len(rows)
+
+
+def _read_predictions(eval_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
+
+
+def diagnostics_section(p, names: dict, evals: dict[str, dict], metric: str) -> list[str]:
+    """Where the gap between dense and the experts comes from (issue 13's diagnostics)."""
+    if metric != "accuracy":
+        return []
+    k = len(names["experts"])
+    shards = [p.path(names["partition"]) / f"shard-{j:02d}.jsonl" for j in range(k)]
+    preds = {n: _read_predictions(d) for n, d in names["evals"].items()}
+    base = router_only_baseline(shards, preds["dense"])
+    lines = ["## Where the gap comes from", "",
+             "**Per cluster**: dense vs the routed expert on the test items whose features fall in each "
+             "cluster (top-1 sends each of them to that cluster's expert).", "",
+             "| cluster | items | dense | top-1 (the cluster's expert) | Δ |", "| --- | ---: | ---: | ---: | ---: |"]
+    for c, g in evals["dense"]["by_cluster"].items():
+        if not g.get("n_qa"):
+            continue
+        e = (evals.get("top-1") or {}).get("by_cluster", {}).get(c) or {}
+        d = None if e.get("accuracy") is None or g.get("accuracy") is None else e["accuracy"] - g["accuracy"]
+        lines.append(f"| {c} | {g['n_qa']} | {fmt(g.get('accuracy'), True)} | {fmt(e.get('accuracy'), True)} | "
+                     f"{fmt(d, True, signed=True)} |")
+    lines += ["", "**Router only**: each test item answered with its cluster's most common training answer "
+              "for its task — no model. A routed ensemble gets this much from the clustering alone.", "",
+              "| task | chance | router only | dense | top-1 |", "| --- | ---: | ---: | ---: | ---: |"]
+    chance = evals["dense"].get("chance", {})
+    for t, acc in base["by_task"].items():
+        lines.append(f"| {t} | {fmt(chance.get(t), True)} | {fmt(acc, True)} | "
+                     f"{fmt(evals['dense']['by_task'][t]['accuracy'], True)} | "
+                     f"{fmt(((evals.get('top-1') or {}).get('by_task', {}).get(t) or {}).get('accuracy'), True)} |")
+    lines.append(f"| **overall** | – | {fmt(base['overall'], True)} | {fmt(evals['dense']['overall']['accuracy'], True)} | "
+                 f"{fmt(((evals.get('top-1') or {}).get('overall') or {}).get('accuracy'), True)} |")
+    lines += ["", "**Routes that leave the feature cluster**: the share of test items whose ensemble route "
+              "(argmax of its final weights) differs from the cluster its own features fall in.", "",
+              "| routing | items routed elsewhere |", "| --- | ---: |"]
+    for n in evals:
+        if n != "dense":
+            lines.append(f"| {n} | {fmt(route_disagreement(preds[n]), True)} % |")
+    return lines + [""]
 
 
 def plot_tasks(path: Path, evals: dict[str, dict], chance: dict[str, float], metric: str) -> None:
@@ -185,8 +310,10 @@ def write_report(p, preset: dict, names: dict, *, title: str, command: str, this
     evals = {name: read_json(d / "eval.json") for name, d in names["evals"].items()}
     metric = preset["metric"]
     chance = evals["dense"].get("chance", {})
-    runs = {"align": p.path("align"), "dense": p.path("dense"), **{e: p.path(e) for e in names["experts"]}}
+    base_runs = {n: p.path(n) for n in ("pretrain", "align") if (p.path(n) / "ddfm.json").is_file()}
+    runs = {**base_runs, "dense": p.path("dense"), **{e: p.path(e) for e in names["experts"]}}
     plot_losses(root / "loss.png", runs)
+    held_out = plot_held_out(root / "held_out.png", runs, len(names["experts"]))
     plot_tasks(root / "tasks.png", evals, chance, metric)
     part_png = p.path(names["partition"]) / "partition.png"
     if part_png.is_file():
@@ -212,6 +339,10 @@ def write_report(p, preset: dict, names: dict, *, title: str, command: str, this
     lines += ["## Per cluster (records grouped by the cluster their image routes to)", "",
               comparison_table({n: {"by_task": e["by_cluster"], "overall": e["overall"]} for n, e in evals.items()},
                                {}, metric).replace("| task |", "| cluster |", 1), "",
+              *diagnostics_section(p, names, evals, metric),
+              *(["![held-out loss](held_out.png)", "",
+                 "Held-out answer loss on each cluster's val records (images never trained on), dense vs the "
+                 "cluster's expert, at the same training steps.", ""] if held_out else []),
               "## Compute of every run", "", compute_table(runs), "",
               "## Data", "",
               f"Train {counts['train']['records']} records ({counts['train']['images']} images, "

@@ -119,6 +119,19 @@ class Router:
         cos = torch.nn.functional.normalize(f, dim=1) @ self.centroids.T  # (B, K)
         return torch.softmax(self.temperature * cos, dim=1)
 
+    def log_probabilities(self, features) -> torch.Tensor:
+        """log softmax_k(τ · cos(f, c_k)) (eq. 29) in float64: (B, D) -> (B, K).
+
+        The ensemble keeps routing weights as float64 logs: at τ = 100 a cosine gap of
+        1.1 makes a float32 softmax weight exactly 0, while its log is -110, finite.
+        """
+        f = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if f.dim() != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"router: features must be (B, {self.dim}) (the centroids' dimension), "
+                             f"got {tuple(f.shape)}")
+        cos = torch.nn.functional.normalize(f.double(), dim=1) @ self.centroids.double().T  # (B, K)
+        return torch.log_softmax(self.temperature * cos, dim=1)
+
     def weights(self, features, top_k: int | None = None) -> torch.Tensor:
         """Routing weights (B, K): eq. 29, then the ``top_k`` largest kept and renormalised."""
         return top_k_renormalise(self.probabilities(features), top_k or self.top_k)

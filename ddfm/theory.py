@@ -10,14 +10,20 @@ whole state space ([d] ∪ {m})^N (m = mask token): the mask coupling (eq. 18), 
 autoregressive path and scheduler (eq. 19–20), the conditional velocity (eq. 21), the
 marginal velocity (eq. 9), the discrete divergence (eq. 11–12), the continuity residual
 (eq. 17), PMF validity (eq. 15–16), 1-sparsity, the sampling rule (eq. 13) and the
-expert-flow decomposition with the posterior router (eq. 24–27). Routers that depart from
-the posterior (eq. 28 as printed, the time-independent prompt router of eq. 28–29) are run
-through the same sampling rule and their error is reported as total variation and KL.
+expert-flow decomposition with the posterior router (eq. 24–27), computed both as Bayes over
+the revealed prefix and token by token with the neural ensemble's update
+(:func:`ddfm.mixture.posterior_update`, ``--mode posterior``): for experts that model whole
+sequences the two agree and are exact. Routers that depart from the posterior (eq. 28 as
+printed, the time-independent prompt router of eq. 28–29) are run through the same sampling
+rule and their error is reported as total variation and KL.
 
 Part 2 (real text): byte-level n-gram experts trained on the balanced partition of the
 Python documentation reproduce the centralised n-gram model exactly when the smoothing
 pseudo-counts are split by cluster share and the router is the posterior given the
-model's state (its context); the paper's routers are measured against it (perplexity).
+model's state, its context h_t (the last n−1 bytes). The posterior given the whole prefix
+(``--mode posterior``'s router) is exact for a different model — the experts taken as
+whole-sequence models, Σ_k π_k Π_t p_k(x_t | h_t) — and its departure from the centralised
+n-gram is measured (max |Δp|, KL, perplexity), like the paper's routers'.
 
 See docs/theory.md for the derivations in words.
 """
@@ -304,6 +310,34 @@ class ARProblem:
                          where=total > 0)
         return post.T
 
+    @cached_property
+    def running_posterior(self) -> np.ndarray:
+        """The router of the neural ensemble's ``--mode posterior`` on this problem, (S, K).
+
+        Each expert is a whole-sequence autoregressive model p_k(x_1..x_L) = Π_i p_k(x_i | x_<i):
+        its next-token distribution at position i is read off its own velocity on the P = 0
+        problem (eq. 21, 9: u^i(·, z | S_k) + δ_m at the state z with positions ≥ i masked).
+        Start from log π_k and, for every revealed token of a state (prompt included), apply
+        :func:`ddfm.mixture.posterior_update` with log p_k(x_i | x_<i) — the ensemble's update,
+        one token at a time. At a state z = (x_1..x_{P+t}, m, ..) with mass this is
+        π_k Π_i p_k(x_i | x_<i) / Σ_j (...) = π_k p_t(z | S_k) / p_t(z) = p_t(S_k | z) (eq. 26–27).
+        """
+        import torch
+
+        from ddfm.mixture import posterior_update
+        sp = self.space
+        whole = ARProblem(sp, self.q, 0, self.labels, self.k)        # every position is a step
+        log_w = torch.log(torch.as_tensor(self.cluster_shares)).expand(sp.size, self.k).clone()
+        for i in range(sp.N):
+            before = sp.states.copy()
+            before[:, i:] = sp.mask                                   # the state x_<i, rest masked
+            token = sp.states[:, i]
+            probs = whole.expert_velocities(i)[:, sp.index(before), i, token]      # (K, S)
+            with np.errstate(divide="ignore"):                        # log 0 = -inf: expert excluded
+                token_lp = np.log(np.where(token == sp.mask, 1.0, probs))           # masked: no evidence
+            log_w = posterior_update(log_w, torch.as_tensor(token_lp.T))
+        return log_w.exp().numpy()
+
     def prompt_of(self, states: np.ndarray) -> np.ndarray:
         """Index of each state's prompt (first P tokens kept, the rest masked), (S,)."""
         prompt = states.copy()
@@ -320,10 +354,13 @@ def _top1(w: np.ndarray) -> np.ndarray:
     return np.eye(w.shape[1])[w.argmax(1)]
 
 
-# Routers as data: name -> (weights(problem, t) -> (S, K), what it is). Only "posterior" is exact.
+# Routers as data: name -> (weights(problem, t) -> (S, K), what it is). "posterior" and
+# "running-posterior" are the same weights computed two ways; both are exact, the rest are not.
 ROUTERS: dict[str, tuple[Callable[[ARProblem, int], np.ndarray], str]] = {
     "posterior": (lambda pb, t: pb.posterior_router(t),
-                  "p_t(S_k|z), the running posterior (eq. 24-27): exact"),
+                  "p_t(S_k|z) = pi_k p_t(z|S_k)/p_t(z), Bayes over the revealed prefix z (eq. 24-27): exact"),
+    "running-posterior": (lambda pb, t: pb.running_posterior,
+                          "pi_k prod_i p_k(x_i|x_<i), token by token (posterior_update, --mode posterior): exact"),
     "posterior/K": (lambda pb, t: pb.posterior_router(t) / pb.k,
                     "eq. 28 as printed: the extra 1/K"),
     "prompt": (lambda pb, t: pb.posterior_router(0)[pb.prompt_of(pb.space.states)],
@@ -428,7 +465,7 @@ def finite_checks(problem: ARProblem) -> dict[str, float]:
     out = {"coupling": 0.0, "endpoints": 0.0, "conditional_degenerate": 0.0,
            "conditional_continuity": 0.0, "continuity": 0.0, "divergence_11_vs_12": 0.0,
            "validity": 0.0, "sparsity": 1.0, "generation": 0.0,
-           "decomposition": 0.0, "decomposed_generation": 0.0, "router_sum": 0.0}
+           "decomposition": 0.0, "decomposed_generation": 0.0, "router_sum": 0.0, "running_posterior": 0.0}
     p0 = problem.path(0)
     prompt_pmf = np.zeros(sp.size)
     np.add.at(prompt_pmf, sp.index(c.x0), c.pi)                      # law of X_0 under eq. 18
@@ -453,6 +490,8 @@ def finite_checks(problem: ARProblem) -> dict[str, float]:
         w = problem.posterior_router(t)
         u_dec = decomposed_velocity(w, problem.expert_velocities(t))
         out["router_sum"] = max(out["router_sum"], float(np.abs(w.sum(1) - 1).max()))
+        out["running_posterior"] = max(out["running_posterior"], float(
+            np.abs(problem.running_posterior - w)[p_t > 0].max(initial=0)))
         out["decomposition"] = max(out["decomposition"], float(np.abs(u_dec - u)[p_t > 0].max()))
         out["decomposed_generation"] = max(out["decomposed_generation"], float(
             np.abs(sampling_pmf(sp, p_t, u_dec) - p_next).max()))
@@ -658,9 +697,9 @@ def router_log_weights(name: str, doc: DocumentEval, shares: np.ndarray, log_ctx
     mix = _torch_mixture()
     T, K = token_logp.shape
     prior = torch.log(torch.as_tensor(shares, dtype=torch.float64)).expand(T, K)
-    if name in ("context-posterior", "naive-smoothing"):          # p(S_k | h_t): exact
+    if name in ("context-posterior", "naive-smoothing"):          # p(S_k | h_t): exact for n-grams
         return mix.posterior_update(prior, torch.as_tensor(log_ctx))
-    if name == "prefix-posterior":                                # p(S_k | x_<t), document Bayes
+    if name == "prefix-posterior":                                # p(S_k | x_<t): exact for sequences
         seen = np.vstack([np.zeros((1, K)), np.cumsum(token_logp, 0)[:-1]])
         return mix.posterior_update(prior, torch.as_tensor(seen))
     if name in ("centroid", "centroid-top1"):                     # eq. 29, time-independent
@@ -674,48 +713,79 @@ def router_log_weights(name: str, doc: DocumentEval, shares: np.ndarray, log_ctx
 
 
 TEXT_ROUTERS = {
-    "context-posterior": "p(S_k | context) = pi_k P_k(h) / sum_j pi_j P_j(h): exact",
+    "context-posterior": "p(S_k | h_t) = pi_k P_k(h_t) / sum_j pi_j P_j(h_t), h_t = last n-1 bytes",
     "naive-smoothing": "the same router, but every expert smoothed with the full add-k",
-    "prefix-posterior": "p(S_k | whole prefix): Bayes over the document so far",
+    "prefix-posterior": "p(S_k | x_<t) from pi_k: Bayes over the whole sample so far (--mode posterior's update)",
     "centroid": "softmax(tau cos(f(prompt), c_k)), time-independent (eq. 29)",
     "centroid-top1": "the same, top-1 and renormalised (the paper's setting)",
     "prior": "cluster shares pi_k",
 }
 
+# Which router is exact for which kind of expert (docs/theory.md §3, "Which posterior"):
+# router -> (the experts' state, the model it reproduces exactly, the key of that comparison).
+TEXT_EXACT = {
+    "context-posterior": ("n-gram experts (state = the last n-1 bytes)", "the centralised n-gram",
+                          "max_abs_diff"),
+    "prefix-posterior": ("whole-sequence experts (state = the whole prefix)",
+                         "the sequence mixture sum_k pi_k p_k(x)", "seq_mixture_dll"),
+}
+
 
 def score_document(doc: DocumentEval, central: SmoothedNGram, experts: dict[str, list[SmoothedNGram]],
                    shares: np.ndarray, order: int) -> dict[str, dict[str, float]]:
-    """Per router: summed NLL (nats) of the scored tokens, their count, and the largest
-    |p_router(w | ·) − p_central(w | ·)| over positions and the whole vocabulary."""
+    """Per router, on the scored (answer) positions of one sample:
+
+    ``nll``: summed −log p(x_t | ·) (nats); ``tokens``: their count; ``max_abs_diff``: the
+    largest |p_router(w | ·) − p_central(w | ·)| over positions and all V next tokens;
+    ``kl_sum``: Σ_t KL(p_central(· | h_t) ‖ p_router(· | ·)) (nats); ``seq_mixture_dll``:
+    |log p_router(answer | prompt) − log p_seq(answer | prompt)| (nats), where
+    p_seq(x) = Σ_k π_k Π_t p_k(x_t | h_t) is the mixture of the share-smoothed experts taken as
+    whole-sequence models (one cluster drawn per sample).
+    """
     import torch
     mix = _torch_mixture()
     codes = window_codes(doc.tokens, order)             # every window; the prompt's are not scored
     contexts, targets = codes // VOCAB, codes % VOCAB
     rows, scored = np.arange(len(codes)), slice(doc.prompt_len, None)
     p_central, _ = central.next_token_probs(contexts[scored])                     # (T, V)
+    log_central = np.log(p_central)
     n_scored = len(p_central)
-    out = {"central": {"nll": float(-np.log(p_central[rows[:n_scored], targets[scored]]).sum()),
-                       "tokens": n_scored, "max_abs_diff": 0.0}}
     tables = {}
     for split, models in experts.items():
         probs, log_ctx = zip(*(m.next_token_probs(contexts) for m in models))
         tables[split] = np.log(np.stack(probs, 1)), np.stack(log_ctx, 1)          # (T_all, K, V), (T_all, K)
+    seq_ll = _sequence_mixture_ll(np.log(shares), tables["share"][0][rows, :, targets], doc.prompt_len)
+
+    def scores(logp: np.ndarray, p: np.ndarray) -> dict[str, float]:             # (T, V) log p, p
+        nll = float(-logp[rows[:n_scored], targets[scored]].sum())
+        return {"nll": nll, "tokens": n_scored, "max_abs_diff": float(np.abs(p - p_central).max()),
+                "kl_sum": float(np.sum(p_central * (log_central - logp))), "seq_mixture_dll": abs(-nll - seq_ll)}
+
+    out = {"central": scores(log_central, p_central)}
     for name in TEXT_ROUTERS:
         expert_logp, log_ctx = tables["full" if name == "naive-smoothing" else "share"]
         token_logp = expert_logp[rows, :, targets]                                # (T_all, K)
         log_w = router_log_weights(name, doc, shares, log_ctx, token_logp)[scored]
         logp = mix.mixture_log_probs(log_w, torch.as_tensor(expert_logp[scored])).numpy()  # (T, V)
-        out[name] = {"nll": float(-logp[rows[:n_scored], targets[scored]].sum()), "tokens": n_scored,
-                     "max_abs_diff": float(np.abs(np.exp(logp) - p_central).max())}
+        out[name] = scores(logp, np.exp(logp))
     return out
 
 
+def _sequence_mixture_ll(log_prior: np.ndarray, token_logp: np.ndarray, prompt_len: int) -> float:
+    """log p_seq(answer | prompt) for p_seq(x) = Σ_k π_k Π_t p_k(x_t | h_t): the log of
+    Σ_k π_k p_k(prompt, answer) minus the log of Σ_k π_k p_k(prompt). token_logp: (T_all, K)."""
+    from scipy.special import logsumexp
+    return float(logsumexp(log_prior + token_logp.sum(0)) - logsumexp(log_prior + token_logp[:prompt_len].sum(0)))
+
+
 def _add_perplexities(totals: dict[str, dict[str, float]]) -> None:
-    """ppl = exp(NLL / tokens) and gap = ppl / ppl_central − 1 for every model, in place."""
+    """ppl = exp(NLL / tokens), gap = ppl / ppl_central − 1 and kl = kl_sum / tokens (the mean
+    KL(p_central ‖ p) per scored byte, nats) for every model, in place."""
     ppl_central = math.exp(totals["central"]["nll"] / totals["central"]["tokens"])
     for acc in totals.values():
         acc["ppl"] = math.exp(acc["nll"] / acc["tokens"])
         acc["gap"] = acc["ppl"] / ppl_central - 1
+        acc["kl"] = acc["kl_sum"] / acc["tokens"]
 
 
 def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperature: float | None = None,
@@ -727,9 +797,13 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperatur
     Partition: features of each training sample's whole text; routing (eq. 29): features of
     the test prompt only, τ = ``temperature`` or, when None, calibrated on the partition like
     ``ddfm partition`` does (:func:`ddfm.partition.calibrate_temperature`). ``max_train`` / ``max_test`` cap the samples (seeded subsets).
-    Returns {"setup": ..., "routers": {name: {"ppl", "gap", "max_abs_diff", "nll", "tokens"}}};
-    ``gap`` = ppl / ppl_central − 1, ``max_abs_diff`` = max |p_router − p_central| over all
-    scored positions and all V next tokens.
+    Returns {"setup": ..., "routers": {name: {"ppl", "gap", "max_abs_diff", "kl", "seq_mixture_dll",
+    "nll", "kl_sum", "tokens"}}, "exact": ...}: ``gap`` = ppl / ppl_central − 1; ``max_abs_diff`` =
+    max |p_router − p_central| over all scored positions and all V next tokens; ``kl`` = mean
+    KL(p_central ‖ p_router) per scored byte (nats); ``seq_mixture_dll`` = max over samples of
+    |log p_router(answer | prompt) − log p_seq(answer | prompt)| (nats, :func:`score_document`).
+    ``exact`` names, per router of :data:`TEXT_EXACT`, the experts it is exact for, the model it
+    reproduces and the measured residual of that claim.
     """
     train, test = python_docs_samples(seed)
     rng = np.random.default_rng(seed)
@@ -757,18 +831,24 @@ def text_equivalence(k: int = 4, order: int = 3, add_k: float = 0.01, temperatur
              "features": features, "temperature": temperature, "train_samples": len(train),
              "test_samples": len(test), "samples_per_cluster": np.bincount(labels, minlength=k).tolist(),
              "cluster_shares": shares.tolist(), "top1_choices": np.bincount(weights.argmax(1), minlength=k).tolist()}
-    return {"setup": setup, "routers": totals}
+    exact = {name: {"experts": experts_kind, "reproduces": model, "residual_key": key,
+                    "residual": totals[name][key]}
+             for name, (experts_kind, model, key) in TEXT_EXACT.items()}
+    return {"setup": setup, "routers": totals, "exact": exact}
 
 
 def _score_all(test, weights, central, experts, shares, order, totals) -> None:
-    """Score every test sample (:func:`score_document`) and add up NLL, tokens and max diff."""
+    """Score every test sample (:func:`score_document`): NLL, tokens and KL add up, the
+    max differences are maxima over samples."""
     for i, (sample, w) in enumerate(zip(test, weights)):
         doc = DocumentEval(*_sample_tokens(sample, order), w)
         for name, r in score_document(doc, central, experts, shares, order).items():
-            acc = totals.setdefault(name, {"nll": 0.0, "tokens": 0, "max_abs_diff": 0.0})
-            acc["nll"] += r["nll"]
-            acc["tokens"] += r["tokens"]
-            acc["max_abs_diff"] = max(acc["max_abs_diff"], r["max_abs_diff"])
+            acc = totals.setdefault(name, {"nll": 0.0, "tokens": 0, "kl_sum": 0.0, "max_abs_diff": 0.0,
+                                           "seq_mixture_dll": 0.0})
+            for key in ("nll", "tokens", "kl_sum"):
+                acc[key] += r[key]
+            for key in ("max_abs_diff", "seq_mixture_dll"):
+                acc[key] = max(acc[key], r[key])
         if (i + 1) % 100 == 0 or i + 1 == len(test):
             log.info("theory: scored %d/%d test samples", i + 1, len(test))
 
@@ -855,6 +935,7 @@ FINITE_ROWS = [  # (key, equation, what it checks)
     ("decomposition", "eq. 24-27", "u = sum_k p_t(S_k|z) u_k"),
     ("decomposed_generation", "eq. 27, 13", "sampling the expert mixture gives p_{t+1}"),
     ("router_sum", "eq. 27", "posterior weights sum to 1"),
+    ("running_posterior", "eq. 26-27", "token-by-token Bayes (--mode posterior's update) = p_t(S_k|z)"),
 ]
 
 
@@ -891,21 +972,47 @@ def format_report(result: dict) -> str:
     ok = "yes" if result["finite"]["sparsity"] == 1.0 else "NO"
     lines.append(f"  {'1-sparsity':<24}{'§3.2':<12}{ok:>10}  only position P+t+1 moves at step t")
     lines += ["", "Routers in the sampling rule (final PMF vs q, worst target)",
-              f"  {'router':<14}{'TV':>10}{'KL(q|.)':>10}{'max |du|':>10}  what"]
+              f"  {'router':<19}{'TV':>10}{'KL(q|.)':>10}{'max |du|':>10}  what"]
     for name, r in result["routers"].items():
-        lines.append(f"  {name:<14}{r['tv']:>10.2e}{r['kl']:>10.3g}{r['velocity_error']:>10.2e}  {ROUTERS[name][1]}")
+        lines.append(f"  {name:<19}{r['tv']:>10.2e}{r['kl']:>10.3g}{r['velocity_error']:>10.2e}  {ROUTERS[name][1]}")
     ts = result["two_sparse"]
     lines += ["", f"2-sparse velocity: continuity residual {ts['continuity']:.1e}, validity {ts['validity']:.1e}, "
               f"yet TV(sampled, path) = {ts['generation_tv']:.2f}: continuity implies generation only with 1-sparsity"]
     if "text" in result:
-        t, r = result["text"]["setup"], result["text"]["routers"]
-        lines += ["", f"Real text: byte-level {t['order']}-gram, add-k {t['add_k']}, python-docs "
-                  f"({t['train_samples']} train / {t['test_samples']} test samples), K={t['k']} "
-                  f"({t['algorithm']}, {t['features']}, tau {t['temperature']:.3g}), {r['central']['tokens']} scored bytes",
-                  f"  {'model':<18}{'ppl':>9}{'gap':>9}{'max|p-p_c|':>12}  what"]
-        for name, acc in r.items():
-            what = "the centralised model (all data)" if name == "central" else TEXT_ROUTERS[name]
-            lines.append(f"  {name:<18}{acc['ppl']:>9.4f}{acc['gap']:>+9.2%}{acc['max_abs_diff']:>12.1e}  {what}")
+        lines += ["", format_text(result["text"])]
+    return "\n".join(lines)
+
+
+COLUMNS = {"max_abs_diff": "max|p-p_c|", "kl": "KL(p_c|p)", "seq_mixture_dll": "max|dLL_seq|"}
+
+
+def format_text(text: dict) -> str:
+    """The n-gram check (:func:`text_equivalence`) as a table, which router is exact for which
+    experts with the measured residual, and what each column means."""
+    t, r, ex = text["setup"], text["routers"], text["exact"]
+    lines = [f"Real text: byte-level {t['order']}-gram, add-k {t['add_k']}, python-docs "
+             f"({t['train_samples']} train / {t['test_samples']} test samples), K={t['k']} "
+             f"({t['algorithm']}, {t['features']}, tau {t['temperature']:.3g}), {r['central']['tokens']} scored bytes",
+             f"  {'model':<18}{'ppl':>9}{'gap':>9}{'max|p-p_c|':>12}{'KL(p_c|p)':>11}{'max|dLL_seq|':>14}  what"]
+    for name, acc in r.items():
+        what = "the centralised n-gram (all data)" if name == "central" else TEXT_ROUTERS[name]
+        lines.append(f"  {name:<18}{acc['ppl']:>9.4f}{acc['gap']:>+9.2%}{acc['max_abs_diff']:>12.1e}"
+                     f"{acc['kl']:>11.2e}{acc['seq_mixture_dll']:>14.1e}  {what}")
+    ctx, pre = r["context-posterior"], r["prefix-posterior"]
+    lines += ["", "Which router is exact depends on the experts' state (eq. 24-27: the weight is p(S_k | state)):"]
+    for name, e in ex.items():
+        lines.append(f"  {e['experts']}: {name} reproduces {e['reproduces']}, "
+                     f"{COLUMNS[e['residual_key']]} {e['residual']:.1e}")
+    lines += [f"  prefix-posterior (the update of the ensemble's --mode posterior) with n-gram experts is not the "
+              f"centralised n-gram: max|p-p_c| {pre['max_abs_diff']:.2g}, KL(p_c|p) {pre['kl']:.2e} nats/byte, "
+              f"ppl gap {pre['gap']:+.2%}",
+              f"  context-posterior is not the sequence mixture: max|dLL_seq| {ctx['seq_mixture_dll']:.3g} nats",
+              "",
+              "  ppl: exp(mean NLL) of the scored answer bytes; gap = ppl / ppl_central - 1",
+              "  max|p-p_c|: largest |p(w|.) - p_central(w|.)| over every scored position and all 257 next bytes",
+              "  KL(p_c|p): KL(p_central(.|h_t) || p(.|.)) averaged over the scored positions, nats per byte",
+              "  max|dLL_seq|: largest |log p(answer|prompt) - log p_seq(answer|prompt)| over the test samples,",
+              "    nats; p_seq(x) = sum_k pi_k prod_t p_k(x_t|h_t), the experts as whole-sequence models"]
     return "\n".join(lines)
 
 

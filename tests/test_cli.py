@@ -27,3 +27,34 @@ def test_every_command_help(capsys, command):
     out = _help(capsys, [command, "--help"])
     assert out.startswith(f"usage: ddfm {command}")
     assert COMMANDS[command][1].split()[0] in out
+
+
+def test_no_library_chatter_on_stderr(tmp_path):
+    """faiss's AVX512/AVX2 loading messages and transformers' cache deprecation warning
+    used to reach stderr on every run; only ddfm's own lines may."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_models import make_data
+
+    from ddfm.models import InitConfig, init
+
+    data = make_data(tmp_path, n_fashion=12, n_digits=0, n_text=4)
+    model = init(InitConfig(preset="tiny-llava", data=str(data), out=str(tmp_path / "init")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def ddfm(*args):
+        run = subprocess.run([sys.executable, "-m", "ddfm", *args], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stderr
+
+    err = ddfm("embed", str(data), "--encoder", "pixels@8", "--out", str(tmp_path / "embed"))
+    err += ddfm("partition", str(data), "--features", str(tmp_path / "embed"), "-k", "2", "--algorithm",
+                "two-stage", "--fine-clusters", "4", "--out", str(tmp_path / "part"))
+    err += ddfm("generate", "--experts", str(model), "--prompt", "What is this?", "--max-new-tokens", "3")
+    for noise in ("faiss", "AVX", "deprecated", "Warning", "warn("):
+        assert noise not in err, err

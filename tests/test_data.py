@@ -36,7 +36,7 @@ def test_jsonl_loads_with_images_text_only_and_extra_fields(tmp_path):
     assert a.image_path == tmp_path / "img" / "a.png" and a.has_image
     assert a.source == "s" and a.task == "t" and a.extra["label"] == 3
     assert a.prompt() == "<image>\nWhat is this?" and a.answer() == "a cat"
-    assert b.image is None and b.image_path is None and not b.has_image and b.task == "unknown"
+    assert b.image is None and b.image_path is None and not b.has_image and b.task == "qa" and b.source == "text"
 
 
 def test_llava_json_list_loads_as_is(tmp_path):
@@ -115,7 +115,7 @@ def test_missing_image_is_counted_not_fatal(tmp_path, caplog):
         res = load_records(path)  # strict, yet a lost image does not stop the run
     assert [r.id for r in res.records] == ["a", "c"] and not res.errors
     (m,) = res.missing_images
-    assert m.line == 2 and m.field == "image" and "gone.png" in m.message
+    assert (m.line, m.id) == (2, "b") and m.reason == f"image file not found: {tmp_path / 'gone.png'}"
     assert "left out because their image is missing" in caplog.text
     assert len(load_records(path, check_images=False)) == 3
 
@@ -167,5 +167,75 @@ def test_open_image_decodes_to_rgb_and_names_bad_files(tmp_path):
     bad.write_bytes(b"this is not a png")
     with pytest.raises(ValueError, match=r"unreadable image .*bad\.png"):
         open_image(bad)
-    with pytest.raises(ValueError, match="unreadable image"):
+
+
+def _real_png(path, index=0):
+    """A real Fashion-MNIST training image (sklearn digits if the Debian package is absent)."""
+    from test_embed import real_images
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real_images(index + 1)[0][index].save(path)
+    return path
+
+
+def test_records_know_their_file_and_line(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [_rec("a"), "", _rec("b")])
+    assert [(r.file, r.line) for r in load_records(path).records] == [(str(path), 1), (str(path), 3)]
+    llava = tmp_path / "l.json"
+    llava.write_text(json.dumps([_rec("x"), _rec("y")]))
+    assert [r.line for r in load_records(llava).records] == [1, 2]
+
+
+def test_check_images_leaves_out_missing_and_unreadable_images_once_per_image(tmp_path):
+    from ddfm.data import check_images
+
+    ok = _real_png(tmp_path / "ok.png")
+    data = ok.read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"garbage, not an image" * 10)
+    path = _jsonl(tmp_path / "d.jsonl", [_rec("a", "ok.png"), _rec("t1", "truncated.png"), _rec("text"),
+                                         _rec("g", "garbage.png"), _rec("t2", "truncated.png"),
+                                         _rec("m1", "gone.png"), _rec("m2", "gone.png")])
+    records = load_records(path, check_images=False).records
+    kept, failed = check_images(records)
+    assert [r.id for r in kept] == ["a", "text"]
+    assert [(f.id, f.line) for f in failed] == [("t1", 2), ("g", 4), ("t2", 5), ("m1", 6), ("m2", 7)]
+    reasons = {f.id: f.reason for f in failed}
+    assert reasons["t1"] == reasons["t2"] and "unreadable image" in reasons["t1"] and "truncated" in reasons["t1"]
+    assert "cannot identify image file" in reasons["g"]
+    assert reasons["m1"].startswith("image file not found: ") and reasons["m1"].endswith("gone.png")
+    row = failed[0].to_json()
+    assert row == {"file": str(path), "line": 2, "id": "t1", "image": str(tmp_path / "truncated.png"),
+                   "reason": reasons["t1"]}
+    assert str(failed[0]) == f"{path}:2: record 't1': {reasons['t1']}"
+    # load_records reports its missing images in the same form
+    assert [(f.id, f.line, f.reason) for f in load_records(path).missing_images] == \
+           [(f.id, f.line, f.reason) for f in failed if f.id.startswith("m")]
+
+
+def test_open_image_names_missing_files_and_refuses_decompression_bombs(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"image file not found: .*absent\.png"):
         open_image(tmp_path / "absent.png")
+    big = _real_png(tmp_path / "big.png")  # 28 x 28 = 784 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images > 2x the limit outright
+    with pytest.raises(ValueError, match=r"unreadable image .*big\.png"):
+        open_image(big)
+
+
+def test_truncated_images_fail_even_when_the_process_allows_them(tmp_path, monkeypatch):
+    """Importing lmms_eval sets Pillow's LOAD_TRUNCATED_IMAGES globally; ddfm's decoders stay strict."""
+    from PIL import ImageFile
+
+    from ddfm.data import open_image
+    from ddfm.serve.errors import ApiError
+    from ddfm.serve.images import decode_image
+
+    data = _real_png(tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ValueError, match="truncated"):
+        open_image(tmp_path / "truncated.png")
+    with pytest.raises(ApiError, match="corrupt"):
+        decode_image(data[: len(data) // 2], "messages[0].content[1]", 10**6)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's own setting is put back
+    assert open_image(tmp_path / "ok.png").mode == "RGB"  # a whole image still decodes

@@ -7,6 +7,7 @@ same real images, so they share one tokenizer); the router comes from the real
 """
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_models import make_data  # noqa: E402
 
 from ddfm.embed import EmbedConfig, embed  # noqa: E402
-from ddfm.ensemble import Ensemble, GenerateConfig, Request  # noqa: E402
+from ddfm.ensemble import Ensemble, EnsembleConfig, GenerateConfig, Request  # noqa: E402
 from ddfm.models import InitConfig, init, load_model, render_prompt  # noqa: E402
 from ddfm.partition import PartitionConfig, partition  # noqa: E402
 
@@ -209,8 +210,11 @@ def test_sampling_seed_top_p_stop_and_streaming(world):
 def test_refuses_experts_with_different_tokenizer_or_image_processing(world, tmp_path):
     other = make_data(tmp_path / "d", n_fashion=0, n_digits=0, n_text=6)
     lm = init(InitConfig(preset="tiny-lm", data=str(other), out=str(tmp_path / "lm")))
-    with pytest.raises(ValueError, match="expert lm differs from expert expert-0 in its (vocabulary|special tokens)"):
+    with pytest.raises(ValueError, match="expert lm differs from expert expert-0 in its (vocabulary|special tokens)") \
+            as err:
         Ensemble.from_pretrained([world["experts"][0], lm])
+    # the message names each side by its expert, not "the first" / "this one"
+    assert re.search(r"only in expert-0: \[.*\], only in lm: \[", str(err.value))
     odd = tmp_path / "odd"
     shutil.copytree(world["experts"][1], odd)
     pp = odd / "processor_config.json"
@@ -269,7 +273,7 @@ def test_generate_cli_prints_text_and_weights(world, capsys):
     main(["generate", "--experts", str(world["experts"][0]), "--prompt", "Hi", "--max-new-tokens", "3"])
     assert "weights expert-0=1.000" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--mode"):
-        GenerateConfig(experts=["a"], prompt="x", mode="expert:3")
+        GenerateConfig(ensemble=EnsembleConfig(experts=["a"], mode="expert:3"), prompt="x")
     assert main(["generate", "--experts", "/nonexistent", "--prompt", "x"]) == 2
 
 
@@ -361,3 +365,182 @@ def test_posterior_answers_evidence_counts_only_the_historys_assistant_turns(wor
     assert torch.allclose(w.double(), torch.softmax(log_w, 0), atol=1e-5)
     with pytest.raises(ValueError, match="evidence"):
         Ensemble.from_pretrained(world["experts"], world["router"], mode="posterior", evidence="all")
+
+
+def test_soft_mixes_every_expert_with_the_eq29_weights(world, plain):
+    """``top_k="all"`` under centroid routing (the demo's "soft"): every expert runs and the
+    mixture is Σ_k w_k p_k with the un-truncated weights of eq. 29; ``None`` is the router
+    file's top_k (1), spelled out, not "all"."""
+    image, prompt = world["image"][0], "What is this?"
+    top1 = Ensemble.from_pretrained(world["experts"], world["router"])
+    soft = Ensemble.from_pretrained(world["experts"], world["router"], top_k="all")
+    assert top1.top_k == 1 and soft.top_k == 2
+    req = Request(prompt, image=image)
+    w = soft.route(req)[0]
+    assert 0 < float(w.min()) and float(w.max()) < 1  # eq. 29 weights that are not one-hot here
+    calls = [_count_calls(m) for m in soft.experts]
+    [gen] = soft.generate(req, max_new_tokens=3)
+    assert len(calls[0]) == len(calls[1]) == 3  # both experts run at every step
+    assert gen.weights == pytest.approx(w.tolist())
+    probs, _ = soft.next_token_distribution(req)
+    lp = torch.stack([_next_log_probs(m, p, prompt, image) for m, p in plain])  # (2, V)
+    assert (probs.double() - (w[:, None] * lp.exp()).sum(0)).abs().max() < 1e-6
+    probs1, _ = top1.next_token_distribution(req)
+    # soft is not top-1 under another name: they differ by exactly w_other * (p_other - p_top)
+    top = int(w.argmax())
+    diff = (w[:, None] * lp.exp()).sum(0) - lp[top].exp()
+    assert diff.abs().max() > 1e-5 and ((probs - probs1).double() - diff).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="top-k"):
+        EnsembleConfig(experts=["a"], top_k="most")
+    assert EnsembleConfig(experts=["a"], top_k="ALL").top_k == "all" and EnsembleConfig(top_k="2").top_k == 2
+
+
+def test_posterior_scores_every_expert_even_when_its_float32_prior_is_zero(world, plain):
+    """τ = 100 and a cosine gap of 2: the float32 softmax of eq. 29 rounds expert 1's prior
+    to exactly 0; the float64 log-prior (-200) keeps it, and the posterior runs it."""
+    from ddfm.router import Router
+
+    base = Router.load(world["router"])
+    image, prompt = world["image"][0], "What is this?"
+    f = torch.as_tensor(base.features([image]))[0]
+    router = Router(torch.stack([f, -f]), temperature=100.0, encoder_spec=base.encoder_spec)
+    assert float(router.probabilities(f[None].numpy())[0, 1]) == 0.0  # the float32 prior underflows
+    ens = Ensemble(list(plain[i][0] for i in range(2)), plain[0][1], router, mode="posterior")
+    calls = [_count_calls(m) for m in ens.experts]
+    [gen] = ens.generate(Request(prompt, image=image), max_new_tokens=3)
+    assert len(calls[1]) == 3  # prefill + 2 decode steps: expert 1 is scored
+    log_prior = router.log_probabilities(f[None].numpy())[0]
+    assert float(log_prior[1]) == pytest.approx(-200.0, abs=1e-4)
+    assert gen.prior[1] > 0 and gen.weights[1] > 0
+    # the exact Bayes posterior in float64, from the plain models
+    log_w = log_prior.clone()
+    for k, (model, proc) in enumerate(plain):
+        enc = _inputs(proc, prompt, image)
+        ids = torch.cat([enc["input_ids"][0], torch.tensor(gen.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids[None], pixel_values=enc["pixel_values"]).logits[0].double()
+        token_lp = logits[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
+        log_w[k] += token_lp[ids[1:] != model.config.image_token_id].sum()
+    want = log_w - torch.logsumexp(log_w, 0)
+    got = torch.tensor(gen.weights, dtype=torch.float64).log()
+    assert float(got[1] - got[0]) == pytest.approx(float(want[1] - want[0]), abs=1e-2)
+
+
+def test_bf16_experts_mix_on_the_cpu_in_float32(world):
+    """bf16 experts: their log-probabilities come back as float32 and the weights as float64;
+    every routing mode decodes and scores."""
+    image = world["image"][0]
+    for mode, top_k in [("centroid", 1), ("centroid", "all"), ("posterior", None)]:
+        ens = Ensemble.from_pretrained(world["experts"], world["router"], mode=mode, top_k=top_k, dtype="bfloat16")
+        assert all(m.dtype == torch.bfloat16 for m in ens.experts)
+        [gen] = ens.generate(Request("What is this?", image=image), max_new_tokens=3, logprobs=2)
+        assert gen.completion_tokens == 3 and abs(sum(gen.weights) - 1) < 1e-9
+        assert all(lp["logprob"] <= 0 and len(lp["top"]) == 2 for lp in gen.logprobs)
+        probs, w = ens.next_token_distribution(Request("What is this?", image=image))
+        assert probs.dtype == torch.float32 and w.dtype == torch.float64
+        [res] = ens.score([Request("What is this?", image=image)], ["A coat."])
+        assert res["nll"] > 0 and res["n_tokens"] > 0
+
+
+def test_experts_from_different_inits_are_mixed_with_a_warning(world, tmp_path, caplog):
+    from ddfm.ensemble.core import warn_different_inits
+    from ddfm.train import TrainConfig, train
+
+    def expert(init_dir, name):
+        return train(TrainConfig(init=str(init_dir), data=str(world["data"]), out=str(tmp_path / name), steps=1,
+                                 batch_size=2, save_every=0, device="cpu"))
+
+    a, b = expert(world["experts"][0], "a"), expert(world["experts"][0], "deeper/b")
+    c = expert(world["experts"][1], "c")  # same tokenizer and vocabulary, another `ddfm init`
+    # same start (the init itself, or experts at other depths from it): no warning
+    assert warn_different_inits(["a", "b", "init"], [a, b, world["experts"][0]]) == []
+    with caplog.at_level("WARNING"):
+        Ensemble.from_pretrained([a, c], mode="uniform")
+    assert "experts a and c were trained from different initial checkpoints" in caplog.text
+
+
+def test_score_tokens_is_the_mixture_of_every_prompt_token(tmp_path):
+    """Raw prompts (the completions API's ``echo``): log p(x_t | x_<t) under the mixture for
+    every token after the first, top alternatives included, in every routing mode."""
+    data = make_data(tmp_path, n_fashion=0, n_digits=0, n_text=8)
+    experts = [init(InitConfig(preset="tiny-lm", data=str(data), out=str(tmp_path / f"lm-{k}"), seed=k)) for k in range(2)]
+    plain = [load_model(p) for p in experts]
+    tok = plain[0][1]
+    texts = ["The quick brown fox.", "def f(x): return x"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    per = []  # per expert, per text: (T-1,) log p of each token and (T-1, V) log-probs
+    for model, _ in plain:
+        rows = []
+        for x in ids:
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([x])).logits[0, :-1].double().log_softmax(-1)
+            rows.append((lp.gather(1, torch.tensor(x[1:])[:, None])[:, 0], lp))
+        per.append(rows)
+    for mode in ("uniform", "posterior"):
+        ens = Ensemble.from_pretrained(experts, mode=mode)
+        out = ens.score_tokens([Request(t, raw=True) for t in texts], top_logprobs=3)
+        for i, (x, res) in enumerate(zip(ids, out)):
+            assert res["token_ids"] == x and res["token_logprobs"][0] is None and len(res["token_logprobs"]) == len(x)
+            a, b = per[0][i][0], per[1][i][0]
+            if mode == "uniform":
+                w = torch.full((len(x) - 1, 2), 0.5, dtype=torch.float64)
+            else:  # the running posterior: the weights before token t hold the tokens before it
+                cum = torch.stack([torch.cat([torch.zeros(1), a.cumsum(0)[:-1]]),
+                                   torch.cat([torch.zeros(1), b.cumsum(0)[:-1]])], 1)
+                w = torch.softmax(cum, 1)
+            want = torch.log(w[:, 0] * a.exp() + w[:, 1] * b.exp())
+            assert torch.allclose(torch.tensor(res["token_logprobs"][1:], dtype=torch.float64), want, atol=1e-5)
+            mixture = torch.log(w[:, :1] * per[0][i][1].exp() + w[:, 1:] * per[1][i][1].exp())  # (T-1, V)
+            best = mixture.topk(3, dim=-1)
+            assert [[t for t, _ in top] for top in res["top_logprobs"][1:]] == best.indices.tolist()
+        # without top_logprobs the cheaper path gives the same numbers
+        cheap = ens.score_tokens([Request(t, raw=True) for t in texts])
+        assert cheap[0]["top_logprobs"] is None
+        assert cheap[0]["token_logprobs"][1:] == pytest.approx(out[0]["token_logprobs"][1:], abs=1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ens.score_tokens([Request("", token_ids=[1, 10**6])])
+    # a raw prompt also generates without the chat template: token for token transformers' generate
+    one = Ensemble.from_pretrained([experts[0]])
+    [gen] = one.generate(Request(texts[0], raw=True), max_new_tokens=5)
+    with torch.no_grad():
+        ref = plain[0][0].generate(torch.tensor([ids[0]]), max_new_tokens=5, do_sample=False)[0, len(ids[0]):]
+    assert gen.token_ids == ref.tolist()
+
+
+def test_requests_join_and_leave_the_running_batch_with_their_own_parameters(world, plain):
+    """Continuous batching: rows added between steps (caches of other lengths, left-padded
+    and joined), with their own max_new_tokens, stop strings and sampling, decode exactly
+    as each request would alone."""
+    from ddfm.ensemble import DecodeBatch, Sampling
+
+    for mode, top_k in [("centroid", 1), ("centroid", "all"), ("posterior", None)]:
+        ens = Ensemble.from_pretrained(world["experts"], world["router"], mode=mode, top_k=top_k)
+        reqs = [Request("What is this?", image=world["image"][0]),
+                Request("Which digit is shown here, please?", image=world["image"][1]),
+                Request("Tell me a long story about the item", image=world["image"][0]),
+                Request("Hi")]
+        params = [Sampling(max_new_tokens=6), Sampling(max_new_tokens=3),
+                  Sampling(max_new_tokens=8, do_sample=True, temperature=1.3, seed=7), Sampling(max_new_tokens=5)]
+        alone = [ens.generate(r, max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
+                              seed=s.seed)[0] for r, s in zip(reqs, params)]
+        batch = DecodeBatch(ens)
+        handles = batch.add(reqs[:2], params[:2])
+        batch.step()
+        batch.step()
+        handles += batch.add(reqs[2:3], params[2:3])  # joins a running batch with a longer prompt
+        batch.step()
+        handles += batch.add(reqs[3:], params[3:])  # joins after request 1 left
+        while len(batch):
+            batch.step()
+        got = [batch.result(h) for h in handles]
+        for a, g in zip(alone, got):
+            assert g.token_ids == a.token_ids and g.finish_reason == a.finish_reason
+            assert g.weights == pytest.approx(a.weights, abs=1e-6)
+    # a cancelled row stops at the next token boundary
+    batch = DecodeBatch(ens)
+    [h] = batch.add([reqs[0]], [Sampling(max_new_tokens=10)])
+    batch.step()
+    batch.cancel(h)
+    batch.step()
+    res = batch.result(h)
+    assert res.finish_reason == "cancelled" and res.completion_tokens == 2 and len(batch) == 0

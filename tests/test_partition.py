@@ -128,27 +128,108 @@ def test_given_temperature_and_two_stage_via_cli(mix, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00.jsonl", "shard-01.jsonl"]
 
 
-def test_failed_embeddings_are_spread_like_text_only(mix, tmp_path):
-    data, feats = mix
-    feats2 = tmp_path / "emb"
-    X = np.load(Path(feats) / "features.npy")
-    keys = read_json(Path(feats) / "keys.json")
-    meta = read_json(Path(feats) / "embed.json")
-    dropped = keys[:5]
-    feats2.mkdir()
-    np.save(feats2 / "features.npy", X[5:])
-    write_json(feats2 / "keys.json", keys[5:])
-    write_json(feats2 / "embed.json", {**meta, "count": len(keys) - 5,
-                                       "failed": [{"key": k, "error": "unreadable"} for k in dropped]})
-    out = run(data, feats2, tmp_path / "p")
+@pytest.fixture(scope="session")
+def broken(mix, tmp_path_factory):
+    """The mix data with three failed images, each shared by two or more records: a truncated
+    copy of a real PNG, a file of garbage bytes, and a file that does not exist."""
+    from ddfm.embed import EmbedConfig, embed
+
+    data, _ = mix
+    root = tmp_path_factory.mktemp("broken")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["image"]:
+            r["image"] = str(data.parent / r["image"])
+            by_image.setdefault(r["image"], []).append(r)
+    shared = [img for img, rs in by_image.items() if len(rs) >= 2][:3]
+    real = Path(shared[0]).read_bytes()
+    (root / "truncated.png").write_bytes(real[: len(real) // 2])
+    (root / "garbage.png").write_bytes(b"this is not an image\n" * 20)
+    for img, name in zip(shared, ["truncated.png", "garbage.png", "gone.png"]):
+        for r in by_image[img]:
+            r["image"] = str(root / name)
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    failed = {r["id"]: i + 1 for i, r in enumerate(rows)
+              if r["image"] and Path(r["image"]).parent == root}  # id -> line
+    feats = embed(EmbedConfig([str(path)], encoder="pixels", out=str(root / "emb")))
+    return path, feats, failed
+
+
+def _check_left_out(out, path, failed):
+    """No record with a failed image is in a shard; each is listed with file, line and reason."""
+    shard_ids = [r.id for recs in shard_records(out).values() for r in recs]
+    assert len(shard_ids) == len(set(shard_ids)) and not set(shard_ids) & set(failed)
+    assert sorted(shard_ids + list(failed)) == sorted(r.id for r in load_records(path, check_images=False).records)
     report = read_json(out / "report.json")
-    n_failed_records = sum(r.has_image and str(r.image_path.resolve()) in dropped
-                           for r in load_records(data).records)
-    assert report["totals"]["no_feature"] == n_failed_records > 0
-    assert sum(c["no_feature"] for c in report["clusters"]) == n_failed_records
-    assert report["totals"]["unique_items"] == len(keys) - 5
-    ids = [r.id for recs in shard_records(out).values() for r in recs]
-    assert len(ids) == len(set(ids)) == report["totals"]["records"]
+    listed = {e["id"]: e for e in report["left_out"]}
+    assert set(listed) == set(failed)
+    for rid, e in listed.items():
+        assert (e["file"], e["line"]) == (str(path), failed[rid])
+        name = Path(e["image"]).name
+        assert e["reason"].startswith({"gone.png": "image file not found: ", "truncated.png": "unreadable image ",
+                                       "garbage.png": "unreadable image "}[name]), e
+    assert "cannot identify image file" in next(e["reason"] for e in listed.values() if "garbage" in e["image"])
+    t = report["totals"]
+    assert t["left_out"] == len(failed) and t["records"] == len(shard_ids)
+    assert t["input_records"] == len(shard_ids) + len(failed)
+    assert sum(c["records"] for c in report["clusters"]) == len(shard_ids)
+    md = (out / "report.md").read_text()
+    assert f"{len(failed)} record(s) left out" in md
+    assert all(f"{path}:{line}" in md for line in failed.values())
+    return report
+
+
+def test_records_whose_image_failed_are_left_out_and_listed(broken, tmp_path):
+    path, feats, failed = broken
+    assert len(failed) >= 6  # three images, each shared by two or more records
+    meta = read_json(Path(feats) / "embed.json")
+    assert {Path(f["key"]).name for f in meta["failed"]} == {"truncated.png", "garbage.png", "gone.png"}
+    out = run(path, feats, tmp_path / "p")
+    report = _check_left_out(out, path, failed)
+    # shares and balance count only the records that train
+    assert sum(report["cluster_shares"]) == pytest.approx(1)
+    assert report["totals"]["text_only"] == sum(c["text_only"] for c in report["clusters"])
+
+
+def test_an_image_lost_after_embedding_is_left_out(mix, tmp_path):
+    data, feats = mix
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    victim = next(r["image"] for r in rows if r["image"])
+    (tmp_path / "copy.png").write_bytes((data.parent / victim).read_bytes())
+    failed = {}
+    for i, r in enumerate(rows):
+        if r["image"] == victim:
+            r["image"], failed[r["id"]] = str(tmp_path / "copy.png"), i + 1
+        elif r["image"]:
+            r["image"] = str(data.parent / r["image"])
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from ddfm.embed import EmbedConfig, embed
+
+    feats = embed(EmbedConfig([str(path)], encoder="pixels", out=str(tmp_path / "emb")))
+    (tmp_path / "copy.png").unlink()  # features exist, the file does not: training could not read it
+    out = run(path, feats, tmp_path / "p")
+    shard_ids = {r.id for recs in shard_records(out).values() for r in recs}
+    assert not shard_ids & set(failed)
+    listed = {e["id"]: e["reason"] for e in read_json(out / "report.json")["left_out"]}
+    assert set(listed) == set(failed) and all(v.startswith("image file not found") for v in listed.values())
+
+
+def test_failed_images_are_left_out_under_a_text_encoder(broken, tmp_path):
+    """Modality "text" gives every record a row; a record whose image fails still cannot train."""
+    path, _, failed = broken
+    records = load_records(path, check_images=False).records
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(len(records), 16)).astype(np.float32)
+    feats = tmp_path / "emb"
+    feats.mkdir()
+    np.save(feats / "features.npy", X / np.linalg.norm(X, axis=1, keepdims=True))
+    write_json(feats / "keys.json", ["text:" + r.id for r in records])
+    write_json(feats / "embed.json", {"encoder": "minilm", "modality": "text", "dim": 16,
+                                      "count": len(records), "failed": []})
+    _check_left_out(run(path, feats, tmp_path / "p"), path, failed)
 
 
 def test_text_features_cluster_the_records(mix, tmp_path):
@@ -272,3 +353,58 @@ def test_token_counts_with_a_real_tokenizer(mix, tmp_path):
     assert report["totals"]["tokens"] == expected == sum(c["tokens"] for c in report["clusters"])
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         run(data, feats, tmp_path / "q", tokenizer=str(tmp_path / "none"))
+
+
+def _text_features(tmp_path, n, dim, seed=0):
+    """n one-line text records and a features directory of n unit rows (a synthetic unit test
+    of memory use: what the rows are does not matter, only how many bytes they take)."""
+    from ddfm.embed_parts import write_features
+
+    rows = [{"id": f"r{i}", "image": None, "conversations": [{"from": "human", "value": "Hi?"},
+                                                             {"from": "gpt", "value": "Yes."}]} for i in range(n)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    meta = {"encoder": "minilm", "modality": "text", "dim": dim, "count": n, "failed": []}
+    write_features(tmp_path / "feats", [x], [f"text:r{i}" for i in range(n)], meta, {})
+    return data, tmp_path / "feats", x
+
+
+def test_features_are_memory_mapped_and_gathered_at_most_once(tmp_path):
+    """load_features maps the file; item_features hands back the map itself when the items
+    are its rows in order, and one gathered copy otherwise (tracemalloc sees numpy's buffers)."""
+    import tracemalloc
+
+    from ddfm.embed import load_features
+    from ddfm.partition import item_features
+
+    _, feats_dir, x = _text_features(tmp_path, 4000, 1024)
+    one_copy = x.nbytes
+    tracemalloc.start()
+    feats, _, _ = load_features(feats_dir)
+    in_order = item_features(feats, np.arange(4000))
+    assert tracemalloc.get_traced_memory()[1] < 0.05 * one_copy
+    assert isinstance(feats, np.memmap) and in_order is feats
+    tracemalloc.reset_peak()
+    shuffled = np.random.default_rng(1).permutation(4000)
+    gathered = item_features(feats, shuffled)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert one_copy <= peak < 1.1 * one_copy
+    np.testing.assert_array_equal(gathered, x[shuffled])
+
+
+def test_partition_of_memory_mapped_features_makes_no_full_copy(tmp_path):
+    """The whole stage on 20,000 x 1,024 features (82 MB): the numpy memory it allocates at
+    its peak stays below one copy of the features (before: the loaded array, the gathered
+    rows and the temperature sample, three copies)."""
+    import tracemalloc
+
+    data, feats_dir, x = _text_features(tmp_path, 20_000, 1024)
+    tracemalloc.start()
+    out = partition(PartitionConfig(str(data), features=str(feats_dir), out=str(tmp_path / "p"), k=2, max_iter=3))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes, (peak, x.nbytes)
+    assert sum(c["records"] for c in read_json(out / "report.json")["clusters"]) == 20_000

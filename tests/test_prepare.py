@@ -291,3 +291,39 @@ def test_default_mix_has_demo_size(tmp_path):
     assert meta["tasks"]["fmnist-name"]["chance_uniform"] == pytest.approx(0.1)
     train, test = _load(out)
     assert not {r.image for r in train if r.image} & {r.image for r in test if r.image}
+
+
+def test_val_align_and_pretrain_splits_are_disjoint_where_images_last(tmp_path):
+    """The splits of the paper's regime: val (held out, every task) and align (a caption
+    per image) from train-split images that train did not take; digits (1,437 images)
+    run out, so align reuses train digits and says so; pretrain is python-docs text from
+    the train files only."""
+    out = P.prepare(P.PrepareConfig(source="mix", out=str(tmp_path / "m"), train_size=3000, test_size=60,
+                                    val_size=120, align_size=1800, pretrain_size=40, text_share=0.05))
+    splits = {s: load_records(out / f"{s}.jsonl").records for s in ("train", "test", "val", "align", "pretrain")}
+    images = {s: {str(r.image_path) for r in recs if r.has_image} for s, recs in splits.items()}
+    assert not images["val"] & images["train"] and not images["val"] & images["test"]
+    assert not images["align"] & images["val"] and not images["align"] & images["test"]
+    by_source = {s: Counter(r.source for r in splits[s] if r.has_image) for s in ("train", "align")}
+    # 3000 train images: digits' third (1000) fits; the align split takes the 1437-1000-40 digits
+    # left and reuses train digits for the rest of its third
+    assert len(images["train"]) == 3000 and len(images["align"]) == 1800
+    align_digits = {str(r.image_path) for r in splits["align"] if r.source == "digits"}
+    assert align_digits & images["train"] and by_source["align"]["digits"] == 600
+    assert not {p for p in images["align"] if "fashion" in p} & images["train"]  # Fashion-MNIST does not run out
+    assert {r.task.split("-")[1] for r in splits["align"]} == {"caption"}
+    assert {r.task for r in splits["val"]} == {r.task for r in splits["train"] if r.has_image}
+    assert all(not r.has_image and r.source == "python-docs" for r in splits["pretrain"]) and len(splits["pretrain"]) == 40
+    test_docs = {r.extra["doc"] for r in splits["test"] if not r.has_image}
+    assert not {r.extra["doc"] for r in splits["pretrain"]} & test_docs
+    meta = read_json(out / "prepare.json")
+    assert set(meta["files"]) == {"train", "test", "val", "align", "pretrain"}
+    assert meta["counts"]["align"]["images"] == 1800
+
+
+def test_mix_gives_a_short_source_deficit_to_the_others():
+    # 9,000 train images at 2:1 would ask 3,000 digits of 1,437: Fashion-MNIST takes the rest
+    sizes = P._mix_sizes({"train_size": 9000, "test_size": 100, "val_size": 300, "align_size": None},
+                         P.SOURCES["mix"]["images"])
+    assert sizes["digits"]["train"] == 1437 and sizes["fashion-mnist"]["train"] == 9000 - 1437
+    assert sizes["digits"]["val"] == 0 and sizes["fashion-mnist"]["val"] == 300  # no digits left for val

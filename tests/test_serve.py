@@ -25,7 +25,11 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from ddfm.serve import ApiError, Limits, Metrics, ServeConfig, create_app, parse_chat_request, sse
+from ddfm.ensemble import EnsembleConfig
+from ddfm.serve import ApiError, LocalBackend, Metrics, ServeConfig, create_app, sse
+from ddfm.serve.chat import chat_job
+from ddfm.serve.errors import from_validation
+from ddfm.serve.protocol import ChatCompletionRequest
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -118,8 +122,10 @@ class LiveServer:
         self.thread.join(15)
 
 
-def serve_config(assets, **overrides) -> ServeConfig:
-    defaults = dict(experts=assets["experts"], router=assets["router"], max_output_tokens=16, default_max_tokens=4,
+def serve_config(assets, *, experts=None, router="default", **overrides) -> ServeConfig:
+    ens = EnsembleConfig(experts=assets["experts"] if experts is None else experts,
+                         router=assets["router"] if router == "default" else router)
+    defaults = dict(ensemble=ens, max_output_tokens=16, default_max_tokens=4,
                     max_image_pixels=64 * 64, max_prompt_tokens=200, max_body_bytes=64 * 1024,
                     batch_window_ms=20, max_batch_size=8, log_level="warning")
     return ServeConfig(**{**defaults, **overrides})
@@ -156,7 +162,19 @@ def assert_error(resp: httpx.Response, status: int, *, code: str | None = None, 
 
 # ----------------------------------------------------------------------------- protocol units
 
-LIMITS = Limits(max_image_pixels=64 * 64, max_output_tokens=16, default_max_tokens=4)
+CFG = ServeConfig(ensemble=EnsembleConfig(experts=["unused"]), max_image_pixels=64 * 64, max_output_tokens=16,
+                  default_max_tokens=4)
+
+
+def parse_chat_request(body: dict, cfg: ServeConfig = CFG):
+    """What the chat endpoint does with a body before the backend: pydantic, then the server's checks."""
+    from pydantic import ValidationError
+
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as err:
+        raise from_validation(err.errors(), body) from None
+    return chat_job(request, cfg, ["ddfm"])
 
 
 def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
@@ -167,13 +185,14 @@ def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
                                      {"type": "text", "text": "What is this?"}]}]}
-    req = parse_chat_request(body, LIMITS, ["ddfm"])
+    [prompt] = parse_chat_request(body).prompts
+    req, sampling = prompt.request, prompt.sampling
     assert req.prompt == "What is this?"
     assert req.history == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                            {"role": "assistant", "content": "Hello."}]
     assert req.image.mode == "RGB" and req.image.size == (28, 28)
     assert np.array_equal(np.asarray(req.image.convert("L")), np.asarray(img))
-    assert (req.max_tokens, req.do_sample, req.stop) == (5, False, ["\n"])
+    assert (sampling.max_new_tokens, sampling.do_sample, sampling.stop, sampling.logprobs) == (5, False, ["\n"], None)
 
 
 @pytest.mark.parametrize("patch, status, code, param", [
@@ -189,7 +208,7 @@ def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
     ({"stop": 3}, 400, "invalid_type", "stop"),
     ({"stream": "yes"}, 400, "invalid_type", "stream"),
-    ({"messages": []}, 400, "invalid_type", "messages"),
+    ({"messages": []}, 400, "invalid_value", "messages"),
     ({"messages": "hi"}, 400, "invalid_type", "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
@@ -200,27 +219,27 @@ def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
 def test_parse_chat_request_rejects_each_bad_field_by_name(patch, status, code, param):
     body = {"model": "ddfm", "messages": [{"role": "user", "content": "hi"}], **patch}
     with pytest.raises(ApiError) as info:
-        parse_chat_request(body, LIMITS, ["ddfm"])
+        parse_chat_request(body)
     err = info.value
     assert (err.status, err.code, err.param) == (status, code, param), err.body()
 
 
-def test_metrics_render_prometheus_text_format():
+def test_metrics_are_prometheus_exposition_that_prometheus_client_parses():
+    from prometheus_client.parser import text_string_to_metric_families
+
     m = Metrics()
-    m.inc("ddfm_requests_total", route="/v1/models", status="200")
-    m.inc("ddfm_expert_requests_total", expert='we"ird')
+    m.requests.labels(route="/v1/models", status="200").inc()
+    m.expert_requests.labels(expert='we"ird').inc()
     for s in (0.005, 0.3, 100.0):
-        m.observe(s)
-    text = m.render()
-    assert 'ddfm_requests_total{route="/v1/models",status="200"} 1' in text
-    assert 'ddfm_expert_requests_total{expert="we\\"ird"} 1' in text
-    assert 'ddfm_request_duration_seconds_bucket{le="0.01"} 1' in text
-    assert 'ddfm_request_duration_seconds_bucket{le="0.5"} 2' in text
-    assert 'ddfm_request_duration_seconds_bucket{le="+Inf"} 3' in text
-    assert "ddfm_request_duration_seconds_count 3" in text
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]+="([^"\\]|\\.)*",?)*\})? [0-9.e+-]+$')
-    for line in text.splitlines():
-        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+        m.duration.observe(s)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(m.render().decode()) for s in family.samples}
+    assert samples["ddfm_requests_total", (("route", "/v1/models"), ("status", "200"))] == 1
+    assert samples["ddfm_expert_requests_total", (("expert", 'we"ird'),)] == 1
+    assert samples["ddfm_request_duration_seconds_bucket", (("le", "0.01"),)] == 1
+    assert samples["ddfm_request_duration_seconds_bucket", (("le", "0.5"),)] == 2
+    assert samples["ddfm_request_duration_seconds_bucket", (("le", "+Inf"),)] == 3
+    assert samples["ddfm_request_duration_seconds_count", ()] == 3
 
 
 def test_sse_event_framing():
@@ -281,6 +300,10 @@ def test_openai_client_streaming_equals_non_streaming(server, assets):
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(final) == 1 and final[0].choices[0].finish_reason == full.choices[0].finish_reason
     assert final[0].model_extra["ddfm"]["weights"] == full.model_extra["ddfm"]["weights"]
+    # where docs/ARCHITECTURE.md says it is: on the chunk with the finish_reason, and only there
+    doc = (Path(__file__).parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert "is on the chunk that carries the `finish_reason`" in " ".join(doc.split())
+    assert [c for c in chunks if (c.model_extra or {}).get("ddfm")] == final
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
 
@@ -389,22 +412,20 @@ def test_every_bad_input_is_a_4xx_with_an_openai_error_body(server, assets, tmp_
     for i in range(20):  # random paths do not grow the metrics (bounded label values)
         httpx.get(server.url + f"/probe-{i}-{random.random()}")
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'ddfm_errors_total{code="invalid_base64"} 1' in metrics
+    assert metric(metrics, 'ddfm_errors_total{code="invalid_base64"}') == 1
     assert "probe" not in metrics and 'route="other",status="404"' in metrics
 
 
 def test_prompt_plus_max_tokens_must_fit_the_experts_context(assets, ensemble):
-    from ddfm.serve import LocalBackend
-
     backend = LocalBackend(ensemble, serve_config(assets, max_prompt_tokens=100_000), Metrics())
     context = ensemble.experts[0].config.get_text_config().max_position_embeddings
     body = {"model": "ddfm", "max_tokens": 8, "messages": user_message("hello " * context)}
     with pytest.raises(ApiError) as info:
-        backend.prepare(parse_chat_request(body, LIMITS, ["ddfm"]))
+        backend.prepare(parse_chat_request(body))
     assert info.value.code == "context_length_exceeded" and str(context) in info.value.message
-    short = parse_chat_request({**body, "messages": user_message("hello")}, LIMITS, ["ddfm"])
+    short = parse_chat_request({**body, "messages": user_message("hello")})
     backend.prepare(short)
-    assert 0 < short.prompt_tokens < 20
+    assert 0 < short.prompts[0].prompt_tokens < 20
 
 
 def test_remote_and_local_images_only_when_enabled(assets, ensemble):
@@ -518,6 +539,12 @@ def test_concurrency_limit_answers_429_and_recovers(assets, ensemble):
         live.close()
 
 
+def metric(text: str, name: str) -> float:
+    """A sample's value in Prometheus exposition text (0 when absent)."""
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, assets):
     before = httpx.get(server.url + "/metrics").text
     bodies = [{"model": "ddfm", "messages": user_message("What is this?", assets["images"][i % 2]),
@@ -531,19 +558,280 @@ def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, 
         assert int(np.argmax(r.json()["ddfm"]["weights"])) == i % 2
     assert all(len(s) == 1 for s in by_image.values())
     after = httpx.get(server.url + "/metrics").text
-
-    def value(text, name):
-        m = re.search(rf"^{name} ([0-9.]+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
+    delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
     for k in (0, 1):  # requests per expert, as routed
-        name = f'ddfm_expert_requests_total\\{{expert="expert-{k}"\\}}'
-        assert value(after, name) - value(before, name) == 4
-    assert value(after, "ddfm_completion_tokens_total") > value(before, "ddfm_completion_tokens_total")
-    assert value(after, "ddfm_request_duration_seconds_count") - value(before, "ddfm_request_duration_seconds_count") == 8
-    batches = value(after, "ddfm_batches_total") - value(before, "ddfm_batches_total")
-    batched = value(after, "ddfm_batched_requests_total") - value(before, "ddfm_batched_requests_total")
-    assert batched == 8 and batches < 8  # at least one generate call decoded several requests
+        assert delta(f'ddfm_expert_requests_total{{expert="expert-{k}"}}') == 4
+    assert delta("ddfm_completion_tokens_total") > 0
+    assert delta("ddfm_request_duration_seconds_count") == 8
+    assert delta("ddfm_batch_joined_total") == 8
+    steps = delta("ddfm_batch_rows_count")
+    alone = delta('ddfm_batch_rows_bucket{le="1.0"}')
+    assert steps > 0 and alone < steps  # some steps decoded several requests together
+
+
+# ----------------------------------------------------------------------------- API docs
+
+def test_openapi_docs_are_on_and_validation_errors_keep_openai_schema(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models"):
+        assert path in spec["paths"], sorted(spec["paths"])
+    body_schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body_schema["$ref"].endswith("/CompletionRequest")
+    assert {"prompt", "echo", "logprobs", "max_tokens"} <= set(spec["components"]["schemas"]["CompletionRequest"]
+                                                               ["properties"])
+    assert httpx.get(server.url + "/docs").status_code == 200
+    # FastAPI's validation, answered in OpenAI's schema with the field named
+    err = assert_error(httpx.post(server.url + "/v1/completions", json={"model": "ddfm", "prompt": 5}), 400,
+                       code="invalid_type", param="prompt")
+    assert "token" in err["message"]
+    assert_error(httpx.post(server.url + "/v1/completions", json={"model": "ddfm"}), 400, code="missing",
+                 param="prompt")
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+def mode_ensemble(ensemble, mode: str, top_k=None):
+    """The loaded experts and router under another routing mode (no reloading)."""
+    from ddfm.ensemble import Ensemble
+
+    return Ensemble(ensemble.experts, ensemble.processor, ensemble.router, names=ensemble.expert_names, mode=mode,
+                    top_k=top_k)
+
+
+def token_text(ensemble, token_id: int) -> str:
+    return ensemble.tokenizer.decode([int(token_id)])
+
+
+MODES = [("centroid", 1), ("centroid", "all"), ("posterior", None), ("uniform", None)]
+
+
+@pytest.mark.parametrize("mode, top_k", MODES)
+def test_completions_echo_scores_the_prompt_with_the_mixture_under_every_mode(assets, ensemble, mode, top_k):
+    import openai
+
+    from ddfm.ensemble import Request
+
+    ens = mode_ensemble(ensemble, mode, top_k)
+    live = LiveServer(create_app(serve_config(assets), ensemble=ens))
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        ids = ens.tokenizer("The second expert knows about sandals and boots.")["input_ids"]
+        resp = client.completions.create(model="ddfm", prompt=[ids], max_tokens=0, echo=True, logprobs=3)
+        [ref] = ens.score_tokens([Request(prompt="", token_ids=ids)], top_logprobs=3)
+        [choice] = resp.choices
+        lp = choice.logprobs
+        assert choice.text == ens.tokenizer.decode(ids) and resp.usage.prompt_tokens == len(ids)
+        assert lp.tokens == [token_text(ens, t) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert np.allclose(lp.token_logprobs[1:], ref["token_logprobs"][1:], atol=1e-6, rtol=0)
+        for t, top, got in zip(ids[1:], ref["top_logprobs"][1:], lp.top_logprobs[1:]):
+            want: dict = {}
+            for a, v in top:  # ids whose text is the same (e.g. partial UTF-8 bytes): the likelier one
+                want.setdefault(token_text(ens, a), v)
+            want.setdefault(token_text(ens, t), None)
+            assert set(got) == set(want)
+            assert all(abs(got[k] - v) < 1e-6 for k, v in want.items() if v is not None)
+        assert lp.text_offset == list(np.cumsum([0] + [len(x) for x in lp.tokens[:-1]]))
+        assert choice.model_extra["ddfm"]["mode"] == mode
+        assert np.allclose(choice.model_extra["ddfm"]["weights"], ref["weights"], atol=1e-6)
+        # generated tokens: the mixture's own log-probabilities, as Ensemble.generate gives them
+        out = client.completions.create(model="ddfm", prompt="What is this?", max_tokens=5, temperature=0, logprobs=2)
+        [gen] = ens.generate(Request(prompt="What is this?", raw=True), max_new_tokens=5, logprobs=2)
+        assert out.choices[0].text == gen.text and out.choices[0].finish_reason == gen.finish_reason
+        assert np.allclose(out.choices[0].logprobs.token_logprobs, [e["logprob"] for e in gen.logprobs], atol=1e-6)
+        assert out.choices[0].logprobs.tokens == [token_text(ens, e["token_id"]) for e in gen.logprobs]
+    finally:
+        live.close()
+
+
+def test_single_expert_logprobs_equal_plain_transformers(assets, upstreams):
+    """One expert served alone: echo log-probabilities and greedy tokens are the model's own."""
+    import openai
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(assets["experts"][0]).eval()
+    tok = upstreams[0].app.state.ddfm.backend.ens.tokenizer
+    ids = tok("A pullover, a sandal and an ankle boot.")["input_ids"]
+    client = openai.OpenAI(base_url=upstreams[0].url + "/v1", api_key="unused", max_retries=0)
+    resp = client.completions.create(model="expert-0", prompt=ids, max_tokens=4, echo=True, logprobs=1,
+                                     temperature=0)
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (T, V)
+        greedy = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=4, do_sample=False)[0, len(ids):].tolist()
+    expected = [logp[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    lp = resp.choices[0].logprobs
+    assert np.allclose(lp.token_logprobs[1:len(ids)], expected, atol=1e-5, rtol=0)
+    eos = set(upstreams[0].app.state.ddfm.backend.ens.eos_ids)
+    generated = lp.tokens[len(ids):]
+    n = next((i + 1 for i, t in enumerate(greedy) if t in eos), len(greedy))
+    assert generated == [tok.decode([t]) for t in greedy[:n]]
+    for top, v in zip(lp.top_logprobs[len(ids):], lp.token_logprobs[len(ids):]):
+        assert max(top.values()) == v  # greedy: the chosen token is the most likely one
+
+
+def test_lm_eval_harness_loglikelihood_request_parses_as_it_expects(server, ensemble):
+    """The exact body lm-evaluation-harness's ``local-completions`` sends for loglikelihood,
+    and its parse (``LocalCompletionsAPI.parse_logprobs``: sum of token_logprobs[ctxlen:-1],
+    greedy iff each equals the max of its top_logprobs)."""
+    from ddfm.ensemble import Request
+
+    tok = ensemble.tokenizer
+    pairs = [("The capital of", " France"), ("A pullover is a", " garment worn on the body")]
+    inputs = [tok(c)["input_ids"] + tok(x, add_special_tokens=False)["input_ids"] for c, x in pairs]
+    ctxlens = [len(tok(c)["input_ids"]) for c, _ in pairs]
+    body = {"model": "ddfm", "prompt": inputs, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    out = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    try:
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+        parsed = LocalCompletionsAPI.parse_logprobs(out, tokens=inputs, ctxlens=ctxlens)
+    except ImportError:  # the same lines, as lm_eval 0.4 has them
+        parsed = []
+        for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), ctxlens):
+            lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+            tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+            parsed.append((sum(lps), all(t == max(top.values()) for t, top in zip(lps, tops))))
+    refs = ensemble.score_tokens([Request(prompt="", token_ids=ids) for ids in inputs], top_logprobs=1)
+    for (loglik, greedy), ref, ctxlen, ids in zip(parsed, refs, ctxlens, inputs):
+        assert abs(loglik - sum(ref["token_logprobs"][ctxlen:])) < 1e-5
+        assert greedy == all(top[0][0] == t for t, top in zip(ids[ctxlen:], ref["top_logprobs"][ctxlen:]))
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert all(len(c["logprobs"]["tokens"]) == len(ids) + 1 for c, ids in zip(out["choices"], inputs))
+
+
+def test_completions_stream_equals_non_stream_and_keeps_choices_apart(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    prompts = ["What is this?", "Name a shoe:"]
+    full = client.completions.create(model="ddfm", prompt=prompts, max_tokens=6, temperature=0, echo=True)
+    chunks = list(client.completions.create(model="ddfm", prompt=prompts, max_tokens=6, temperature=0, echo=True,
+                                            stream=True, stream_options={"include_usage": True}))
+    for i, prompt in enumerate(prompts):
+        text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
+        assert text == full.choices[i].text and text.startswith(prompt)
+        last = [c for c in chunks if c.choices and c.choices[0].index == i and c.choices[0].finish_reason]
+        assert len(last) == 1 and last[0].choices[0].finish_reason == full.choices[i].finish_reason
+        assert last[0].choices[0].model_extra["ddfm"] == full.choices[i].model_extra["ddfm"]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+@pytest.mark.parametrize("patch, code, param", [
+    ({"n": 2}, "unsupported_value", "n"),
+    ({"best_of": 3}, "unsupported_value", "best_of"),
+    ({"logprobs": 6}, "invalid_value", "logprobs"),
+    ({"max_tokens": 0}, "invalid_value", "max_tokens"),
+    ({"max_tokens": 17}, "too_many_tokens", "max_tokens"),
+    ({"prompt": [[1, 2, 10**6]]}, "unsupported_input", "prompt"),
+    ({"prompt": []}, "invalid_value", "prompt"),
+    ({"suffix": "x"}, "unsupported_value", "suffix"),
+    ({"echo": "yes"}, "invalid_type", "echo"),
+])
+def test_completions_refuse_what_they_do_not_support_by_name(server, patch, code, param):
+    body = {"model": "ddfm", "prompt": "hi", "max_tokens": 2, **patch}
+    assert_error(httpx.post(server.url + "/v1/completions", json=body, timeout=60), 400, code=code, param=param)
+
+
+def test_chat_logprobs_are_the_mixtures_in_openais_chat_format(server, ensemble, assets):
+    import openai
+
+    from ddfm.ensemble import Request
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = user_message("What is this?", assets["images"][1])
+    resp = client.chat.completions.create(model="ddfm", messages=messages, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    [gen] = ensemble.generate(Request(prompt="What is this?", image=assets["images"][1].convert("RGB")),
+                              max_new_tokens=5, logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert [c.token for c in content] == [token_text(ensemble, e["token_id"]) for e in gen.logprobs]
+    assert np.allclose([c.logprob for c in content], [e["logprob"] for e in gen.logprobs], atol=1e-6)
+    for c, e in zip(content, gen.logprobs):
+        assert c.bytes == list(c.token.encode())
+        assert [t.token for t in c.top_logprobs] == [token_text(ensemble, i) for i, _ in e["top"]]
+        assert np.allclose([t.logprob for t in c.top_logprobs], [v for _, v in e["top"]], atol=1e-6)
+    streamed = [c for chunk in client.chat.completions.create(
+        model="ddfm", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model="ddfm", messages=messages, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+def test_requests_with_different_parameters_share_the_batch_and_answer_as_alone(server, assets):
+    images = assets["images"]
+    bodies = [{"model": "ddfm", "messages": user_message("What is this?", images[i % 6]),
+               "max_tokens": [2, 5, 9, 16][i % 4], "temperature": [0, 0.9][i % 2], "seed": 10 + i,
+               "top_p": [1.0, 0.8][(i // 2) % 2], "stop": [[], ["e"]][(i // 4) % 2]} for i in range(12)]
+    alone = [_post(server, b).json() for b in bodies]
+    before = httpx.get(server.url + "/metrics").text
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda b: _post(server, b).json(), bodies))
+    after = httpx.get(server.url + "/metrics").text
+    for a, t, b in zip(alone, together, bodies):
+        assert t["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], b
+        assert t["usage"] == a["usage"] and t["usage"]["completion_tokens"] <= b["max_tokens"]
+    steps = metric(after, "ddfm_batch_rows_count") - metric(before, "ddfm_batch_rows_count")
+    alone_steps = metric(after, 'ddfm_batch_rows_bucket{le="1.0"}') - metric(before, 'ddfm_batch_rows_bucket{le="1.0"}')
+    assert alone_steps < steps  # mixed parameters decoded together
+
+
+def test_a_short_request_joins_a_running_long_one_and_leaves_first(server, assets):
+    """Requests join and leave at token boundaries: a 2-token request sent while a 16-token
+    stream is decoding is answered while that stream still has tokens to send (a batcher
+    that runs whole generate calls would make it wait until the long one had ended)."""
+    long_body = {"model": "ddfm", "messages": user_message("Describe it.", assets["images"][7]), "stream": True,
+                 "max_tokens": 16, "temperature": 0.8, "seed": 1}
+    short = {"model": "ddfm", "messages": user_message("What is this?", assets["images"][8]), "max_tokens": 2,
+             "temperature": 0}
+    events: list[tuple[float, str]] = []
+    started = threading.Event()
+
+    def read_long():
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=long_body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    events.append((time.monotonic(), line))
+                    started.set()
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    assert started.wait(60)
+    answer = _post(server, short)
+    answered = time.monotonic()
+    reader.join(60)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 2
+    chunks = [json.loads(line[6:]) for _, line in events if line != "data: [DONE]"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    later = [c for t, c in zip([t for t, _ in events], chunks) if t > answered]
+    assert later and later[-1]["choices"][0]["finish_reason"] == "length"  # the long one went on after
+
+
+# ----------------------------------------------------------------------------- shutdown
+
+def test_graceful_shutdown_finishes_running_streams(assets, ensemble):
+    live = LiveServer(create_app(serve_config(assets), ensemble=ensemble))
+    body = {"model": "ddfm", "messages": user_message("Describe it.", assets["images"][9]), "stream": True,
+            "max_tokens": 16, "temperature": 0.8, "seed": 2}
+    try:
+        with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            live.server.should_exit = True  # what SIGINT/SIGTERM do
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        live.thread.join(30)
+        assert not live.thread.is_alive()
+        with pytest.raises(httpx.HTTPError):  # and it takes no new work
+            httpx.get(live.url + "/health", timeout=2)
+    finally:
+        live.close()
 
 
 # ----------------------------------------------------------------------------- gateway mode
@@ -624,21 +912,22 @@ def test_gateway_upstream_down_or_silent_gives_503_not_a_hang(assets, upstreams)
 
 
 def test_config_defaults_are_safe(assets):
-    cfg = ServeConfig(experts=assets["experts"])
+    experts = EnsembleConfig(experts=assets["experts"])
+    cfg = ServeConfig(ensemble=experts)
     assert cfg.host == "127.0.0.1" and not cfg.allow_remote_images and cfg.image_root is None
     with pytest.raises(ValueError, match="max_concurrent"):
-        ServeConfig(experts=assets["experts"], max_concurrent=0)
+        ServeConfig(ensemble=experts, max_concurrent=0)
     with pytest.raises(ValueError, match="mode"):
-        ServeConfig(experts=assets["experts"], mode="best")
+        ServeConfig(ensemble=EnsembleConfig(experts=assets["experts"], mode="best"))
 
 
 def test_gateway_config_must_cover_every_expert(assets):
     with pytest.raises(ValueError, match=r"no --upstream for \[1\]"):
         create_app(serve_config(assets, experts=[], upstream=["0=http://127.0.0.1:9/v1"]))
     with pytest.raises(ValueError, match="k=URL"):
-        ServeConfig(upstream=["http://127.0.0.1:9/v1"], router=assets["router"])
+        ServeConfig(upstream=["http://127.0.0.1:9/v1"], ensemble=EnsembleConfig(router=assets["router"]))
     with pytest.raises(ValueError, match="exclude"):
-        ServeConfig(experts=assets["experts"], upstream=["0=http://127.0.0.1:9"])
+        ServeConfig(ensemble=EnsembleConfig(experts=assets["experts"]), upstream=["0=http://127.0.0.1:9"])
 
 
 # ----------------------------------------------------------------------------- load
@@ -729,3 +1018,13 @@ def test_ddfm_serve_command_in_a_subprocess(assets):
     finally:
         proc.terminate()
         assert proc.wait(30) is not None
+
+
+def test_the_prompt_is_encoded_once_while_its_length_is_checked(assets, ensemble):
+    """``prepare`` (a request thread) encodes the prompt; the batcher thread reuses it."""
+    backend = LocalBackend(ensemble, serve_config(assets), Metrics())
+    job = parse_chat_request({"model": "ddfm", "messages": user_message("What is this?", assets["images"][0])})
+    backend.prepare(job)
+    request = job.prompts[0].request
+    assert request.encoded is not None and len(request.encoded.ids) == job.prompts[0].prompt_tokens
+    assert ensemble.prompts.encode(request) is request.encoded

@@ -72,6 +72,18 @@ def test_sampling_rule_matches_flux_and_pointwise_divergence(problem):
     np.testing.assert_allclose(th.sampling_pmf(sp, p_t, u), p_t - th.divergence(sp, p_t, u), atol=TOL)
 
 
+@FAST
+@given(problems())
+def test_running_posterior_is_exact_for_whole_sequence_experts(problem):
+    # the ensemble's --mode posterior update (posterior_update one token at a time, prompt
+    # included, from pi_k) with experts that are their clusters' sequence models is p_t(S_k|z)
+    for t in range(problem.n_steps + 1):
+        mass = problem.path(t) > 0
+        np.testing.assert_allclose(problem.running_posterior[mass], problem.posterior_router(t)[mass], atol=TOL)
+    err = th.router_error(problem, "running-posterior")
+    assert err["tv"] < TOL and err["velocity_error"] < TOL
+
+
 def test_single_step_prompt_router_is_the_posterior():
     # N - P = 1: the state never changes before the only step, so p(S_k|prompt) = p_0(S_k|z).
     problem = th.random_problem(np.random.default_rng(3), 3, 3, 2, 3)
@@ -160,9 +172,24 @@ def test_counts_table_matches_brute_force():
 
 
 @pytest.fixture(scope="module")
-def text_result():
-    return th.text_equivalence(k=2, order=3, add_k=0.01, temperature=None, features="tfidf", seed=0,
-                               max_train=600, max_test=40)
+def theory_run(tmp_path_factory):
+    """`ddfm theory` with a quick text check (K=2, 600 training / 40 test samples): (JSON, report)."""
+    import contextlib
+    import io
+
+    from ddfm.cli import main
+    from ddfm.io import read_json
+    out = tmp_path_factory.mktemp("theory") / "theory.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["theory", "--vocab", "2", "--length", "3", "--seeds", "0", "--text-k", "2",
+                     "--max-train", "600", "--max-test", "40", "--out", str(out)]) == 0
+    return read_json(out), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def text_result(theory_run):
+    return theory_run[0]["text"]
 
 
 def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result):
@@ -175,6 +202,36 @@ def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result)
         assert r[name]["max_abs_diff"] > 1e-3, name
         assert math.isfinite(r[name]["ppl"]) and r[name]["ppl"] > 1
     assert sum(text_result["setup"]["samples_per_cluster"]) == text_result["setup"]["train_samples"]
+
+
+def test_context_posterior_is_exact_for_ngrams_and_prefix_posterior_for_sequences(text_result):
+    r = text_result["routers"]
+    ctx, pre = r["context-posterior"], r["prefix-posterior"]
+    # n-gram experts: the posterior given the context h_t is the centralised n-gram ...
+    assert ctx["max_abs_diff"] < TOL and abs(ctx["kl"]) < TOL
+    # ... the posterior given the whole prefix (the ensemble's --mode posterior) is not
+    assert pre["max_abs_diff"] > 1e-2 and pre["kl"] > 1e-4 and pre["gap"] != pytest.approx(0, abs=1e-4)
+    # but it is exactly the mixture of the experts taken as whole-sequence models, which the
+    # centralised n-gram (and the context posterior) is not
+    assert pre["seq_mixture_dll"] < 1e-8
+    assert ctx["seq_mixture_dll"] > 1 and r["central"]["seq_mixture_dll"] > 1
+    assert r["central"]["max_abs_diff"] == 0 and r["central"]["kl"] == 0
+    exact = text_result["exact"]
+    assert exact["context-posterior"]["reproduces"] == "the centralised n-gram"
+    assert exact["context-posterior"]["residual"] == ctx["max_abs_diff"]
+    assert "whole-sequence" in exact["prefix-posterior"]["experts"]
+    assert exact["prefix-posterior"]["residual"] == pre["seq_mixture_dll"]
+
+
+def test_report_says_which_router_is_exact_and_prints_the_other_error(theory_run):
+    data, printed = theory_run
+    pre = data["text"]["routers"]["prefix-posterior"]
+    assert "n-gram experts (state = the last n-1 bytes): context-posterior reproduces the centralised n-gram" in printed
+    assert "whole-sequence experts (state = the whole prefix): prefix-posterior reproduces the sequence mixture" in printed
+    assert (f"--mode posterior) with n-gram experts is not the centralised n-gram: max|p-p_c| "
+            f"{pre['max_abs_diff']:.2g}, KL(p_c|p) {pre['kl']:.2e} nats/byte, ppl gap {pre['gap']:+.2%}") in printed
+    assert "running_posterior" in printed and data["finite"]["running_posterior"] < TOL
+    assert data["routers"]["running-posterior"]["tv"] < TOL
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
@@ -227,4 +284,5 @@ def test_full_theory_command_on_all_python_docs():
     assert result["text"]["setup"]["algorithm"] == "balanced-kmeans"
     assert r["context-posterior"]["max_abs_diff"] < TOL
     assert r["centroid-top1"]["gap"] > 0          # the paper's router departs from central
+    assert r["prefix-posterior"]["kl"] > 1e-3 and r["prefix-posterior"]["seq_mixture_dll"] < 1e-8
     assert result["finite"]["decomposition"] < TOL and result["routers"]["prompt"]["tv"] > 1e-3

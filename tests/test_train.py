@@ -51,7 +51,9 @@ def test_train_end_to_end(init_dir, data, tmp_path):
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]  # it learns
     lrs = [r["lr"] for r in rows]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up then cosine decay
-    meta = json.loads((out / "ddfm.json").read_text())
+    from ddfm.models import read_meta
+
+    meta = read_meta(out)
     assert meta["cluster"] == 3 and meta["init"] == str(Path(init_dir).resolve())
     c = meta["compute"]
     assert (c["steps"], c["batch_size"], c["samples_seen"]) == (12, 8, 96)
@@ -181,8 +183,13 @@ def test_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ref_meta = json.loads((tmp_path / "ref" / "ddfm.json").read_text())["compute"]
-    run_meta = json.loads((tmp_path / "run" / "ddfm.json").read_text())["compute"]
-    assert ref_meta["tokens_seen"] == run_meta["tokens_seen"]
+    run_meta = json.loads((tmp_path / "run" / "ddfm.json").read_text())
+    assert ref_meta["tokens_seen"] == run_meta["compute"]["tokens_seen"]
+    # the log: each step once (the killed run's rows after its checkpoint are gone), time carried over
+    rows = _log(tmp_path / "run")
+    _check_log_after_resume(rows, 60, run_meta)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _log(tmp_path / "ref")]
+    assert run_meta["compute"]["resumes"] == 1 and run_meta["compute"]["steps_redone"] >= 3
 
 
 @pytest.mark.slow
@@ -217,3 +224,218 @@ def test_torch_compile_matches_eager(init_dir, data, tmp_path):
     compiled = _log(train(_cfg(init_dir, data, tmp_path / "compiled", steps=2, compile=True)))
     assert counters["stats"]["unique_graphs"] > 0  # dynamo really compiled the model
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+
+
+def test_records_whose_image_failed_are_skipped_and_reported(init_dir, data, tmp_path, caplog):
+    """A truncated PNG, garbage bytes and a missing file, each shared by two records: the run
+    trains on the rest, logs one line and lists all six in ddfm.json (nothing crashes)."""
+    import logging
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in rows:
+        if r["image"]:
+            r["image"] = str(data.parent / r["image"])
+    real = Path(rows[0]["image"]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(real[: len(real) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"definitely not a png" * 8)
+    bad = []
+    for name in ("truncated.png", "garbage.png", "gone.png"):
+        for q in ("What is this?", "Name it."):
+            bad.append({"id": f"{name}-{q[:4]}", "image": str(tmp_path / name), "source": "fashion-mnist",
+                        "task": "name", "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                                          {"from": "gpt", "value": "A bag."}]})
+    rows = rows[:3] + bad[:3] + rows[3:] + bad[3:]  # failed records among the good ones
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="ddfm"):
+        out = train(_cfg(init_dir, shard, tmp_path / "run", steps=3))
+    from ddfm.models import read_meta
+
+    raw = json.loads((out / "ddfm.json").read_text())
+    assert raw["skipped_images"]["records"][0]["file"] == "../shard.jsonl"  # relative to the run directory
+    meta = read_meta(out)
+    skipped = meta["skipped_images"]
+    assert skipped["count"] == 6 and meta["examples"] == len(rows) - 6
+    lines = {r["id"]: i + 1 for i, r in enumerate(rows)}
+    assert sorted((s["id"], s["line"]) for s in skipped["records"]) == sorted((b["id"], lines[b["id"]]) for b in bad)
+    reasons = {s["id"]: s["reason"] for s in skipped["records"]}
+    assert all(s["file"] == str(shard) for s in skipped["records"])
+    assert {Path(s["image"]).name for s in skipped["records"]} == {"truncated.png", "garbage.png", "gone.png"}
+    assert all(Path(s["image"]).parent == tmp_path for s in skipped["records"])
+    assert "truncated" in reasons["truncated.png-What"] and "cannot identify" in reasons["garbage.png-Name"]
+    assert reasons["gone.png-What"].startswith("image file not found")
+    assert "6 record(s) left out because their image failed" in caplog.text
+    assert meta["compute"]["samples_seen"] == 3 * 8
+
+
+def _check_log_after_resume(rows, steps, meta):
+    """Each step exactly once, in order; elapsed and CPU time carried over the resume."""
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("elapsed", "cpu_s"):
+        values = [r[key] for r in rows]
+        assert all(b > a for a, b in zip(values, values[1:])), (key, values)
+    c = meta["compute"]
+    assert c["elapsed_s"] >= rows[-1]["elapsed"] and c["cpu_s"] >= rows[-1]["cpu_s"]
+
+
+def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_path, monkeypatch):
+    """Interrupted after step 7 with a checkpoint at step 4: the resumed run's log holds each
+    step once (steps 5-7 of the lost work are dropped) and time keeps counting from step 4."""
+    import ddfm.train as train_mod
+
+    ref = _log(train(_cfg(init_dir, data, tmp_path / "ref", steps=10, save_every=4)))
+    report = train_mod._report
+
+    def interrupt_after_7(bar, row, cfg):
+        report(bar, row, cfg)
+        if row["step"] == 7:
+            time.sleep(0.3)  # lost work: must not show up in the resumed run's elapsed time
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_report", interrupt_after_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4))
+    monkeypatch.setattr(train_mod, "_report", report)
+    first = _log(tmp_path / "run")
+    assert [r["step"] for r in first] == list(range(1, 8))
+    t0 = time.perf_counter()
+    out = train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4, resume=True))
+    resumed_wall = time.perf_counter() - t0
+    rows = _log(out)
+    meta = json.loads((out / "ddfm.json").read_text())
+    _check_log_after_resume(rows, 10, meta)
+    assert rows[:4] == first[:4]  # the rows up to the checkpoint are kept as written
+    # the total is the time up to the checkpoint plus this session's training: the lost
+    # steps 5-7 (and the 0.3 s after them) are not in it
+    assert first[3]["elapsed"] < meta["compute"]["elapsed_s"] < first[3]["elapsed"] + resumed_wall
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # the same run, bit for bit on CPU
+    assert meta["compute"]["resumes"] == 1 and meta["compute"]["steps_redone"] == 3
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_match_conflicting_with_an_explicit_steps_or_batch_size_is_an_error(capsys):
+    from ddfm.cli import main
+
+    with pytest.raises(ValueError, match=r"--steps 100 conflicts with --match dense:12,16,2.*--steps 12"):
+        TrainConfig(init="x", data="y", out="z", steps=100, match="dense:12,16,2")
+    with pytest.raises(ValueError, match=r"--batch-size 16 conflicts with --match dense:12,16,2.*--batch-size 8"):
+        TrainConfig(init="x", data="y", out="z", batch_size=16, match="dense:12,16,2")
+    same = TrainConfig(init="x", data="y", out="z", steps=12, batch_size=8, match="dense:12,16,2")  # agrees: fine
+    assert (same.steps, same.batch_size) == (12, 8)
+    implied = TrainConfig(init="x", data="y", out="z", match="dense:12,16,2")
+    assert (implied.steps, implied.batch_size) == (12, 8)
+    plain = TrainConfig(init="x", data="y", out="z")
+    assert (plain.steps, plain.batch_size) == (200, 16)  # the documented defaults
+    import dataclasses
+    assert dataclasses.replace(implied, seed=3).steps == 12  # a resolved config stays valid
+    assert main(["train", "--init", "x", "--data", "y", "--out", "z", "--match", "dense:12,16,2",
+                 "--steps", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 30 conflicts with --match dense:12,16,2" in err
+
+
+def test_ddfm_json_paths_are_relative_to_the_run_directory(data, tmp_path, monkeypatch):
+    """shard, init and data in ddfm.json (train's and init's) resolve from the run directory,
+    so a tree of runs moved elsewhere still points at its own files."""
+    import shutil
+
+    from ddfm.models import read_meta
+
+    root = tmp_path / "project"
+    shutil.copytree(data.parent, root / "data")
+    monkeypatch.chdir(root)  # paths given relative to the working directory, as on a command line
+    init(InitConfig(preset="tiny-llava", data=f"data/{data.name}", out="init"))
+    out = train(_cfg("init", f"data/{data.name}", "runs/dense", steps=2))
+    raw = json.loads((root / out / "ddfm.json").read_text())
+    assert raw["shard"] == f"../../data/{data.name}" and raw["init"] == "../../init"
+    assert raw["init_meta"]["data"] == f"../../data/{data.name}"  # the init's ddfm.json, seen from here
+    assert raw["config"]["data"] == f"../../data/{data.name}" and raw["config"]["out"] == "."
+    assert json.loads((root / "init" / "ddfm.json").read_text())["data"] == f"../data/{data.name}"
+    assert not any(isinstance(v, str) and str(tmp_path) in v for v in _walk(raw))  # no absolute path
+    monkeypatch.chdir(tmp_path)
+    shutil.move(root, tmp_path / "moved")
+    meta = read_meta(tmp_path / "moved" / "runs" / "dense")
+    moved = (tmp_path / "moved").resolve()
+    assert meta["shard"] == str(moved / "data" / data.name) and Path(meta["shard"]).is_file()
+    assert meta["init"] == str(moved / "init") and meta["init_meta"]["data"] == meta["shard"]
+    assert meta["config"]["data"] == meta["shard"] and meta["config"]["out"] == str(moved / "runs" / "dense")
+    assert read_meta(moved / "init")["data"] == meta["shard"]
+    assert read_meta(tmp_path) is None  # not a checkpoint
+
+
+def _walk(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+    else:
+        yield obj
+
+
+def test_resume_refuses_a_shard_that_changed_and_names_a_finished_run(init_dir, data, tmp_path, monkeypatch):
+    """The resume state belongs to the examples it was trained on: a shard rewritten in
+    between (here: one record fewer, same path, same options) would silently continue on
+    another data order, so it is refused. A finished run is not called unfinished."""
+    import ddfm.train as train_mod
+
+    shard = tmp_path / "shard.jsonl"
+    lines = data.read_text().splitlines()
+    shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n" for line in lines))
+    report = train_mod._report
+
+    def interrupt_after_3(bar, row, cfg):
+        report(bar, row, cfg)
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_report", interrupt_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(init_dir, shard, tmp_path / "run", steps=4, save_every=2))
+    monkeypatch.setattr(train_mod, "_report", report)
+    shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n"
+                             for line in lines[1:]))
+    with pytest.raises(ValueError, match=r"training examples .* changed"):
+        train(_cfg(init_dir, shard, tmp_path / "run", steps=4, save_every=2, resume=True))
+    out = train(_cfg(init_dir, shard, tmp_path / "fresh", steps=2))
+    with pytest.raises(ValueError, match=r"holds a finished run") as info:
+        train(_cfg(init_dir, shard, out, steps=2))
+    assert "unfinished" not in str(info.value)
+
+
+def test_held_out_loss_is_logged_and_leaves_training_unchanged(init_dir, data, tmp_path):
+    """--eval-data: the answer loss of held-out records before training, every N steps and
+    at the end (log.jsonl eval_loss), computed without touching the training run."""
+    held = make_data(tmp_path / "held", n_fashion=8, n_digits=4, n_text=2, offset=500, name="val.jsonl")
+    plain = train(_cfg(init_dir, data, tmp_path / "plain"))
+    out = train(_cfg(init_dir, data, tmp_path / "eval", eval_data=[str(held)], eval_every=5))
+    rows = _log(out)
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in _log(plain)]
+    evals = {r["step"]: r["eval_loss"]["val"] for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [0, 5, 10, 12]
+    assert evals[12] < evals[0]  # it learns something that carries to unseen records
+    # the number itself: the mean answer NLL of the held-out records under the final model
+    from ddfm.train import encode_shard, held_out_loss
+
+    model, proc = load_model(out)
+    examples, pixels, _ = encode_shard(str(held), proc, model)
+    assert held_out_loss(model, examples, pixels, proc.tokenizer.pad_token_id, "cpu",
+                         torch.autocast("cpu", enabled=False)) == pytest.approx(evals[12], rel=1e-5)
+
+
+def test_half_precision_checkpoint_trains_with_fp32_master_weights(init_dir, data, tmp_path):
+    """A bf16 initial checkpoint (as released 7B experts are) is trained in fp32: AdamW's
+    updates below bf16's resolution are not lost; --bf16 is the compute dtype, not the storage."""
+    from ddfm.models import save_checkpoint
+
+    model, proc = load_model(init_dir)
+    half = save_checkpoint(model.to(torch.bfloat16), proc, tmp_path / "bf16-init")
+    out = train(_cfg(half, data, tmp_path / "run", steps=2, lr=1e-5))
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    before = load_file(str(half / "model.safetensors"))
+    name = next(n for n in weights if "language_model" in n and n.endswith("q_proj.weight"))
+    delta = (weights[name] - before[name].float()).abs()
+    # lr 1e-5 moves weights far less than bf16's spacing near 0.02 (~1e-4): an fp32 master keeps it
+    assert 0 < float(delta.max()) < 1e-3

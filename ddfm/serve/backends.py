@@ -1,0 +1,263 @@
+"""One backend interface, two backends: the experts loaded here, or a gateway to remote experts.
+
+A handler (:mod:`ddfm.serve.chat`, :mod:`ddfm.serve.completions`) turns a request into a
+:class:`Job` of one or more :class:`Prompt` s and calls, on any :class:`Backend`:
+
+* ``prepare(job)`` — in a worker thread, before any generation: count prompt tokens
+  against the limits (local) or route each prompt (gateway); raises ``ApiError``;
+* ``await complete(job)`` -> one :class:`Output` per prompt;
+* ``stream(job)`` -> async iterator of ``(index, Delta | Output | ApiError)``: text as it
+  grows, then each prompt's :class:`Output` (an ``ApiError`` if it broke off).
+
+Backends:
+
+* :class:`LocalBackend` — the ensemble in this process behind the continuous
+  :class:`~ddfm.serve.batcher.Batcher`; log-probabilities are the mixture's.
+* :class:`~ddfm.serve.gateway.GatewayBackend` — ``--upstream k=URL``: routes top-1 here
+  and forwards to expert k's own OpenAI-compatible server (vLLM, TGI, another ``ddfm serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from ddfm.serve.batcher import Batcher, Generate, Inbox, Score
+from ddfm.serve.errors import ApiError, bad
+
+__all__ = ["Backend", "Job", "Prompt", "Output", "Delta", "TokenLogprob", "LocalBackend", "extension"]
+
+
+@dataclass
+class TokenLogprob:
+    """One token under the mixture: its text, log-probability (None: an echoed first
+    token) and the most likely alternatives ``[(text, logprob), ...]``, best first."""
+
+    token: str
+    logprob: Optional[float]
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """One choice to produce. ``sampling`` None: nothing to generate (echo with max_tokens 0);
+    ``echo`` (completions): score the prompt with this many alternatives and put it
+    before the text; ``body``: what a gateway forwards (the request as the client sent it)."""
+
+    request: Any  # ddfm.ensemble.Request
+    sampling: Any  # ddfm.ensemble.Sampling or None
+    echo: Optional[int] = None
+    echo_text: str = ""
+    body: dict = field(default_factory=dict)
+    prompt_tokens: int = 0
+    weights: Optional[list[float]] = None  # gateway: the route
+
+
+@dataclass
+class Job:
+    """A request's prompts; ``api`` is ``"chat"`` or ``"completions"``."""
+
+    api: str
+    prompts: list[Prompt]
+    stream: bool = False
+
+
+@dataclass
+class Output:
+    """One prompt's answer: ``prefix`` (the echoed prompt) + ``text``, with token counts,
+    the ``ddfm`` routing field and (when asked) log-probabilities of both parts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    routing: dict
+    logprobs: Optional[list[TokenLogprob]] = None
+    prefix: str = ""
+    prefix_logprobs: Optional[list[TokenLogprob]] = None
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class Delta:
+    """Text (and its tokens' log-probabilities) added to a streamed prompt."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    kind: str
+    mode: str
+    expert_names: list[str]
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def prepare(self, job: Job) -> None: ...
+    async def complete(self, job: Job) -> list[Output]: ...
+    def stream(self, job: Job) -> AsyncIterator[tuple[int, Any]]: ...
+
+
+def extension(weights: Any, experts: list[str], mode: str, **extra: Any) -> dict[str, Any]:
+    """The ``ddfm`` field: weights (K,) aligned with the K expert names, the experts that
+    generated (weight > 0) and the routing mode (:class:`~ddfm.serve.protocol.Routing`)."""
+    w = [round(float(x), 6) for x in list(weights)]
+    return {"weights": w, "experts": list(experts), "routed_to": [e for e, x in zip(experts, w) if x > 0],
+            "mode": mode, **{k: v for k, v in extra.items() if v}}
+
+
+class LocalBackend:
+    """The experts loaded in this process (:class:`~ddfm.ensemble.Ensemble`) behind a :class:`Batcher`."""
+
+    kind = "local"
+
+    def __init__(self, ensemble, cfg, metrics, pending=None):
+        self.ens, self.cfg = ensemble, cfg
+        self.batcher = Batcher(ensemble, max_batch=cfg.max_batch_size, window_s=cfg.batch_window_ms / 1000,
+                               metrics=metrics, pending=pending)
+        self.mode, self.expert_names = ensemble.mode, list(ensemble.expert_names)
+        # Requests are prepared in worker threads while the batcher thread uses the
+        # ensemble's tokenizer: a private copy (and a lock) keeps the two apart.
+        self._prompts = copy.deepcopy(ensemble.prompts)
+        self._lock = threading.Lock()
+        ref = next(m for m in ensemble.experts if m is not None)
+        self.context = getattr(ref.config.get_text_config(), "max_position_embeddings", None)
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.batcher.stop)
+
+    # -------------------------------------------------------------- before generation
+    def prepare(self, job: Job) -> None:
+        """Count each prompt's tokens (image tokens included) against the limits."""
+        for i, p in enumerate(job.prompts):
+            param = "messages" if job.api == "chat" else "prompt"
+            try:
+                with self._lock:
+                    encoded = p.request.encoded = self._prompts.encode(p.request)
+                    if p.echo is not None and p.request.token_ids is not None:
+                        p.echo_text = self._prompts.tokenizer.decode(encoded.ids)
+            except ValueError as err:  # an image for text-only experts, a token id outside the vocabulary
+                raise bad(f"{param}: {err}", param, "unsupported_input") from None
+            p.prompt_tokens = n = len(encoded.ids)
+            new = p.sampling.max_new_tokens if p.sampling is not None else 0
+            self._check_length(n, new, param if len(job.prompts) == 1 else f"{param}[{i}]")
+
+    def _check_length(self, n: int, new: int, param: str) -> None:
+        if n > self.cfg.max_prompt_tokens:
+            raise bad(f"the prompt is {n} tokens (image tokens included), more than this server's limit of "
+                      f"{self.cfg.max_prompt_tokens}", param, "context_length_exceeded")
+        if self.context is not None and n + new > self.context:
+            raise bad(f"the prompt is {n} tokens and max_tokens is {new}: more than the experts' context of "
+                      f"{self.context} tokens", param, "context_length_exceeded")
+
+    # -------------------------------------------------------------- generation
+    async def complete(self, job: Job) -> list[Output]:
+        inbox = Inbox()
+        works = self._submit(job, inbox)
+        results: dict[int, dict[str, Any]] = {i: {} for i in range(len(job.prompts))}
+        try:
+            left = sum(len(w) for w in works)
+            while left:
+                tag, kind, value = await inbox.get()
+                if kind == "error":
+                    raise _as_api_error(value)
+                if kind == "done":
+                    results[tag]["score" if isinstance(value, dict) else "gen"] = value
+                    left -= 1
+        finally:
+            self._cancel(works)
+        return [self._output(p, results[i]) for i, p in enumerate(job.prompts)]
+
+    async def stream(self, job: Job) -> AsyncIterator[tuple[int, Any]]:
+        inbox = Inbox()
+        works = self._submit(job, inbox)
+        results: dict[int, dict[str, Any]] = {i: {} for i in range(len(job.prompts))}
+        left = {i: len(w) for i, w in enumerate(works)}
+        try:
+            while any(left.values()):
+                tag, kind, value = await inbox.get()
+                if kind == "error":
+                    yield tag, _as_api_error(value)
+                    left[tag] = 0
+                elif kind == "delta":
+                    yield tag, Delta(value)
+                elif kind == "logprobs":
+                    yield tag, Delta("", self._token_logprobs(value))
+                else:
+                    results[tag]["score" if isinstance(value, dict) else "gen"] = value
+                    left[tag] -= 1
+                    if isinstance(value, dict):  # the echo comes first
+                        yield tag, Delta(job.prompts[tag].echo_text, self._prompt_logprobs(value))
+                    if not left[tag]:
+                        yield tag, self._output(job.prompts[tag], results[tag], streamed=True)
+        finally:  # done, or the client went away: nothing keeps decoding for nobody
+            self._cancel(works)
+
+    def _submit(self, job: Job, inbox: Inbox) -> list[list[Any]]:
+        works = []
+        for i, p in enumerate(job.prompts):
+            mine = []
+            if p.echo is not None:
+                mine.append(Score(p.request, p.echo, inbox.tagged(i)))
+            if p.sampling is not None:
+                mine.append(Generate(p.request, p.sampling, inbox.tagged(i), stream=job.stream))
+            for w in mine:
+                self.batcher.submit(w)
+            works.append(mine)
+        return works
+
+    def _cancel(self, works: list[list[Any]]) -> None:
+        for mine in works:
+            for w in mine:
+                self.batcher.cancel(w)
+
+    # -------------------------------------------------------------- results
+    def _output(self, p: Prompt, res: dict[str, Any], streamed: bool = False) -> Output:
+        gen, score = res.get("gen"), res.get("score")
+        if gen is not None:
+            routing = extension(gen.weights, gen.experts, self.mode, left_out=list(gen.left_out))
+        else:
+            routing = extension(score["weights"], self.expert_names, self.mode, left_out=list(self.ens.left_out))
+        out = Output(text=gen.text if gen is not None else "",
+                     finish_reason=gen.finish_reason if gen is not None else "length",
+                     prompt_tokens=gen.prompt_tokens if gen is not None else len(score["token_ids"]),
+                     completion_tokens=gen.completion_tokens if gen is not None else 0, routing=routing)
+        if not streamed:  # a stream has sent these already
+            if gen is not None and gen.logprobs is not None:
+                out.logprobs = self._token_logprobs(gen.logprobs)
+            if score is not None:
+                out.prefix, out.prefix_logprobs = p.echo_text, self._prompt_logprobs(score)
+        return out
+
+    def _token_logprobs(self, entries: list[dict]) -> list[TokenLogprob]:
+        """Generation entries ``{"token_id", "logprob", "top": [[id, lp], ...]}`` -> :class:`TokenLogprob`."""
+        return [TokenLogprob(self._text(e["token_id"]), e["logprob"], [(self._text(t), v) for t, v in e["top"]])
+                for e in entries]
+
+    def _prompt_logprobs(self, score: dict) -> list[TokenLogprob]:
+        tops = score["top_logprobs"] or [None] * len(score["token_ids"])
+        return [TokenLogprob(self._text(t), lp, [(self._text(a), v) for a, v in top or []])
+                for t, lp, top in zip(score["token_ids"], score["token_logprobs"], tops)]
+
+    def _text(self, token_id: int) -> str:
+        with self._lock:
+            return self._prompts.tokenizer.decode([int(token_id)])
+
+
+def _as_api_error(err: Exception) -> ApiError:
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, ValueError):  # the ensemble refused the prompt (e.g. no route for it)
+        return bad(str(err), None, "unsupported_input")
+    return ApiError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error",
+                    code="internal_error")

@@ -1,0 +1,99 @@
+"""``ddfm serve``: its configuration (:class:`ServeConfig`, mirrored by the CLI) and :func:`serve`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ddfm.config import arg
+from ddfm.ensemble.config import EnsembleConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ServeConfig", "serve"]
+
+
+@dataclass
+class ServeConfig:
+    """``ddfm serve``: the ensemble (or a gateway to remote experts) behind an OpenAI-style API."""
+
+    ensemble: EnsembleConfig = arg("the ensemble (shared by generate, eval and serve); in gateway mode only "
+                                   "--router and --router-temperature apply", default_factory=EnsembleConfig)
+    model_name: str = arg("model id reported by /v1/models and accepted in requests", default="ddfm")
+    host: str = arg("address to bind; 127.0.0.1 keeps the server local", default="127.0.0.1")
+    port: int = arg("TCP port", default=8000)
+    api_key: Optional[str] = arg("require 'Authorization: Bearer KEY' on /v1/* (default: env DDFM_API_KEY, "
+                                 "else no key)", default=None)
+    max_body_bytes: int = arg("largest request body in bytes", default=8 * 1024 * 1024)
+    max_image_pixels: int = arg("largest image (width x height) accepted", default=4096 * 4096)
+    max_prompt_tokens: int = arg("longest prompt in tokens (image tokens included)", default=2048)
+    max_output_tokens: int = arg("largest max_tokens a request may ask for", default=512)
+    default_max_tokens: Optional[int] = arg("chat max_tokens when a request gives none (default: 64, at most "
+                                            "max_output_tokens; /v1/completions defaults to 16 as OpenAI's)",
+                                            default=None)
+    max_concurrent: int = arg("requests in flight before new ones get 429", default=64)
+    body_timeout: float = arg("seconds a client may take to send its request body (then 408)", default=30.0)
+    max_batch_size: int = arg("rows (prompts) decoded together in the running batch; more wait for a free row",
+                              default=16)
+    batch_window_ms: float = arg("when idle, how long the batcher waits for requests already in flight to "
+                                 "arrive, so they start together", default=5.0)
+    allow_remote_images: bool = arg("accept http(s):// image URLs (fetched by the server)", default=False)
+    image_root: Optional[str] = arg("accept file:// URLs and paths to images under this directory", default=None)
+    upstream: list[str] = arg("gateway mode: k=URL of expert k's OpenAI-compatible server (one per expert)",
+                              default_factory=list)
+    upstream_timeout: float = arg("seconds to wait for an upstream expert's response", default=60.0)
+    upstream_connect_timeout: float = arg("seconds to wait for a connection to an upstream expert", default=3.0)
+    upstream_api_key: Optional[str] = arg("bearer key sent to upstream experts", default=None)
+    log_level: str = arg("uvicorn log level", default="info",
+                         choices=("critical", "error", "warning", "info", "debug"))
+
+    def __post_init__(self) -> None:
+        self.upstream = [str(u) for u in self.upstream]
+        if not self.ensemble.experts and not self.upstream:
+            raise ValueError("serve: give --experts DIR... (local experts) or --upstream k=URL... (gateway mode)")
+        if self.ensemble.experts and self.upstream:
+            raise ValueError("serve: --experts and --upstream exclude each other (gateway mode forwards, "
+                             "it does not load experts)")
+        if self.default_max_tokens is None:
+            self.default_max_tokens = min(64, self.max_output_tokens)
+        for name in ("port", "max_body_bytes", "max_image_pixels", "max_prompt_tokens", "max_output_tokens",
+                     "default_max_tokens", "max_concurrent", "max_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_output_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_output_tokens "
+                             f"({self.max_output_tokens})")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
+        if self.body_timeout <= 0:
+            raise ValueError(f"body_timeout: must be positive, got {self.body_timeout}")
+        if self.upstream_timeout <= 0 or self.upstream_connect_timeout <= 0:
+            raise ValueError("upstream_timeout and upstream_connect_timeout must be positive")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise FileNotFoundError(f"image_root: not a directory: {self.image_root}")
+        if self.upstream:
+            from ddfm.serve.gateway import parse_upstreams
+
+            if len(parse_upstreams(self.upstream)) > 1 and self.ensemble.router is None:
+                raise ValueError("upstream: gateway mode with several experts needs --router to route requests")
+        if self.api_key is None:
+            self.api_key = os.environ.get("DDFM_API_KEY") or None
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until interrupted (``ddfm serve``); on SIGINT/SIGTERM it stops accepting,
+    finishes the responses in flight (streams included), then stops the batcher."""
+    import uvicorn
+
+    from ddfm.serve.app import create_app
+
+    app = create_app(cfg)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use it", cfg.host)
+    log.info("ddfm serve: %s backend, model %r on http://%s:%d/v1 (API docs at /docs)",
+             app.state.ddfm.backend.kind, cfg.model_name, cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                limit_concurrency=cfg.max_concurrent * 2 + 16, timeout_keep_alive=5)
