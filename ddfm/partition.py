@@ -473,7 +473,7 @@ def partition(cfg: PartitionConfig) -> Path:
              model.n_iter_, seconds["fit"], np.bincount(item_labels, minlength=cfg.k).tolist())
     if "n_fine" in model.fit_info_ and model.fit_info_["n_fine"] < cfg.fine_clusters:
         log.info("partition: two-stage used m = min(--fine-clusters, max(k, N // %d)) = %d fine clusters for "
-                 "N = %d items (faiss wants at least %d points per fine cluster)", model.min_fine_size,
+                 "N = %d items (k-means needs at least %d points per fine cluster to train one)", model.min_fine_size,
                  model.fit_info_["n_fine"], len(X), model.min_fine_size)
 
     labels = np.empty(len(records), dtype=np.int64)
