@@ -21,7 +21,9 @@ The prompt format used by train, ensemble, eval and serve is one chain:
 LLaVA turns --:func:`to_chat_messages`--> HF chat messages --:func:`render_prompt`--> text
 (the checkpoint's own chat template), whose ``<image>`` placeholder the processor expands
 to the vision tower's number of image tokens. :func:`encode_conversation` turns a
-conversation into token ids plus the assistant-token mask used by the loss.
+conversation into token ids plus the assistant-token mask used by the loss. Text is
+tokenized as plain text (:func:`chat_ids`, :func:`encode_chat`): a control token spelled
+in a message (``</s>``, ``<|assistant|>``) is the text it spells, never a turn marker.
 """
 
 from __future__ import annotations
@@ -399,12 +401,58 @@ def render_prompt(processor_or_tokenizer, messages: list[dict], add_generation_p
     Encode the result with ``add_special_tokens=False`` (the template writes bos).
     """
     is_processor = hasattr(processor_or_tokenizer, "image_processor")
-    if getattr(processor_or_tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{type(processor_or_tokenizer).__name__} has no chat template; "
-                         "the checkpoint directory needs one (chat_template.jinja)")
+    _chat_template(processor_or_tokenizer)
     msgs = messages if is_processor else _flatten(messages)
     return processor_or_tokenizer.apply_chat_template(msgs, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
+
+
+def chat_ids(processor_or_tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of chat messages, image placeholders unexpanded: :func:`render_prompt`'s
+    text tokenized at once, with the messages' own text as plain text.
+
+    transformers' contract ``apply_chat_template(..., sanitize_control_tokens=True)``:
+    control tokens spelled inside the messages (``</s>``, ``<|assistant|>``, ``<image>``
+    typed by a user) are encoded as the text they spell, only those the template writes
+    are control tokens. A text holding none gets exactly the ids of the rendered prompt
+    tokenized at once, as before (``ddfm train`` refuses data holding them).
+    """
+    _chat_template(processor_or_tokenizer)
+    tokenizer = get_tokenizer(processor_or_tokenizer)
+    msgs = messages if hasattr(processor_or_tokenizer, "image_processor") else _flatten(messages)
+    return list(tokenizer.apply_chat_template(msgs, chat_template=processor_or_tokenizer.chat_template,
+                                              add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              return_dict=False, sanitize_control_tokens=True))
+
+
+def encode_chat(processor_or_tokenizer, messages: list[dict], images: list | None = None,
+                add_generation_prompt: bool = True) -> tuple[list[int], dict | None]:
+    """A prompt as the model takes it: ids (T,) with each image placeholder expanded by the
+    processor, and the processor's vision inputs (``pixel_values``, ...; None without a
+    processor). The messages' text is plain text, as in :func:`chat_ids`; ``images`` fill
+    the messages' image parts in order."""
+    if not hasattr(processor_or_tokenizer, "image_processor"):
+        if images:
+            raise ValueError("a text-only model cannot take an image")
+        return chat_ids(processor_or_tokenizer, messages, add_generation_prompt), None
+    _chat_template(processor_or_tokenizer)
+    it = iter(images or [])
+    msgs = [{**m, "content": [{**part, "image": next(it)} if part.get("type") == "image" else part
+                              for part in m["content"]]} if isinstance(m["content"], list) else m
+            for m in messages]
+    enc = processor_or_tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, return_dict=True, return_tensors="pt",
+                                                     sanitize_control_tokens=True)
+    vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")} or None
+    return enc["input_ids"][0].tolist(), vision
+
+
+def _chat_template(processor_or_tokenizer) -> str:
+    template = getattr(processor_or_tokenizer, "chat_template", None)
+    if template is None:
+        raise ValueError(f"{type(processor_or_tokenizer).__name__} has no chat template; "
+                         "the checkpoint directory needs one (chat_template.jinja)")
+    return template
 
 
 def num_image_tokens(processor) -> int:
@@ -426,7 +474,8 @@ def encode_conversation(processor_or_tokenizer, conversations: list[dict],
     """Token ids of a whole conversation and its assistant mask (the LLaVA loss mask).
 
     ``ids[i]`` is the i-th token of ``render_prompt(..., add_generation_prompt=False)``
-    with the image placeholder expanded to ``n_image_tokens`` copies; ``mask[i]`` is True
+    (tokenized by :func:`chat_ids`: the messages' text as plain text) with the image
+    placeholder expanded to ``n_image_tokens`` copies; ``mask[i]`` is True
     for tokens of an assistant answer (including its closing eos). Assistant spans are
     found by rendering each prefix up to an assistant turn with the generation prompt, so
     any chat template works, and the ids are those of the full text tokenized at once —
@@ -436,8 +485,7 @@ def encode_conversation(processor_or_tokenizer, conversations: list[dict],
     messages = to_chat_messages(conversations)
 
     def ids_of(msgs, gen):
-        text = render_prompt(processor_or_tokenizer, msgs, add_generation_prompt=gen)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_ids(processor_or_tokenizer, msgs, add_generation_prompt=gen)
 
     full = ids_of(messages, False)
     mask = [False] * len(full)

@@ -25,6 +25,10 @@ class Request:
 
     ``history`` holds earlier turns, as LLaVA turns (``{"from", "value"}``) or HF chat
     messages (``{"role", "content"}``); ``image`` is a PIL image or an image file path.
+    An ``<image>`` in the prompt marks where the image goes (as in LLaVA records) unless
+    ``literal``: then the prompt is text the way a chat API's user typed it (``ddfm
+    serve``). Either way, control tokens spelled in the text (``</s>``, ``<|assistant|>``)
+    are plain text (:func:`~ddfm.models.encode_chat`).
     A *raw* request (OpenAI's completions API) skips the chat template: ``token_ids`` are
     the prompt as given, or, with ``raw=True``, ``prompt`` is tokenized as plain text
     (with the tokenizer's own special tokens, e.g. a leading bos). ``encoded``: the request
@@ -38,6 +42,7 @@ class Request:
     history: Optional[list[dict]] = None
     raw: bool = False
     token_ids: Optional[list[int]] = None
+    literal: bool = False
     encoded: Optional["Encoded"] = field(default=None, repr=False, compare=False)
 
 
@@ -83,15 +88,15 @@ def open_request_image(image):
 
 def _messages(request: Request, with_image: bool) -> list[dict]:
     """The chat messages of a request. The image goes where the prompt's ``<image>``
-    placeholder stands (as LLaVA records place it), else before the prompt's text, unless
-    an earlier turn already holds it."""
+    placeholder stands (as LLaVA records place it; not in a ``literal`` prompt), else
+    before the prompt's text, unless an earlier turn already holds it."""
     from ddfm.data import IMAGE_TOKEN
     from ddfm.models import to_chat_messages
 
     history = to_chat_messages(request.history or [])
     has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
                          for m in history)
-    if IMAGE_TOKEN in request.prompt:
+    if IMAGE_TOKEN in request.prompt and not request.literal:
         if not with_image or has_image_part:
             raise ValueError(f"the prompt holds an {IMAGE_TOKEN} placeholder but the request has no image for it")
         [user] = to_chat_messages([{"from": "human", "value": request.prompt}])
@@ -117,7 +122,7 @@ class PromptEncoder:
         self._n_image_tokens: int | None = None
 
     def encode(self, request: Request) -> Encoded:
-        from ddfm.models import render_prompt
+        from ddfm.models import encode_chat
 
         if request.encoded is not None:
             return request.encoded
@@ -127,14 +132,7 @@ class PromptEncoder:
         if image is not None and not self.is_vlm:
             raise ValueError("the experts are text-only language models; a request with an image cannot be served")
         messages = _messages(request, image is not None)
-        text = render_prompt(self.processor, messages)
-        vision = None
-        if self.is_vlm:
-            enc = self.processor(text=text, images=[image] if image is not None else None, return_tensors="pt")
-            ids = enc["input_ids"][0].tolist()
-            vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")} or None
-        else:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, vision = encode_chat(self.processor, messages, [image] if image is not None else None)
         return Encoded(ids, vision, image, self._evidence(messages, ids, image is not None))
 
     def _encode_raw(self, request: Request) -> Encoded:
