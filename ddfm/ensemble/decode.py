@@ -154,6 +154,8 @@ def _choose(logp: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         if not s.do_sample:
             continue
         probs = torch.softmax(logp[i] / s.temperature, dim=-1)
+        if not torch.isfinite(probs).all():  # a temperature so small that logp / T overflows: its limit, argmax
+            probs = torch.zeros_like(probs).scatter_(-1, token[i:i + 1], 1.0)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
