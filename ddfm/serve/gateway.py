@@ -18,6 +18,7 @@ import httpx
 
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob, extension
 from ddfm.serve.errors import ApiError
+from ddfm.serve.images import MIN_SIDE
 
 __all__ = ["GatewayBackend", "parse_upstreams"]
 
@@ -65,6 +66,7 @@ class GatewayBackend:
 
     kind = "gateway"
     mode = "gateway-top1"
+    image_side = MIN_SIDE  # the image is only routed here: the router's encoder needs no more
 
     def __init__(self, router: Any, upstreams: dict[int, str], cfg: Any):
         self.router, self.upstreams = router, upstreams
