@@ -15,6 +15,18 @@ changes:
     routing     top-1, soft (eq. 29 over all experts), posterior (eq. 26–27; evidence: the
                 prompt, or only answer tokens)
 
+Beyond the paper's tables, the groups that explain the gap between dense and experts
+(issue 13; :data:`STUDIES`):
+
+    diagnostics every expert alone on every cluster's test items (the K×K matrix), and the
+                dense baseline trained at the experts' batch B/K for the same steps (batch vs
+                partition)
+    scale-data  the dense − top-1 gap as the unique images per expert grow: fractions of the
+                training images, one pass each
+    scale-base  the gap as the shared base grows: fractions of the alignment stage's steps
+                (0 = the experts start from the pretrained LM, or from init)
+    seeds       the whole demo again at other seeds: the spread of the headline row
+
 Every stage runs through the demo's :class:`~ddfm.demo.Pipeline`, so finished stages
 (the demo's own and earlier ablation rows) are never redone. Output: ``OUT/ablate/``
 ``ABLATE.md`` (one table, one row per setting, dense first), ``ablate.json`` and
@@ -44,6 +56,11 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "routing": [{"routing": "top-1"}, {"routing": "soft"}, {"routing": "posterior"},
                 {"routing": "posterior-answers"}],
 }
+
+
+# studies of issue 13 (their sizes are the preset's "studies" entry): name -> runner
+STUDIES = ("diagnostics", "scale-data", "scale-base", "seeds")
+GROUPS = (*ABLATIONS, *STUDIES)
 
 
 def variants(preset: dict, groups: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -134,7 +151,7 @@ class AblateConfig:
     preset: str = arg("demo preset", default="image")
     quick: bool = arg("toy sizes (the demo's --quick)", default=False)
     seed: int = arg("seed of every stage", default=0)
-    groups: list[str] = arg("ablation groups: " + ", ".join(ABLATIONS), default_factory=lambda: list(ABLATIONS))
+    groups: list[str] = arg("ablation groups: " + ", ".join(GROUPS), default_factory=lambda: list(GROUPS))
     threads: Optional[int] = arg("torch threads (default: torch's choice)", default=None)
 
     def __post_init__(self):
@@ -142,9 +159,9 @@ class AblateConfig:
 
         if self.preset not in PRESETS:
             raise ValueError(f"--preset: unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        unknown = [g for g in self.groups if g not in ABLATIONS]
+        unknown = [g for g in self.groups if g not in GROUPS]
         if unknown or not self.groups:
-            raise ValueError(f"--groups: unknown group(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+            raise ValueError(f"--groups: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
 
 
 def ablate(cfg: AblateConfig) -> Path:
@@ -163,7 +180,7 @@ def ablate(cfg: AblateConfig) -> Path:
     metric = preset["metric"]
     dense = read_json(names["evals"]["dense"] / "eval.json")
     rows = []
-    for group, setting in variants(preset, groups):
+    for group, setting in variants(preset, [g for g in groups if g in ABLATIONS]):
         log.info("ablate: %s = %s", group, _label(group, setting))
         d = _run_variant(p, preset, setting, names)
         rows.append({"group": group, "label": _label(group, setting), "setting": setting,
@@ -175,13 +192,254 @@ def ablate(cfg: AblateConfig) -> Path:
     write_json(out / "ablate.json", {"metric": metric, "dense": dense["overall"],
                                      "rows": [{k: v for k, v in r.items() if k != "eval"} | {"overall": r["eval"]["overall"]}
                                               for r in rows]})
+    studies = [g for g in groups if g in STUDIES]
+    sections = run_studies(p, preset, names, studies, out) if studies and metric == "accuracy" else []
     report = out / "ABLATE.md"
     atomic_write_text(report, "\n".join([
         f"# ddfm ablate — preset {cfg.preset}" + (" (quick)" if cfg.quick else ""), "",
         f"Run directory `{p.root}`, seed {cfg.seed}; {metric} on the demo's test set. Each row changes one "
         "setting of the baseline ensemble (first row of each group = the demo's); experts are retrained, "
         "compute-matched to the dense baseline, whenever the partition changes.", "",
-        table, "", "![ablations](ablate.png)", ""]))
+        table, "", "![ablations](ablate.png)", "", *sections]))
     print(table)
     print(f"\nablate: finished in {time.perf_counter() - t0:.0f} s; report: {report.resolve()}")
     return report
+
+
+# ------------------------------------------------------------------------------ issue 13's studies
+
+def _acc(e: dict | None, key: str = "overall") -> float | None:
+    return None if e is None else (e[key] if key == "overall" else e).get("accuracy")
+
+
+def _eval(d: Path) -> dict:
+    return read_json(d / "eval.json")
+
+
+def run_studies(p, preset: dict, names: dict, studies: list[str], out: Path) -> list[str]:
+    """Run the requested studies; returns the markdown sections of ABLATE.md (and writes
+    ``studies.json`` and ``scale.png``)."""
+    results: dict[str, Any] = {}
+    lines: list[str] = []
+    if "diagnostics" in studies:
+        results["diagnostics"] = study_diagnostics(p, preset, names)
+        lines += diagnostics_markdown(results["diagnostics"], preset["k"])
+    scale = {g: study_scale(p, preset, names, g) for g in ("scale-data", "scale-base") if g in studies}
+    if scale:
+        results.update(scale)
+        lines += scale_markdown(scale)
+        plot_scale(out / "scale.png", scale)
+        lines += ["![the gap as data and base grow](scale.png)", ""]
+    if "seeds" in studies:
+        results["seeds"] = study_seeds(p, preset, names)
+        lines += seeds_markdown(results["seeds"])
+    write_json(out / "studies.json", results)
+    return lines
+
+
+def study_diagnostics(p, preset: dict, names: dict) -> dict:
+    """Every expert alone on all test items (grouped by the cluster their features fall in),
+    and dense at the experts' batch B/K for the same steps."""
+    from ddfm.demo import stage_dense, stage_eval
+
+    k, part = preset["k"], names["partition"]
+    alone = {}
+    for j, expert in enumerate(names["experts"]):
+        alone[j] = _eval(stage_eval(p, preset, f"ablate/eval-{expert}-alone", [expert], part, None))
+    small = stage_dense(p, preset, names.get("val"), name="ablate/dense-batch-over-k", batch_divisor=k)
+    small_eval = _eval(stage_eval(p, preset, "ablate/eval-dense-batch-over-k", ["ablate/dense-batch-over-k"],
+                                  part, None))
+    evals = {n: _eval(d) for n, d in names["evals"].items()}
+    return {"matrix": {str(j): {c: g.get("accuracy") for c, g in e["by_cluster"].items() if g.get("n_qa")}
+                       for j, e in alone.items()},
+            "dense": {"overall": _acc(evals["dense"]), "by_cluster": {c: g.get("accuracy") for c, g in
+                                                                      evals["dense"]["by_cluster"].items()}},
+            "dense_batch_over_k": {"overall": _acc(small_eval), "dir": str(small),
+                                   "by_cluster": {c: g.get("accuracy") for c, g in small_eval["by_cluster"].items()}},
+            "top1": {"overall": _acc(evals.get("top-1")),
+                     "by_cluster": {c: g.get("accuracy") for c, g in (evals.get("top-1") or {"by_cluster": {}})
+                                    ["by_cluster"].items()}}}
+
+
+def diagnostics_markdown(d: dict, k: int) -> list[str]:
+    from ddfm.report import fmt
+
+    clusters = sorted({c for row in d["matrix"].values() for c in row}, key=lambda c: (not c.isdigit(), c))
+    lines = ["## Diagnostics: where the gap comes from", "",
+             "**Every expert on every cluster's test items** (accuracy %; rows: the expert, alone; columns: the "
+             "cluster the items' features fall in). The diagonal is what top-1 routing uses.", "",
+             "| expert | " + " | ".join(f"cluster {c}" for c in clusters) + " |",
+             "| --- |" + " ---: |" * len(clusters)]
+    for j, row in d["matrix"].items():
+        lines.append(f"| expert-{j} | " + " | ".join(fmt(row.get(c), True) for c in clusters) + " |")
+    lines.append("| dense | " + " | ".join(fmt(d["dense"]["by_cluster"].get(c), True) for c in clusters) + " |")
+    lines.append(f"| dense at batch B/{k} | " + " | ".join(fmt(d["dense_batch_over_k"]["by_cluster"].get(c), True)
+                                                        for c in clusters) + " |")
+    dense, small, top1 = d["dense"]["overall"], d["dense_batch_over_k"]["overall"], d["top1"]["overall"]
+    lines += ["", f"**Batch vs partition**: dense {fmt(dense, True)}, dense at the experts' batch B/{k} for the same "
+              f"steps {fmt(small, True)}, top-1 {fmt(top1, True)}: of the gap {fmt(_diff(dense, top1), True)}, "
+              f"{fmt(_diff(dense, small), True)} points go with the batch (each expert's share of the compute) and "
+              f"{fmt(_diff(small, top1), True)} with the partition itself.", ""]
+    return lines
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def stage_subset(p, fraction: float) -> str:
+    """A stage holding ``train.jsonl`` with ``fraction`` of the training images (every record
+    of a kept image) and the same fraction of the text records, seeded."""
+    import numpy as np
+
+    from ddfm.data import load_records, write_records
+
+    name = f"ablate/data-{fraction:g}"
+
+    def run(d: Path) -> None:
+        records = load_records(p.path("data") / "train.jsonl", check_images=False).records
+        rng = np.random.default_rng(p.seed)
+        images = sorted({r.image for r in records if r.has_image})
+        keep = set(rng.choice(images, max(1, round(fraction * len(images))), replace=False).tolist())
+        text = [r.id for r in records if not r.has_image]
+        keep |= set(rng.choice(text, round(fraction * len(text)), replace=False).tolist()) if text else set()
+        write_records(d / "train.jsonl", [r for r in records if (r.image if r.has_image else r.id) in keep])
+
+    p.run(name, {"fraction": fraction}, run, after=("data",))
+    return name
+
+
+def _gap_point(p, preset: dict, prefix: str, source: str, base: str, part_prefix: str | None = None) -> dict:
+    """Dense and K experts on stage ``source``'s records from checkpoint ``base``, evaluated
+    (dense, top-1, posterior-answers). The partition of those records is ``part_prefix``'s
+    (shared by the points on the same records)."""
+    from ddfm.demo import ROUTINGS, stage_dense, stage_eval, stage_experts, stage_partition
+
+    k = preset["k"]
+    part = stage_partition(p, preset, encoder=preset["encoder"], k=k, algorithm=preset["algorithm"],
+                           prefix=prefix if part_prefix is None else part_prefix, source=source, features="embed")
+    dense = stage_dense(p, preset, name=f"{prefix}dense", source=source, base=base)
+    experts = stage_experts(p, preset, part, k, prefix=prefix, source=source, base=base)
+    evals = {"dense": _eval(stage_eval(p, preset, f"{prefix}eval-dense", [f"{prefix}dense"], part, None))}
+    for r in ("top-1", "posterior-answers"):
+        evals[r] = _eval(stage_eval(p, preset, f"{prefix}eval-{r}", experts, part, ROUTINGS[r]))
+    return {"images_per_expert": _images_per_expert(p, part, k),
+            "dense_steps": read_json(dense / "ddfm.json")["compute"]["steps"],
+            **{n: _acc(e) for n, e in evals.items()}}
+
+
+def study_scale(p, preset: dict, names: dict, group: str) -> list[dict]:
+    """The gap at each point of a sweep: ``scale-data`` over training-image fractions (one
+    pass each, from the demo's base), ``scale-base`` over alignment-step fractions (on the
+    preset's ``base_data`` fraction of the images)."""
+    from ddfm.demo import base_start, stage_base_step
+
+    study = preset["studies"]
+    demo_point = {"images_per_expert": _images_per_expert(p, names["partition"], preset["k"]),
+                  "dense_steps": read_json(p.path("dense") / "ddfm.json")["compute"]["steps"],
+                  **{n: _acc(_eval(d)) for n, d in names["evals"].items() if n in ("dense", "top-1", "posterior-answers")}}
+    points = []
+    if group == "scale-data":
+        for f in study["data"]:
+            point = demo_point if f == 1 else _gap_point(p, preset, f"ablate/data-{f:g}/", stage_subset(p, f), "align")
+            points.append({"fraction": f, **point})
+        return points
+    f = study["base_data"]
+    source = "data" if f == 1 else stage_subset(p, f)
+    data_prefix = "" if f == 1 else f"ablate/data-{f:g}/"
+    align_steps = read_json(p.path("align") / "ddfm.json")["compute"]["steps"]
+    for a in study["base"]:
+        if a == 1:  # the demo's base: the scale-data point of the same images
+            point = demo_point if f == 1 else _gap_point(p, preset, data_prefix, source, "align")
+        else:
+            base = base_start(preset) if a == 0 else f"ablate/align-{a:g}"
+            if a:
+                stage_base_step(p, preset["align"], base, base_start(preset), fraction=a)
+            point = _gap_point(p, preset, f"{data_prefix}base-{a:g}/", source, base, part_prefix=data_prefix)
+        points.append({"align_fraction": a, "align_steps": round(a * align_steps), **point})
+    return points
+
+
+def _images_per_expert(p, part: str, k: int) -> float:
+    return sum(c["unique_items"] for c in read_json(p.path(part) / "report.json")["clusters"]) / k
+
+
+def scale_markdown(scale: dict) -> list[str]:
+    from ddfm.report import fmt
+
+    lines = ["## The gap as the data and the shared base grow", ""]
+    for group, points in scale.items():
+        what = ("training images (one pass each)" if group == "scale-data"
+                else "alignment steps of the shared base")
+        x = "fraction" if group == "scale-data" else "align_steps"
+        lines += [f"**{group}** — {what}:", "",
+                  f"| {x.replace('_', ' ')} | images per expert | dense steps | dense | top-1 | posterior-answers | "
+                  "dense − top-1 | dense − posterior-answers |", "| ---: |" + " ---: |" * 7]
+        for pt in points:
+            lines.append(f"| {pt[x]:g} | {pt['images_per_expert']:.0f} | {pt['dense_steps']} | {fmt(pt['dense'], True)} | "
+                         f"{fmt(pt['top-1'], True)} | {fmt(pt['posterior-answers'], True)} | "
+                         f"{fmt(_diff(pt['dense'], pt['top-1']), True, signed=True)} | "
+                         f"{fmt(_diff(pt['dense'], pt['posterior-answers']), True, signed=True)} |")
+        lines.append("")
+    return lines
+
+
+def plot_scale(path: Path, scale: dict) -> None:
+    """The dense − ensemble gap (points) against images per expert and against alignment steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scale), figsize=(5.2 * len(scale), 3.8), squeeze=False)
+    for ax, (group, points) in zip(axes[0], scale.items()):
+        x = [pt["images_per_expert"] if group == "scale-data" else pt["align_steps"] for pt in points]
+        for r, style in (("top-1", "o-"), ("posterior-answers", "s--")):
+            ax.plot(x, [100 * _diff(pt["dense"], pt[r]) for pt in points], style, label=f"dense − {r}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xlabel="unique training images per expert (one pass)" if group == "scale-data"
+               else "alignment steps of the shared base", ylabel="accuracy gap (points)", title=group)
+        if group == "scale-data":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def study_seeds(p, preset: dict, names: dict) -> dict:
+    """The whole demo at other seeds (each in ``ablate/seed-S``): the headline row's spread."""
+    import statistics
+
+    from ddfm.demo import Pipeline, run_core
+
+    runs = {p.seed: {n: _acc(_eval(d)) for n, d in names["evals"].items()}}
+    for s in preset["studies"]["seeds"]:
+        child = Pipeline(p.root / "ablate" / f"seed-{s}", s)
+        runs[s] = {n: _acc(_eval(d)) for n, d in run_core(child, preset)["evals"].items()}
+    summary = {}
+    for n in runs[p.seed]:
+        vals = [r[n] for r in runs.values() if r.get(n) is not None]
+        gaps = [r["dense"] - r[n] for r in runs.values() if n != "dense" and r.get(n) is not None]
+        summary[n] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                      "gap_mean": statistics.fmean(gaps) if gaps else None,
+                      "gap_sd": statistics.stdev(gaps) if len(gaps) > 1 else None}
+    return {"runs": {str(s): r for s, r in runs.items()}, "summary": summary}
+
+
+def seeds_markdown(seeds: dict) -> list[str]:
+    from ddfm.report import fmt
+
+    names = list(seeds["summary"])
+    lines = [f"## Over {len(seeds['runs'])} seeds (the whole demo at each)", "",
+             "| seed | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+    for s, r in seeds["runs"].items():
+        lines.append(f"| {s} | " + " | ".join(fmt(r.get(n), True) for n in names) + " |")
+    sm = seeds["summary"]
+    lines.append("| mean ± sd | " + " | ".join(f"{fmt(sm[n]['mean'], True)} ± {fmt(sm[n]['sd'], True)}"
+                                              for n in names) + " |")
+    lines.append("| dense − it | – | " + " | ".join(
+        f"{fmt(sm[n]['gap_mean'], True, signed=True)} ± {fmt(sm[n]['gap_sd'], True)}" for n in names[1:]) + " |")
+    return lines + [""]

@@ -51,6 +51,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "the whole method on the embedded real data, with REPORT.md"),
     "ablate": ("ddfm.ablate:AblateConfig:ablate",
                "the paper's ablations (K, encoder, clustering, routing) in one table"),
+    "tasks": ("ddfm.harness:TasksConfig:write_tasks",
+              "task files for lm-evaluation-harness and lmms-eval over prepared test data"),
     "serve": ("ddfm.serve.cli:ServeConfig:serve",
               "OpenAI-compatible HTTP API over the ensemble"),
     "theory": ("ddfm.theory:TheoryConfig:theory_cli",

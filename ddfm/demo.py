@@ -85,6 +85,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "routings": ["top-1", "soft", "posterior", "posterior-answers"],
         "eval": {"batch_size": 32, "max_new_tokens": 8, "limit": None},
         "metric": "accuracy",
+        # ddfm ablate's studies: training-image fractions (one pass each), alignment-step
+        # fractions (on base_data of the images), other seeds of the whole demo
+        "studies": {"data": [0.25, 0.5, 1], "base": [0, 0.25, 1], "base_data": 0.25, "seeds": [1, 2]},
     },
     # the demo before issue 13: a 200-step aligned base, 2,000 images seen about four times
     "image-small": {
@@ -104,6 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "routings": ["top-1", "soft", "posterior", "posterior-answers"],
         "eval": {"batch_size": 32, "max_new_tokens": 8, "limit": None},
         "metric": "accuracy",
+        "studies": {"data": [0.25, 0.5, 1], "base": [0, 0.25, 1], "base_data": 0.25, "seeds": [1, 2]},
     },
     "text": {
         "help": "python-docs passages, minilm encoder, tiny-lm experts, perplexity",
@@ -130,7 +134,8 @@ _QUICK_IMAGE = {"prepare": {"train_size": 24, "test_size": 6, "val_size": 4, "al
                             "max_words": 30},
                 "encoder": "pixels", "fine_clusters": 8,
                 "align": {"epochs": 1, "batch_size": 8}, "dense": {"epochs": 0.4, "batch_size": 8},
-                "eval": {"batch_size": 16, "max_new_tokens": 3, "limit": 16}, "eval_points": 2}
+                "eval": {"batch_size": 16, "max_new_tokens": 3, "limit": 16}, "eval_points": 2,
+                "studies": {"data": [0.5, 1], "base": [0, 1], "base_data": 0.5, "seeds": [1]}}
 QUICK: dict[str, dict[str, Any]] = {
     "image": {**_QUICK_IMAGE, "prepare": {**_QUICK_IMAGE["prepare"], "pretrain_size": 12},
               "pretrain": {"epochs": 1, "batch_size": 4}},
@@ -238,33 +243,46 @@ def _records(path: Path) -> int:
 def stage_base(p: Pipeline, preset: dict) -> Path:
     """init, the optional language pretraining and the centralised alignment stage; returns
     the aligned checkpoint that the dense baseline and every expert start from."""
-    from ddfm.data import load_records, write_records
     from ddfm.models import InitConfig, init
-    from ddfm.train import TrainConfig, train
 
-    data = p.path("data")
     p.run("init", {"model": preset["model"]},
-          lambda d: init(InitConfig(preset=preset["model"], data=str(data / "train.jsonl"), out=str(d),
+          lambda d: init(InitConfig(preset=preset["model"], data=str(p.path("data") / "train.jsonl"), out=str(d),
                                     seed=p.seed)), after=("data",))
     start = "init"
     for name in ("pretrain", "align"):
-        stage = preset.get(name)
-        if stage is None:
-            continue
-
-        def run(d: Path, stage=stage, start=start) -> None:
-            split = stage["data"]
-            source = data / f"{split.removesuffix('-images')}.jsonl"
-            if split.endswith("-images"):  # image-text pairs only (a projector-only recipe learns nothing from text)
-                source = d / "data.jsonl"
-                write_records(source, [r for r in load_records(data / "train.jsonl").records if r.has_image])
-            opts = {k: v for k, v in train_steps(stage, _records(source)).items() if k != "data"}
-            train(TrainConfig(init=str(p.path(start)), data=str(source), out=str(d), seed=p.seed, resume=True,
-                              device="cpu", **opts))
-
-        p.run(name, stage, run, after=("data", start), resumable=True)
-        start = name
+        if preset.get(name) is not None:
+            stage_base_step(p, preset[name], name, start)
+            start = name
     return p.path("align")
+
+
+def base_start(preset: dict) -> str:
+    """The checkpoint the alignment stage starts from: the pretrained LM, else the init."""
+    return "pretrain" if preset.get("pretrain") is not None else "init"
+
+
+def stage_base_step(p: Pipeline, stage: dict, name: str, start: str, fraction: float = 1.0) -> Path:
+    """One base stage (``pretrain`` or ``align`` of a preset) trained from checkpoint
+    ``start`` on its data split; ``fraction`` scales its steps (``ddfm ablate``'s sweep of
+    the base's strength)."""
+    from ddfm.data import load_records, write_records
+    from ddfm.train import TrainConfig, train
+
+    data = p.path("data")
+
+    def run(d: Path) -> None:
+        split = stage["data"]
+        source = data / f"{split.removesuffix('-images')}.jsonl"
+        if split.endswith("-images"):  # image-text pairs only (a projector-only recipe learns nothing from text)
+            source = d / "data.jsonl"
+            write_records(source, [r for r in load_records(data / "train.jsonl").records if r.has_image])
+        opts = {k: v for k, v in train_steps(stage, _records(source)).items() if k != "data"}
+        opts["steps"] = max(1, round(opts["steps"] * fraction))
+        train(TrainConfig(init=str(p.path(start)), data=str(source), out=str(d), seed=p.seed, resume=True,
+                          device="cpu", **opts))
+
+    return p.run(name, {**stage, **({"fraction": fraction} if fraction != 1.0 else {})}, run,
+                 after=("data", start), resumable=True)
 
 
 def stage_val_shards(p: Pipeline, preset: dict, part: str) -> list[Path]:
@@ -296,50 +314,55 @@ def _eval_every(preset: dict, steps: int) -> int:
 
 
 def stage_dense(p: Pipeline, preset: dict, val: list[Path] | None = None, *, name: str = "dense",
-                batch_divisor: int = 1) -> Path:
-    """The dense baseline: all training data, from the aligned base. ``batch_divisor`` K
-    trains it at the experts' batch B/K for the same steps (a diagnostic of ``ddfm ablate``)."""
+                batch_divisor: int = 1, source: str = "data", base: str = "align") -> Path:
+    """The dense baseline: all of stage ``source``'s training records, from checkpoint
+    ``base``. ``batch_divisor`` K trains it at the experts' batch B/K for the same steps (a
+    diagnostic of ``ddfm ablate``)."""
     from ddfm.train import TrainConfig, train
 
-    data = p.path("data") / "train.jsonl"
+    data = p.path(source) / "train.jsonl"
     val = val or []
 
     def run(d: Path) -> None:
         opts = train_steps(preset["dense"], _records(data))
         opts["batch_size"] //= batch_divisor
-        train(TrainConfig(init=str(p.path("align")), data=str(data), out=str(d), seed=p.seed, resume=True,
-                          device="cpu", eval_data=[str(v) for v in val],
-                          eval_every=_eval_every(preset, opts["steps"]), **opts))
+        train(TrainConfig(init=str(p.path(base)), data=str(data), out=str(d), seed=p.seed, resume=True,
+                              device="cpu", eval_data=[str(v) for v in val],
+                              eval_every=_eval_every(preset, opts["steps"]), **opts))
 
     return p.run(name, {**preset["dense"], "val": [v.name for v in val], "eval_points": preset.get("eval_points"),
-                        "batch_divisor": batch_divisor}, run, after=("data", "align"), resumable=True)
+                        "batch_divisor": batch_divisor}, run, after=(source, base), resumable=True)
 
 
 def stage_partition(p: Pipeline, preset: dict, *, encoder: str, k: int, algorithm: str,
-                    prefix: str = "") -> str:
-    """embed + partition for one (encoder, K, algorithm); returns the partition stage name."""
+                    prefix: str = "", source: str = "data", features: str | None = None) -> str:
+    """embed + partition for one (encoder, K, algorithm) of the records in stage ``source``'s
+    train.jsonl; ``features`` reuses an embed stage that covers them. Returns the partition
+    stage name."""
     from ddfm.embed import EmbedConfig, embed
     from ddfm.partition import PartitionConfig, partition
 
-    train_file = str(p.path("data") / "train.jsonl")
-    emb, part = f"{prefix}embed", f"{prefix}partition"
-    after_embed = ("data", "align") if encoder.startswith("tower:") else ("data",)
-    p.run(emb, {"encoder": encoder}, lambda d: embed(EmbedConfig(data=[train_file], encoder=encoder, out=str(d))),
-          after=after_embed)
+    train_file = str(p.path(source) / "train.jsonl")
+    emb, part = features or f"{prefix}embed", f"{prefix}partition"
+    if features is None:
+        after_embed = (source, "align") if encoder.startswith("tower:") else (source,)
+        p.run(emb, {"encoder": encoder}, lambda d: embed(EmbedConfig(data=[train_file], encoder=encoder,
+                                                                     out=str(d))), after=after_embed)
     cfg = {"k": k, "algorithm": algorithm, "fine_clusters": preset["fine_clusters"]}
     p.run(part, cfg, lambda d: partition(PartitionConfig(
         data=train_file, features=str(p.path(emb)), k=k, out=str(d), algorithm=algorithm,
         fine_clusters=preset["fine_clusters"], seed=p.seed, plot=True, tokenizer=str(p.path("init")))),
-        after=("data", "init", emb))
+        after=(source, "init", emb))
     return part
 
 
 def stage_experts(p: Pipeline, preset: dict, part: str, k: int, prefix: str = "",
-                  val: list[Path] | None = None) -> list[str]:
-    """K experts from the aligned base, compute-matched to the dense run (--match)."""
+                  val: list[Path] | None = None, *, source: str = "data", base: str = "align") -> list[str]:
+    """K experts from checkpoint ``base``, compute-matched (--match) to the dense run on
+    stage ``source``'s training records."""
     from ddfm.train import TrainConfig, train
 
-    dense = train_steps(preset["dense"], _records(p.path("data") / "train.jsonl"))
+    dense = train_steps(preset["dense"], _records(p.path(source) / "train.jsonl"))
     match = f"dense:{dense['steps']},{dense['batch_size']},{k}"
     opts = {n: v for n, v in dense.items() if n not in ("steps", "batch_size")}
     every = _eval_every(preset, dense["steps"])
@@ -349,10 +372,10 @@ def stage_experts(p: Pipeline, preset: dict, part: str, k: int, prefix: str = ""
         shard = str(p.path(part) / f"shard-{j:02d}.jsonl")
         held = [str(val[j])] if val else []
         p.run(name, {**opts, "match": match, "cluster": j, "val": held and val[j].name}, lambda d, shard=shard, j=j,
-              held=held: train(TrainConfig(init=str(p.path("align")), data=shard, out=str(d), seed=p.seed,
-                                           resume=True, device="cpu", match=match, cluster=j, eval_data=held,
-                                           eval_every=every, **opts)),
-              after=("align", part), resumable=True)
+              held=held: train(TrainConfig(init=str(p.path(base)), data=shard, out=str(d), seed=p.seed,
+                                               resume=True, device="cpu", match=match, cluster=j, eval_data=held,
+                                               eval_every=every, **opts)),
+              after=(base, part), resumable=True)
         names.append(name)
     return names
 
@@ -418,7 +441,7 @@ def run_core(p: Pipeline, preset: dict) -> dict[str, Any]:
     evals = {"dense": stage_eval(p, preset, "eval-dense", ["dense"], part, None)}
     for r in preset["routings"]:
         evals[r] = stage_eval(p, preset, f"eval-{r}", experts, part, ROUTINGS[r])
-    return {"partition": part, "experts": experts, "evals": evals}
+    return {"partition": part, "experts": experts, "evals": evals, "val": val}
 
 
 def demo(cfg: DemoConfig) -> Path:

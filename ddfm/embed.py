@@ -29,9 +29,17 @@ Encoder specs (presets as data: :data:`ENCODERS`):
 
 Output directory (see docs/ARCHITECTURE.md): ``features.npy`` (M, D) float32 unit rows,
 ``keys.json`` (M keys, :func:`record_key`), ``embed.json`` (encoder, modality, dim, count,
-data files, cache_key, failed items, timings). The directory is its own cache: a re-run
+data files, cache_key, failed items: a function of the data and the encoder only) and
+``timing.json`` (seconds, items per second). The directory is its own cache: a re-run
 with the same data (file digests, image sizes and mtimes) and the same encoder (spec and
 weights identity) does nothing and says so.
+
+Across workers (:mod:`ddfm.embed_parts`): ``--shard I/N`` (or one rank of ``torchrun``)
+embeds slice I of the unique items into ``OUT/part-I-of-N/``; the last slice to finish
+merges them into ``OUT``, byte for byte what one process writes::
+
+    ddfm embed data/mix/train.jsonl --out runs/embed --shard 0/4      # ... 3/4, anywhere
+    torchrun --nproc_per_node=8 -m ddfm embed data/mix/train.jsonl --out runs/embed
 """
 
 from __future__ import annotations
@@ -46,13 +54,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ddfm import embed_parts as parts
 from ddfm.config import arg
 from ddfm.data import IMAGE_TOKEN, Record, load_records, open_image
-from ddfm.io import atomic_path, file_digest, read_json, write_json
+from ddfm.io import file_digest, read_json
 
 log = logging.getLogger(__name__)
 
@@ -291,27 +300,31 @@ class HFImageEncoder(Encoder):
 
 
 class VisionTowerEncoder(Encoder):
-    """The vision tower of a vision-language checkpoint (LLaVA-style), mean-pooled.
+    """The vision tower of a vision-language checkpoint, mean-pooled (any family of
+    ``ddfm.families`` with a tower: LLaVA-1.5, LLaVA-OneVision, InternVL, Qwen2-VL,
+    Qwen2.5-VL, Idefics3, SmolVLM).
 
-    Only the tower's weights are read from the safetensors files (a 7B LLaVA is not
-    loaded to route). Features: the hidden states of layer ``vision_feature_layer`` (the
-    ones the VLM projects into its language model; several layers are concatenated like the
-    VLM does), the CLS token dropped when ``vision_feature_select_strategy == "default"``,
-    mean over the remaining patch tokens -> (B, hidden_size * n_layers).
+    Only the tower's weights are read from the safetensors files (a 7B VLM is not
+    loaded to route). Features (:func:`ddfm.families.tower_features`): the tower states
+    the VLM feeds its projector (LLaVA: ``vision_feature_layer``, several layers
+    concatenated, CLS dropped for the ``default`` strategy; Qwen2-VL: before the merger),
+    averaged over each image's tokens and tiles -> (B, D). Images go through the
+    checkpoint's own image processor (PIL backend), one at a time (tiles and grids differ
+    per image).
     """
 
     modality = "image"
 
     def __init__(self, path: str | None = None, device: str = "cpu"):
+        from ddfm.families import FAMILIES
+
         root, config = _checkpoint_config(path, "tower")
-        vision_config = getattr(config, "vision_config", None)
-        if vision_config is None or config.model_type in HF_IMAGE_MODELS:
-            raise ValueError(f"tower:{path}: {root} holds a {config.model_type!r} model without a vision tower "
-                             "(expected a vision-language model such as LLaVA); for CLIP/SigLIP use clip:PATH")
+        family = FAMILIES.get(config.model_type)
+        if family is None or family.tower is None or getattr(config, "vision_config", None) is None:
+            raise ValueError(f"tower:{path}: {root} holds a {config.model_type!r} model without a vision tower ddfm "
+                             f"can route with (families: {', '.join(FAMILIES)}); for CLIP/SigLIP use clip:PATH")
         self.spec, self.identity = f"tower:{root}", _dir_fingerprint(root)
-        self.layer = getattr(config, "vision_feature_layer", -1)
-        self.select = getattr(config, "vision_feature_select_strategy", "full")
-        self.device, self._root, self._vision_config = _torch_device(device), root, vision_config
+        self.device, self._root, self._config, self._family = _torch_device(device), root, config, family
 
     @cached_property
     def processor(self):
@@ -319,56 +332,54 @@ class VisionTowerEncoder(Encoder):
 
     @cached_property
     def tower(self):
-        return _load_vision_tower(self._root, self._vision_config).eval().to(self.device)
+        return _load_vision_tower(self._root, self._config, self._family).eval().to(self.device)
 
     @cached_property
     def dim(self) -> int:
         return int(self._encode([_blank_image()]).shape[1])
 
     def _encode(self, items: list) -> np.ndarray:
-        import torch
+        from ddfm.families import tower_features
 
-        pixels = self.processor(images=[im.convert("RGB") for im in items], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            out = self.tower(pixel_values=pixels.to(self.device, dtype=self.tower.dtype), output_hidden_states=True)
-            layers = self.layer if isinstance(self.layer, (list, tuple)) else [self.layer]
-            hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1)  # (B, T, H * n_layers)
-            if self.select == "default":
-                hidden = hidden[:, 1:]  # drop CLS, as the VLM does before projecting
-            return hidden.mean(1).float().cpu().numpy()  # (B, H * n_layers)
+        visions = [dict(self.processor(images=[im.convert("RGB")], return_tensors="pt")) for im in items]
+        features, _ = tower_features(self._config, self.tower, visions)
+        return features.cpu().numpy()  # (B, D)
 
 
-def _load_vision_tower(root: Path, vision_config):
-    """Build the tower from ``vision_config`` and load only its tensors from safetensors.
+def _load_vision_tower(root: Path, config, family):
+    """Build the tower from ``config.vision_config`` and load only its tensors from safetensors.
 
-    Checkpoint keys look like ``[model.]vision_tower.[vision_model.]<name>`` depending on
+    Checkpoint keys look like ``[model.]<tower>.[vision_model.]<name>`` (``<tower>`` the
+    family's tower attribute: ``vision_tower``, ``visual``, ``vision_model``) depending on
     the transformers version that wrote them; they are matched to the tower's own keys
     with both optional infixes ignored. Falls back to loading the whole VLM when the
     tensors cannot be matched (unusual layouts), which is slower but exact.
     """
+    import torch
     from safetensors import safe_open
-    from transformers import AutoModel
+    from transformers import AutoModelForImageTextToText
 
-    tower = AutoModel.from_config(vision_config)
+    from ddfm.families import tower_of
+
+    with torch.device("meta"):  # the VLM's own tower class, without building its weights
+        tower_class = type(tower_of(AutoModelForImageTextToText.from_config(config)))
+    tower = tower_class._from_config(config.vision_config)
+    marker = family.tower.split(".")[-1] + "."
     files = sorted(root.glob("*.safetensors"))
     wanted = {_strip_vision_model(k): k for k in tower.state_dict()}
     found: dict[str, Any] = {}
     for f in files:
         with safe_open(f, framework="pt") as st:
             for key in st.keys():
-                if "vision_tower." not in key:
+                if marker not in key:
                     continue
-                name = _strip_vision_model(key.split("vision_tower.", 1)[1])
+                name = _strip_vision_model(key.split(marker, 1)[1])
                 if name in wanted:
                     found[wanted[name]] = st.get_tensor(key)
     missing = [k for k in wanted.values() if k not in found and not k.endswith("position_ids")]
     if not files or missing:
         log.info("tower: vision-tower tensors not matched in %s (%d missing); loading the full model", root, len(missing))
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(root)
-        inner = getattr(model, "model", model)
-        return getattr(inner, "vision_tower", None) or model.get_vision_tower()
+        return tower_of(AutoModelForImageTextToText.from_pretrained(root))
     tower.load_state_dict(found, strict=False)
     return tower
 
@@ -556,6 +567,11 @@ class EmbedConfig:
     batch_size: int = arg("items per encoder call", default=64)
     device: str = arg("torch device", default="cpu", choices=("cpu", "cuda", "auto"))
     force: bool = arg("recompute even when the cache in --out is up to date", default=False)
+    shard: Optional[str] = arg("embed only slice I/N of the unique items (I from 0) into OUT/part-I-of-N/; the "
+                               "last slice to finish merges them into OUT (under torchrun: RANK/WORLD_SIZE)",
+                               default=None)
+    merge: bool = arg("merge the finished OUT/part-I-of-N/ slices into OUT (when the automatic merge did not run)",
+                      default=False)
 
     def __post_init__(self):
         if isinstance(self.data, (str, os.PathLike)):
@@ -564,21 +580,28 @@ class EmbedConfig:
             raise ValueError("data: give at least one data file")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be at least 1, got {self.batch_size}")
+        if self.shard is not None:
+            parts.parse_part(self.shard)
+            if self.merge:
+                raise ValueError("shard: --shard embeds one slice, --merge merges finished ones; give one of them")
         parse_spec(self.encoder)  # an unknown name fails before any model loads
 
 
 def embed(cfg: EmbedConfig) -> Path:
     """Embed every unique item of ``cfg.data`` with ``cfg.encoder`` into ``cfg.out``.
 
-    Returns the output directory. Items that cannot be read (missing file, bad bytes) are
-    logged and listed in ``embed.json["failed"]``; they get no row.
+    Returns the output directory (for a slice whose siblings are not all done yet, its
+    ``part-I-of-N`` directory). Items that cannot be read (missing file, bad bytes) are
+    logged and listed in ``embed.json["failed"]``; they get no row. A slice (``--shard``,
+    or one rank under torchrun) embeds whole batches of the items (:mod:`ddfm.embed_parts`).
     """
     out = Path(cfg.out)
     records: list[tuple[Path, Record]] = []
     for f in cfg.data:
         records += [(Path(f), r) for r in load_records(f, check_images=False).records]
+    part = parts.part_of_run(cfg.shard)
     t0 = time.perf_counter()
-    encoder = get_encoder(cfg.encoder, device=cfg.device)
+    encoder = get_encoder(cfg.encoder, device=_rank_device(cfg.device) if part else cfg.device)
     load_s = time.perf_counter() - t0
     items = _collect(records, encoder.modality)
     cache_key = _cache_key(cfg.data, encoder, items)
@@ -586,23 +609,89 @@ def embed(cfg: EmbedConfig) -> Path:
         log.info("embed: cache hit, %s is up to date for these data and %s (cache key %s); nothing recomputed "
                  "(--force recomputes)", out, encoder.spec, cache_key[:12])
         return out
-    t0 = time.perf_counter()
-    keys, feats, failed = _embed_items(encoder, items, cfg.batch_size)
-    seconds = time.perf_counter() - t0
-    meta = {"encoder": encoder.spec, "modality": encoder.modality, "dim": encoder.dim, "count": len(keys),
-            "data": [str(Path(f).resolve()) for f in cfg.data], "cache_key": cache_key, "failed": failed,
-            "records": items.n_records, "records_without_item": items.n_without, "weights": encoder.identity,
-            "seconds": round(seconds, 3), "model_load_seconds": round(load_s, 3),
-            "items_per_second": round(len(items.keys) / seconds, 1) if seconds > 0 else None,
-            "batch_size": cfg.batch_size, "format": FORMAT_VERSION}
-    _write(out, feats, keys, meta)
-    if not keys and items.n_without:
+    if cfg.merge:
+        return _merge(out, cache_key)
+    if part is None:
+        keys, feats, failed, timing = _embed_timed(encoder, items, cfg.batch_size, load_s)
+        parts.write_features(out, [feats], keys, _meta(cfg, encoder, items, cache_key, keys, failed), timing)
+        n_rows = len(keys)
+    else:
+        index, count = part
+        where = _embed_part(cfg, encoder, items, cache_key, load_s, index, count)
+        with parts.merge_lock(out):  # the last slice to finish merges; one waiting finds it done
+            done = parts.complete_parts(out, cache_key, count)
+            if len(done) < count:
+                if _cache_hit(out, cache_key):
+                    return out
+                log.info("embed: part %d of %d written (%d of %d done) -> %s", index, count, len(done), count, where)
+                return where
+            n_rows = parts.merge(out, done, count)["count"]
+    if not n_rows and items.n_without:
         log.warning("embed: none of the %d records has an image; for a text-only corpus use --encoder minilm",
                     items.n_without)
-    log.info("embed: %d unique %s item(s) from %d record(s) with %s in %.1f s (%.0f/s), %d failed -> %s",
-             len(keys), encoder.modality, items.n_records, encoder.spec, seconds,
-             len(items.keys) / max(seconds, 1e-9), len(failed), out)
     return out
+
+
+def _embed_part(cfg: EmbedConfig, encoder: Encoder, items: _Items, cache_key: str, load_s: float,
+                index: int, count: int) -> Path:
+    """Slice ``index`` of ``count`` into ``OUT/part-I-of-N/`` (unless it is there already); its directory."""
+    start, stop = parts.item_range(len(items.keys), cfg.batch_size, index, count)
+    where = parts.part_dir(Path(cfg.out), index, count)
+    mine = {"index": index, "count": count, "items": [start, stop]}
+    if cfg.force or not _cache_hit(where, cache_key, part=mine):
+        sliced = _Items(items.keys[start:stop], items.texts, items.n_records, items.n_without)
+        keys, feats, failed, timing = _embed_timed(encoder, sliced, cfg.batch_size, load_s)
+        meta = {**_meta(cfg, encoder, items, cache_key, keys, failed), "part": mine}
+        parts.write_features(where, [feats], keys, meta, timing)
+    return where
+
+
+def _meta(cfg: EmbedConfig, encoder: Encoder, items: _Items, cache_key: str, keys: list[str],
+          failed: list[dict]) -> dict:
+    """``embed.json``: what the rows are, a function of the data and the encoder only."""
+    return {"encoder": encoder.spec, "modality": encoder.modality, "dim": encoder.dim, "count": len(keys),
+            "data": [str(Path(f).resolve()) for f in cfg.data], "cache_key": cache_key, "failed": failed,
+            "records": items.n_records, "records_without_item": items.n_without, "weights": encoder.identity,
+            "batch_size": cfg.batch_size, "format": FORMAT_VERSION}
+
+
+def _embed_timed(encoder: Encoder, items: _Items, batch_size: int, load_s: float):
+    """:func:`_embed_items` plus ``timing.json``'s figures, logged."""
+    t0 = time.perf_counter()
+    keys, feats, failed = _embed_items(encoder, items, batch_size)
+    seconds = time.perf_counter() - t0
+    timing = {"seconds": round(seconds, 3), "model_load_seconds": round(load_s, 3),
+              "items_per_second": round(len(items.keys) / seconds, 1) if seconds > 0 else None}
+    log.info("embed: %d unique %s item(s) with %s in %.1f s (%.0f/s), %d failed",
+             len(keys), encoder.modality, encoder.spec, seconds, len(items.keys) / max(seconds, 1e-9), len(failed))
+    return keys, feats, failed, timing
+
+
+def _merge(out: Path, cache_key: str) -> Path:
+    """``--merge``: the finished parts of these data and encoder into ``out``, or an error saying what is missing."""
+    counts = parts.part_counts(out)
+    if len(counts) != 1:
+        raise ValueError(f"{out}: " + ("no part-I-of-N directories to merge" if not counts else
+                                       f"parts of different splits ({', '.join(f'of-{n}' for n in sorted(counts))})"
+                                       "; remove the stale ones"))
+    count = counts.pop()
+    with parts.merge_lock(out):
+        done = parts.complete_parts(out, cache_key, count)
+        missing = [i for i in range(count) if i not in done]
+        if missing:
+            raise ValueError(f"{out}: part(s) {', '.join(f'{i}/{count}' for i in missing)} not finished for these "
+                             "data and encoder; run `ddfm embed ... --shard I/N` for them first")
+        parts.merge(out, done, count)
+    return out
+
+
+def _rank_device(device: str) -> str:
+    """Under torchrun each rank takes its own GPU (LOCAL_RANK)."""
+    import torch
+
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def _cache_key(data: list[str], encoder: Encoder, items: _Items) -> str:
@@ -611,10 +700,10 @@ def _cache_key(data: list[str], encoder: Encoder, items: _Items) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_hit(out: Path, cache_key: str) -> bool:
+def _cache_hit(out: Path, cache_key: str, part: dict | None = None) -> bool:
     try:
         meta = read_json(out / "embed.json")
-        if meta.get("cache_key") != cache_key:
+        if meta.get("cache_key") != cache_key or meta.get("part") != part:
             return False
         feats = np.load(out / "features.npy", mmap_mode="r")
         return feats.shape[0] == meta.get("count") == len(read_json(out / "keys.json"))
@@ -695,18 +784,12 @@ class _progress:
             self.bar.close()
 
 
-def _write(out: Path, feats: np.ndarray, keys: list[str], meta: dict) -> None:
-    """Write the three files atomically; embed.json last, so it marks a complete set."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embed.json").unlink(missing_ok=True)  # a crash below must not leave a stale cache hit
-    with atomic_path(out / "features.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(feats, dtype=np.float32))
-    write_json(out / "keys.json", keys)
-    write_json(out / "embed.json", meta)
-
-
 def load_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]:
-    """Read a features directory: ``(features (M, D) float32, keys [M], meta dict)``."""
+    """Read a features directory: ``(features (M, D) float32, keys [M], meta dict)``.
+
+    The features are memory-mapped read-only (``np.load(..., mmap_mode="r")``): a million
+    768-d rows (3 GB) are read from the page cache as they are used, not copied into memory.
+    """
     path = Path(path)
     if not (path / "embed.json").is_file():
         raise FileNotFoundError(f"features directory not found or incomplete: {path} has no embed.json "
@@ -714,7 +797,7 @@ def load_features(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict]
     meta = read_json(path / "embed.json")
     keys = read_json(path / "keys.json")
     try:
-        feats = np.load(path / "features.npy", allow_pickle=False)
+        feats = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'features.npy'}: cannot read: {err}") from None
     if feats.ndim != 2 or feats.dtype != np.float32:

@@ -29,6 +29,13 @@ figure (a data fault is not the model's error, and every model evaluated on the 
 leaves out the same records, so comparisons stay paired), logged, and listed in
 ``eval.json`` "skipped_images" (file, line, id, reason) and counted in ``eval.md``.
 
+``--text`` scores plain text instead, as language-model harnesses do: each record's
+reference answer (a python-docs passage) is tokenized without a chat template and scored
+in lm-evaluation-harness's ``loglikelihood_rolling`` windows (:func:`rolling_windows`,
+:func:`evaluate_text`), conditioned on one prefix token; the result is the total NLL and
+the perplexity per token, per word and per byte (``word_perplexity``, ``byte_perplexity``,
+``bits_per_byte``: the numbers lm-eval reports for such a task through ``ddfm serve``).
+
 Python API::
 
     ens = Ensemble.from_pretrained(["runs/dense"])
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -57,7 +65,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normalize_answer", "exact_match",
            "vqa_accuracy", "is_qa", "QA_MAX_WORDS", "aggregate", "route_clusters", "chance_levels", "oracle_chance_levels",
-           "markdown_report"]
+           "markdown_report", "rolling_windows", "prefix_token_id", "evaluate_text", "aggregate_text",
+           "text_markdown_report"]
 
 # records whose reference answer has at most this many words are question-answer records
 # (accuracy + perplexity); longer ones get perplexity only. --qa-max-words changes it.
@@ -260,6 +269,138 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_n
             "elapsed_s": time.perf_counter() - t0}
 
 
+# ------------------------------------------------------------------------------ plain text
+
+def prefix_token_id(tokenizer) -> int:
+    """The token the first text token is conditioned on: the tokenizer's bos, or its eos when
+    it has no bos (lm-evaluation-harness's ``prefix_token_id`` for a Hugging Face tokenizer)."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError("--text: the tokenizer has neither a bos nor an eos token to condition the first token on")
+    return int(tid)
+
+
+def rolling_windows(ids: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], int]]:
+    """lm-evaluation-harness's ``loglikelihood_rolling`` windows over a text's token ids, as
+    its API models (``local-completions``) send them: ``[(window ids, n scored)]``.
+
+    With ``max_length`` M (the harness's model argument) a request holds at most M - 1
+    tokens (one position is kept for the token the API generates) and scores at most
+    M - 2 of them. The first window is the prefix token followed by the first M - 2
+    tokens, all scored; each later window scores the next M - 2 tokens (fewer at the
+    end), conditioned on the tokens just before them that fill the window (disjoint
+    scored spans: ``get_rolling_token_windows(..., context_len=1)`` then
+    ``make_disjoint_window`` in ``lm_eval.utils``). Every token of ``ids`` is scored
+    exactly once; the score of a window is the sum of its last n log-probabilities.
+    """
+    n_pred = max_length - 2
+    if n_pred < 1:
+        raise ValueError(f"--max-length must be >= 3 (a window needs the prefix token, a scored token and the "
+                         f"harness's generated one), got {max_length}")
+    ids = list(ids)
+    if not ids:
+        return []
+    first = min(n_pred, len(ids))
+    windows = [([prefix_id] + ids[:first], first)]
+    done = first
+    while done < len(ids):
+        n = min(len(ids) - done, n_pred)
+        end = done + n
+        context = ids[end - n_pred - 1:end - n]  # the window's tokens before the scored ones
+        windows.append((context + ids[end - n:end], n))
+        done = end
+    return windows
+
+
+def _context_length(ensemble) -> int:
+    """The experts' context in tokens (``max_position_embeddings``)."""
+    ref = next(m for m in ensemble.experts if m is not None)
+    n = getattr(ref.config.get_text_config(), "max_position_embeddings", None)
+    if n is None:
+        raise ValueError("--text: the experts' config gives no context length; pass --max-length")
+    return int(n)
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for ``word_perplexity``: pieces between
+    runs of whitespace (``len(re.split(r"\s+", text))``; leading or trailing whitespace
+    counts an empty piece, as there)."""
+    return len(re.split(r"\s+", text))
+
+
+def _text_stats(rows: list[dict]) -> dict[str, Any]:
+    nll = sum(r["nll"] for r in rows)
+    tokens, words, nbytes = (sum(r[k] for r in rows) for k in ("n_tokens", "n_words", "n_bytes"))
+    return {"n": len(rows), "nll": nll, "tokens": tokens, "words": words, "bytes": nbytes,
+            "nll_per_token": nll / tokens if tokens else None,
+            "token_perplexity": math.exp(nll / tokens) if tokens else None,
+            "word_perplexity": math.exp(nll / words) if words else None,
+            "byte_perplexity": math.exp(nll / nbytes) if nbytes else None,
+            "bits_per_byte": nll / nbytes / math.log(2) if nbytes else None}
+
+
+def aggregate_text(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
+    """Total NLL (nats) over the texts and its perplexity per token, word and byte, overall
+    (``key=None``) or per value of ``row[key]``; lm-eval's ``weighted_perplexity``:
+    exp(Σ nll / Σ words), and ``bits_per_byte`` Σ nll / Σ bytes / ln 2."""
+    if key is None:
+        return _text_stats(list(rows))
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[str(r.get(key))].append(r)
+    return {name: _text_stats(groups[name]) for name in sorted(groups)}
+
+
+def evaluate_text(ensemble, records: Sequence[Record], *, max_length: int | None = None, batch_size: int = 32,
+                  desc: str = "eval") -> dict[str, Any]:
+    """Perplexity of each record's reference answer as plain text under the model or the
+    ensemble's mixture (eq. 24), the quantity lm-evaluation-harness's
+    ``loglikelihood_rolling`` measures through ``ddfm serve``'s ``/v1/completions``.
+
+    The text is tokenized without special tokens and without a chat template, split into
+    :func:`rolling_windows` (``max_length``: default the experts' context) and each window
+    scored as a token-id prompt by :meth:`~ddfm.ensemble.Ensemble.score_tokens`, the
+    function the server answers ``echo`` + ``logprobs`` with, so the routing of every mode
+    (a text router sees the window's text; the posterior starts afresh in each window, as
+    it does for each harness request) is the server's. Returns ``{"overall", "by_task",
+    "by_source", "predictions", "n_records", "max_length", "prefix_token_id", "elapsed_s"}``
+    (:func:`aggregate_text` groups; per record ``nll``, ``n_tokens``, ``n_words``, ``n_bytes``).
+    """
+    from ddfm.ensemble import Request
+
+    with_image = [r for r in records if r.image is not None]
+    if with_image:
+        r = with_image[0]
+        raise ValueError(f"--text scores plain text, but {len(with_image)} record(s) have an image (first: "
+                         f"{r.file or '<in memory>'}:{r.line or 0}, id {r.id}); give a text-only test file "
+                         "(ddfm prepare python-docs) or leave out --text")
+    if not records:
+        raise ValueError("eval --text: the test file holds no records")
+    t0 = time.perf_counter()
+    tok = ensemble.tokenizer
+    max_length = max_length or _context_length(ensemble)
+    prefix = prefix_token_id(tok)
+    rows, windows = [], []  # windows: (row, ids, n scored)
+    for i, r in enumerate(records):
+        text = r.answer()
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        rows.append({"id": r.id, "task": r.task, "source": r.source, "nll": 0.0, "n_tokens": len(ids),
+                     "n_words": count_words(text), "n_bytes": len(text.encode("utf-8")), "windows": 0})
+        windows += [(i, w, n) for w, n in rolling_windows(ids, prefix, max_length)]
+    windows.sort(key=lambda w: len(w[1]))  # similar lengths batch together
+    bar = _Progress(len(windows), desc + " (text windows)")
+    for chunk in _batches(windows, batch_size):
+        scores = ensemble.score_tokens([Request(prompt="", token_ids=w) for _, w, _ in chunk])
+        for (i, _, n), s in zip(chunk, scores):
+            rows[i]["nll"] -= math.fsum(s["token_logprobs"][-n:])
+            rows[i]["windows"] += 1
+        bar.update(len(chunk))
+    bar.close()
+    return {"overall": aggregate_text(rows), "by_task": aggregate_text(rows, "task"),
+            "by_source": aggregate_text(rows, "source"), "predictions": rows, "n_records": len(rows),
+            "max_length": max_length, "prefix_token_id": prefix, "elapsed_s": time.perf_counter() - t0}
+
+
 # ------------------------------------------------------------------------------ report
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -307,13 +448,32 @@ def markdown_report(result: dict, title: str = "Evaluation") -> str:
     return "\n".join(lines)
 
 
-def write_result(out: str | Path, result: dict, title: str, meta: dict | None = None) -> Path:
-    """Write eval.json (without per-record rows), predictions.jsonl and eval.md to ``out``."""
+def text_markdown_report(result: dict, title: str = "Evaluation") -> str:
+    """Markdown tables of an :func:`evaluate_text` result: perplexity per word, byte and token."""
+    lines = [f"# {title}: plain text", "",
+             f"{result['n_records']} texts, lm-eval loglikelihood_rolling windows of max_length "
+             f"{result['max_length']} (first token conditioned on token id {result['prefix_token_id']}), "
+             f"{result['elapsed_s']:.1f} s", ""]
+    head = ["| {} | word perplexity | byte perplexity | bits per byte | token perplexity | tokens | texts |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    groups = [("overall", {"all": result["overall"]}), ("task", result["by_task"]), ("source", result["by_source"])]
+    for label, table in groups:
+        lines += [head[0].format(label), head[1]]
+        for name, g in table.items():
+            lines.append(f"| {name} | {_fmt(g['word_perplexity'])} | {_fmt(g['byte_perplexity'])} | "
+                         f"{_fmt(g['bits_per_byte'])} | {_fmt(g['token_perplexity'])} | {g['tokens']} | {g['n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_result(out: str | Path, result: dict, title: str, meta: dict | None = None,
+                 report=markdown_report) -> Path:
+    """Write eval.json (without per-record rows), predictions.jsonl and eval.md (``report``) to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "predictions.jsonl", result["predictions"])
     summary = {k: v for k, v in result.items() if k != "predictions"}
-    atomic_write_text(out / "eval.md", markdown_report(result, title) + "\n")
+    atomic_write_text(out / "eval.md", report(result, title) + "\n")
     write_json(out / "eval.json", {**summary, **({"meta": meta} if meta else {})})
     return out
 
@@ -335,6 +495,11 @@ class EvalConfig:
     batch_size: int = arg("requests per generate/score call", default=32)
     max_new_tokens: int = arg("tokens generated per answer at most", default=12)
     limit: Optional[int] = arg("evaluate only the first N records", default=None)
+    text: bool = arg("score each record's reference answer as plain text (no chat template) in lm-evaluation-"
+                     "harness's loglikelihood_rolling windows: perplexity per token, word and byte, as lm-eval "
+                     "reports it through `ddfm serve`", default=False)
+    max_length: Optional[int] = arg("--text: lm-eval's max_length model argument (requests of at most N-1 tokens, "
+                                    "N-2 scored per window; default: the experts' context)", default=None)
 
     def __post_init__(self):
         if not self.ensemble.experts:
@@ -346,6 +511,10 @@ class EvalConfig:
             raise ValueError(f"--qa-max-words must be >= 0 (0: perplexity only), got {self.qa_max_words}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError(f"--max-length must be >= 3, got {self.max_length}")
+        if self.max_length is not None and not self.text:
+            raise ValueError("--max-length applies to --text only")
         ens = self.ensemble
         if len(ens.experts) > 1 and ens.router is None and ens.mode == "centroid":
             raise ValueError("--router is required for centroid routing of several experts "
@@ -364,6 +533,9 @@ def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ens = Ensemble.from_config(cfg.ensemble)
+    if cfg.text:
+        return evaluate_text(ens, records, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                             desc=f"eval {Path(cfg.out).name}")
     cluster_file = cfg.clusters or cfg.ensemble.router
     cluster_router = Router.load(cluster_file) if cluster_file else None
     prepare_json = cfg.prepare_json or Path(cfg.data).parent / "prepare.json"
@@ -378,8 +550,14 @@ def evaluate_cli(cfg: EvalConfig) -> Path:
     result = evaluate_paths(cfg)
     names = ", ".join(Path(e).name for e in cfg.ensemble.experts)
     title = f"Evaluation of {names} ({cfg.ensemble.mode}" + (f", top-k {cfg.ensemble.top_k}" if cfg.ensemble.top_k else "") + ")"
-    out = write_result(cfg.out, result, title, meta={"config": to_dict(cfg)})
+    out = write_result(cfg.out, result, title, meta={"config": to_dict(cfg)},
+                       report=text_markdown_report if cfg.text else markdown_report)
     o = result["overall"]
+    if cfg.text:
+        log.info("eval --text: word perplexity %.4f, byte perplexity %.4f, token perplexity %.4f over %d texts "
+                 "(%d tokens) -> %s", o["word_perplexity"], o["byte_perplexity"], o["token_perplexity"],
+                 result["n_records"], o["tokens"], out / "eval.md")
+        return out
     log.info("eval: accuracy %s %%, perplexity %s over %d records -> %s", _fmt(o["accuracy"], True),
              _fmt(o["perplexity"]), result["n_records"], out / "eval.md")
     return out

@@ -35,6 +35,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,18 @@ def map_items(records: list[Record], keys: list[str], meta: dict, features_dir: 
     return Items(item_keys, np.array([row_of[k] for k in item_keys], dtype=np.int64), record_item)
 
 
+def item_features(feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The unique items' features ``feats[rows]`` (U, D), without a copy when it can.
+
+    ``feats`` is memory-mapped (:func:`ddfm.embed.load_features`), so it costs page cache,
+    not a copy. When the items are exactly its rows in order (the data file partitioned
+    is the one embedded) it is returned as it is; otherwise the rows are gathered: one copy.
+    """
+    if len(rows) == len(feats) and np.array_equal(rows, np.arange(len(feats))):
+        return feats
+    return feats[rows]
+
+
 # ----------------------------------------------------------------------- clustering
 def make_model(cfg: PartitionConfig, n_items: int):
     """The clustering estimator named by ``cfg.algorithm`` (presets as data)."""
@@ -193,7 +206,8 @@ def calibrate_temperature(X: np.ndarray, centroids: np.ndarray, labels: np.ndarr
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(X), CALIBRATION_SAMPLE, replace=False)) if len(X) > CALIBRATION_SAMPLE \
         else np.arange(len(X))
-    cos = (X[idx] @ centroids.T).astype(np.float64)  # (n, K)
+    sample = X[idx] if len(idx) < len(X) else X  # all of X: no copy of it
+    cos = (sample @ centroids.T).astype(np.float64)  # (n, K)
     own = cos[np.arange(len(idx)), labels[idx]]
 
     def nll(log_tau: float) -> float:
@@ -396,13 +410,15 @@ def partition(cfg: PartitionConfig) -> Path:
     if len(items.keys) < cfg.k:
         raise ValueError(f"k={cfg.k} is larger than the number of unique items with features "
                          f"({len(items.keys)}) in {cfg.data}")
-    X = feats[items.rows]  # (U, D)
+    X = item_features(feats, items.rows)  # (U, D)
     seconds["load"] = time.perf_counter() - t0
     log.info("partition: %d records, %d unique %s items, %d text-only without a row; fitting %s k-means, K=%d",
              len(records), len(X), meta["modality"], int((items.record_item < 0).sum()), cfg.algorithm, cfg.k)
 
     t0 = time.perf_counter()
-    model = make_model(cfg, len(X)).fit(X)
+    with warnings.catch_warnings():  # X may be the read-only memory map: k-means only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        model = make_model(cfg, len(X)).fit(X)
     item_labels = model.labels_
     seconds["fit"] = time.perf_counter() - t0
     log.info("partition: %d iterations in %.1f s, unique items per cluster %s",

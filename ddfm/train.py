@@ -4,6 +4,7 @@
     ddfm train --init runs/init --data runs/partition/shard-01.jsonl --out runs/expert-01 \\
         --match dense:400,32,4            # expert: the dense run's 400 steps at batch 32/4 = 8
     torchrun --nproc_per_node=2 -m ddfm train ...     # one expert data-parallel (DDP)
+    torchrun --nproc_per_node=8 -m ddfm train --fsdp --activation-checkpointing --bf16 ...   # sharded (FSDP2)
 
 Every expert is an ordinary, independent training job started from the same initial
 checkpoint as the dense baseline. ``--train`` picks what learns: the ``llava`` recipe
@@ -18,6 +19,11 @@ checkpoint every ``--save-every`` steps (model, optimizer, scheduler, RNG, step,
 including elapsed and CPU time) lets ``--resume`` continue bit for bit where a killed job
 stopped; ``log.jsonl`` is cut back to that step, so each step appears once and time runs on.
 
+``--fsdp`` shards parameters, gradients and optimizer state over the ranks, one unit per
+transformer block (:mod:`ddfm.fsdp`), for experts that do not fit one device; its resume
+state is sharded too (``resume/sharded-STEP/``, one file per rank, beside ``state.pt``)
+and the final checkpoint is gathered into one ordinary Hugging Face directory.
+
 Records whose image is missing or unreadable are skipped with every record sharing the
 image, named in one log line and listed in ``ddfm.json`` "skipped_images" (file, line, id,
 image, reason); nothing else in the shard is dropped.
@@ -26,7 +32,7 @@ Output directory: the final Hugging Face checkpoint (``config.json``, ``model.sa
 processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint -- paths relative to
 this directory, :func:`ddfm.models.read_meta` resolves them -- compute, seed, versions,
 skipped records) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest
-resume state).
+resume state; under ``--fsdp`` without model and optimizer, which are in ``resume/sharded-STEP/``).
 """
 
 from __future__ import annotations
@@ -39,20 +45,22 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from ddfm import fsdp
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, load_records, log_failed_images, open_image
+from ddfm.families import family_of, part_of, stack_vision
 from ddfm.io import atomic_path, atomic_write_text
 from ddfm.models import (
     encode_conversation,
+    expand_image,
     get_tokenizer,
     image_token,
     is_vision_language,
     load_model,
-    num_image_tokens,
     read_meta,
     save_checkpoint,
     versions,
@@ -60,12 +68,9 @@ from ddfm.models import (
 
 log = logging.getLogger(__name__)
 
-# parameter-name fragments of each trainable part (first match wins; the rest is "language")
-PARTS: dict[str, tuple[str, ...]] = {
-    "vision": ("vision_tower", "vision_model", "visual."),
-    "projector": ("multi_modal_projector", "mm_projector", "connector", "mlp1"),
-    "language": ("language_model", "lm_head", "embed_tokens"),
-}
+# the trainable parts; which parameters each holds is written per family in
+# ddfm/families.py (FAMILIES[model_type].parts)
+PARTS = ("vision", "projector", "language")
 # named recipes: LLaVA trains projector + LM with a frozen vision tower, InternVL everything,
 # "align" is LLaVA's first stage (projector only).
 RECIPES: dict[str, tuple[str, ...]] = {
@@ -104,7 +109,13 @@ class TrainConfig:
     save_every: int = arg("write the resume state every N steps (0: only at the end)", default=50)
     resume: bool = arg("continue from OUT/resume/state.pt if present", default=False)
     seed: int = arg("seed of the data order and RNG", default=0)
-    bf16: bool = arg("bf16 autocast", default=False)
+    bf16: bool = arg("bf16 compute: autocast, or under --fsdp bf16 parameters in forward/backward with "
+                     "fp32 gradient reduction (MixedPrecisionPolicy)", default=False)
+    fsdp: bool = arg("shard parameters, gradients and optimizer state over the ranks (PyTorch FSDP2, one unit "
+                     "per transformer block); for experts that do not fit one device", default=False)
+    activation_checkpointing: bool = arg("recompute each transformer block's activations in backward instead "
+                                         "of keeping them (less memory, about one more forward of compute)",
+                                         default=False)
     compile: bool = arg("torch.compile the model", default=False)
     device: str = arg("cpu, cuda or auto", default="auto")
     log_every: int = arg("log a plain line every N steps when not on a terminal", default=10)
@@ -174,16 +185,19 @@ class Example:
     labels: list[int]
     image: str | None
     n_loss: int  # tokens in the loss: labels[1:] that are not IGNORE (the first is never predicted)
+    token_types: dict = field(default_factory=dict)  # per-token inputs (Qwen2-VL's mm_token_type_ids), each (T,)
 
 
 def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any], list[FailedImage]]:
     """Load, encode and check a shard against the init checkpoint; raise before training.
 
-    Returns the examples, a dict of decoded images' ``pixel_values`` keyed by path (each
-    ``(3, H, W)`` float32) and the records left out because their image is missing or
-    unreadable (every record sharing such an image; :class:`ddfm.data.FailedImage`, listed
-    in ``ddfm.json``). Errors (ValueError, naming the file and records): empty shard,
-    images for a text-only checkpoint, a tokenizer that does not fit the model,
+    Returns the examples, a dict of each image's processor inputs keyed by path
+    (``pixel_values`` and whatever else the family returns, the image on dim 0; every
+    record's placeholder expanded to its own image's tokens) and the records left out
+    because their image is missing or unreadable (every record sharing such an image;
+    :class:`ddfm.data.FailedImage`, listed in ``ddfm.json``). Errors (ValueError, naming
+    the file and records): empty shard, images for a text-only checkpoint, a tokenizer
+    that does not fit the model,
     special-token text inside the data, a sequence longer than the model's context.
     """
     loaded = load_records(path)
@@ -198,31 +212,32 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
         raise ValueError(f"{path}: {len(with_images)} record(s) have images (first: {with_images[0].id}) "
                          "but the init checkpoint is text-only (no image token / processor)")
     _check_special_text(path, records, tokenizer)
-    n_image = num_image_tokens(processor) if placeholder is not None else None
     config = model.config
     vocab = config.get_text_config().vocab_size
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    examples, too_long, pixels, unreadable = [], [], {}, {}
+    examples, too_long, expanded, unreadable = [], [], {}, {}
     for r in records:
         key = str(r.image_path) if r.has_image else None
-        if key is not None and key not in pixels and key not in unreadable:
+        if key is not None and key not in expanded and key not in unreadable:
             try:
                 image = open_image(r.image_path)
             except ValueError as err:  # unreadable bytes: this record and all that share the image
                 unreadable[key] = str(err)
-            else:
-                pixels[key] = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            else:  # each image through the family's processor once, its ids spliced into every record
+                expanded[key] = expand_image(processor, image)
         if key in unreadable:
             skipped.append(FailedImage.of(r, unreadable[key]))
             continue
-        ids, mask = encode_conversation(processor, r.conversations, n_image)
+        enc = encode_conversation(processor, r.conversations, [expanded[key]] if key else None)
+        ids, mask = enc.ids, enc.mask
         if max(ids) >= vocab:
             raise ValueError(f"{path}: record {r.id}: token id {max(ids)} >= the model's vocabulary "
                              f"{vocab}: the checkpoint's tokenizer does not match its model")
         if context and len(ids) > context:
             too_long.append(f"{r.id} ({len(ids)} tokens)")
         labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-        examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:])))
+        examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:]),
+                                {k: v.tolist() for k, v in enc.token_types.items()}))
     if too_long:
         raise ValueError(f"{path}: {len(too_long)} record(s) longer than the model's context of {context} "
                          f"tokens: {', '.join(too_long[:5])}")
@@ -230,7 +245,7 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
         raise ValueError(f"{path}: no usable records: all {len(skipped)} left out because their image failed "
                          f"(first: {skipped[0]})")
     skipped.sort(key=lambda f: f.line)
-    return examples, pixels, skipped
+    return examples, {k: e.vision for k, e in expanded.items()}, skipped
 
 
 def _check_special_text(path, records, tokenizer) -> None:
@@ -261,8 +276,9 @@ def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
 
 
 def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
-    """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` (B, T) int64 and
-    ``pixel_values`` (n_images, 3, H, W) of the examples with an image, in order."""
+    """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` (B, T) int64, the
+    per-token inputs (B, T) padded with 0, and the image inputs of the examples with an
+    image, in order (``ddfm.families.stack_vision``: e.g. ``pixel_values`` (n, 3, H, W))."""
     import torch
 
     T = max(len(e.input_ids) for e in examples)
@@ -275,9 +291,14 @@ def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
         labels[i, :n] = torch.tensor(e.labels)
         attn[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    for key in {k for e in examples for k in e.token_types}:
+        batch[key] = torch.zeros((len(examples), T), dtype=torch.long)
+        for i, e in enumerate(examples):
+            if key in e.token_types:  # else all text: type 0
+                batch[key][i, :len(e.input_ids)] = torch.tensor(e.token_types[key])
     images = [pixels[e.image] for e in examples if e.image is not None]
     if images:
-        batch["pixel_values"] = torch.stack(images)
+        batch.update(stack_vision(images))
     return batch
 
 
@@ -300,19 +321,62 @@ def length_groups(examples: list[Example], max_padding: float = 0.25) -> list[li
     return groups
 
 
+def rank_groups(batch: list[Example], rank: int, world: int, micro: int, accum: int, sharded: bool,
+                ballast: Example | None) -> list[list[Example]]:
+    """This rank's share of the global batch, as the groups it runs forward one after another.
+
+    Micro-batch a of rank r is samples ``[(a·world + r)·micro, +micro)``, split by length
+    (:func:`length_groups`). Under FSDP (``sharded``) every rank must run the same blocks
+    the same number of times, since each block's all-gather is a collective: micro-batches
+    stay whole, and one without an image gets ``ballast`` (:func:`ballast_example`) so the
+    vision tower and projector run on every rank (LLaVA's training code gives text-only
+    samples a blank image).
+    """
+    groups = []
+    for a in range(accum):
+        examples = batch[(a * world + rank) * micro:][:micro]
+        if not sharded:
+            groups += length_groups(examples)
+        elif ballast is not None and all(e.image is None for e in examples):
+            groups.append(examples + [ballast])
+        else:
+            groups.append(examples)
+    return groups
+
+
+def ballast_example(examples: list[Example]) -> Example | None:
+    """The shortest example with an image, every label IGNORE: it runs the vision tower and
+    projector but adds nothing to the loss or the gradients. None for a shard without images."""
+    with_image = [e for e in examples if e.image is not None]
+    if not with_image:
+        return None
+    e = min(with_image, key=lambda e: len(e.input_ids))
+    return replace(e, id=f"{e.id} (ballast)", labels=[IGNORE] * len(e.labels), n_loss=0)
+
+
 # ---------------------------------------------------------------------------------------
 # model, optimizer, schedule, distributed
 
 def set_trainable(model, parts: tuple[str, ...]) -> dict[str, int]:
-    """Freeze everything but ``parts``; return the parameter count of each part."""
+    """Freeze everything but ``parts``; return the parameter count of each part.
+
+    Parameters map to parts by the family's table (``ddfm.families.FAMILIES``); a
+    parameter of no part, or a requested part the family lacks, is a ``ValueError``
+    naming the family.
+    """
+    family = family_of(model.config)
     counts = {p: 0 for p in PARTS}
     for name, param in model.named_parameters():
-        part = next((p for p, keys in PARTS.items() if any(k in name for k in keys)), "language")
+        part = part_of(family, name)
+        if part is None:
+            raise ValueError(f"--train: parameter {name} of {type(model).__name__} belongs to no part of the "
+                             f"{family.name} family ({', '.join(family.parts)})")
         counts[part] += param.numel()
         param.requires_grad_(part in parts)
     missing = [p for p in parts if counts[p] == 0]
     if missing:
-        raise ValueError(f"--train: the model {type(model).__name__} has no {', '.join(missing)} parameters")
+        raise ValueError(f"--train {'+'.join(parts)}: the {family.name} family ({type(model).__name__}) has no "
+                         f"{', '.join(missing)}; its parts are {', '.join(p for p in PARTS if counts[p])}")
     return counts
 
 
@@ -326,16 +390,22 @@ def lr_lambda(warmup: int, steps: int, min_ratio: float):
     return f
 
 
-def setup_distributed(device: str):
-    """(rank, world_size, device) — DDP under torchrun (gloo on CPU, nccl on GPU)."""
+def setup_distributed(device: str, fsdp: bool = False):
+    """(rank, world_size, device) — DDP or FSDP under torchrun (gloo on CPU, nccl on GPU).
+
+    FSDP needs a process group even in one process: a one-rank group on an in-memory store.
+    """
     import torch
     import torch.distributed as dist
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if device == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    elif fsdp and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank = dist.get_rank() if world > 1 else 0
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -359,28 +429,43 @@ def examples_digest(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def save_state(out: Path, model, optimizer, scheduler, step: int, counters: dict, config_key: dict) -> None:
-    """The resume state: one dict of tensors and plain values, written atomically.
+def save_state(out: Path, model, optimizer, scheduler, step: int, counters: dict, config_key: dict,
+               *, sharded: bool = False, rank: int = 0) -> None:
+    """The resume state: one dict of tensors and plain values, written atomically by rank 0.
 
     ``config_key``: the options that define the run, plus ``examples`` (:func:`examples_digest`).
+    ``sharded`` (``--fsdp``; every rank calls): model and optimizer go to
+    ``resume/sharded-STEP/``, each rank writing its own shards; ``state.pt``, written
+    after them, names that directory, so a kill in between leaves the previous state whole.
     """
     import torch
 
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "counters": counters,
+    state = {"scheduler": scheduler.state_dict(), "step": step, "counters": counters,
              "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "config": json.dumps({k: v for k, v in config_key.items() if k != "examples"}, sort_keys=True),
              "examples": config_key["examples"]}
+    if sharded:
+        state["sharded"] = fsdp.save_sharded(out / "resume", step, model, optimizer, rank)
+    elif rank == 0:
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
+    if rank != 0:
+        return
     with atomic_path(out / STATE_FILE) as tmp:
         torch.save(state, tmp)
+    if sharded:
+        fsdp.drop_stale_sharded(out / "resume", keep=state["sharded"])
 
 
-def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tuple[int, dict]:
+def load_state(out: Path, model, optimizer, scheduler, config_key: dict, *, sharded: bool = False
+               ) -> tuple[int, dict]:
     """Restore a resume state (``weights_only=True``); refuse one from another configuration."""
     import torch
 
     state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+    if ("sharded" in state) != sharded:
+        raise ValueError(f"{out / STATE_FILE}: written by a run {'with' if 'sharded' in state else 'without'} "
+                         f"--fsdp; resume it {'with' if 'sharded' in state else 'without'} --fsdp")
     if state["config"] != json.dumps({k: v for k, v in config_key.items() if k != "examples"}, sort_keys=True):
         raise ValueError(f"{out / STATE_FILE}: written by a run with a different configuration "
                          f"({state['config']}); use another --out or the same options")
@@ -388,8 +473,11 @@ def load_state(out: Path, model, optimizer, scheduler, config_key: dict) -> tupl
         raise ValueError(f"{out / STATE_FILE}: the training examples of {config_key['data']} changed since this "
                          "state was written (the shard was rewritten, the tokenizer differs, or images now "
                          "fail or load); resuming would continue on another data order: use another --out")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        fsdp.load_sharded(out / "resume" / state["sharded"], model, optimizer)
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"]:
@@ -439,14 +527,14 @@ def train(cfg: TrainConfig) -> Path:
 
     Loss (per step, global batch G split over ranks r and micro-batches a):
     L = Σ_{r,a} Σ_{answer tokens} −log p(x_t | x_<t, image) / N_G, N_G = answer tokens in G,
-    so DDP's gradient mean times the world size is exactly ∇L of the single-process run.
+    so DDP's (or FSDP's) gradient mean times the world size is exactly ∇L of the single-process run.
     """
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # ---- setup
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device, cfg.fsdp)
     out = Path(cfg.out)
     micro = cfg.batch_size // (cfg.grad_accum * world)
     if micro * cfg.grad_accum * world != cfg.batch_size:
@@ -456,7 +544,10 @@ def train(cfg: TrainConfig) -> Path:
         which = "a finished" if (out / "ddfm.json").is_file() else "an unfinished"
         raise ValueError(f"{out} holds {which} run ({STATE_FILE}); pass --resume or choose another --out")
     torch.manual_seed(cfg.seed)
-    model, processor = load_model(cfg.init)
+    # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads a bf16/fp16
+    # checkpoint as such, and AdamW on half-precision weights loses small updates);
+    # --bf16 computes in bf16 under autocast
+    model, processor = load_model(cfg.init, dtype=torch.float32)
     examples, pixels, skipped = encode_shard(cfg.data, processor, model)
     if rank == 0:
         log_failed_images(f"train {cfg.data}", skipped, f"{out}/ddfm.json")
@@ -469,28 +560,39 @@ def train(cfg: TrainConfig) -> Path:
         pixels.update(px)
     vlm = is_vision_language(model.config)
     part_sizes = set_trainable(model, cfg.parts)
-    model.to(device).train()
+    if cfg.activation_checkpointing:
+        fsdp.enable_activation_checkpointing(model)
+    if cfg.fsdp:
+        fsdp.shard_model(model, device, world, cfg.bf16)  # before the optimizer: it holds the shards
+    else:
+        model.to(device)
+    model.train()
     pad_id = get_tokenizer(processor).pad_token_id
     pad_id = 0 if pad_id is None else pad_id
-    _dry_run(model, collate(examples[:1], pixels, pad_id), device, cfg.data)
+    # under FSDP: the shards (taken before any forward: an FSDP root keeps the gathered ones after it)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    _dry_run(model, collate(examples[:1], pixels, pad_id), device, cfg.data)
+    # foreach: one dispatch per list of FSDP's DTensor shards instead of one per tensor (3x faster on CPU)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  foreach=cfg.fsdp or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     config_key = {k: v for k, v in to_dict(cfg).items()
                   if k not in ("resume", "save_every", "log_every", "device", "compile", "out", "eval_data",
-                               "eval_every")}
+                               "eval_every", "fsdp", "activation_checkpointing")}  # sharded or not: see load_state
     config_key["examples"] = examples_digest(examples)
     # running totals, carried in the resume state: samples and tokens seen, training time
     # (wall and CPU) of the steps that made this model, resumes and steps done again
     step, counters = 0, {"samples": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0, "cpu_s": 0.0,
                          "resumes": 0, "steps_redone": 0}
     if cfg.resume and (out / STATE_FILE).exists():
-        step, saved = load_state(out, model, optimizer, scheduler, config_key)
+        step, saved = load_state(out, model, optimizer, scheduler, config_key, sharded=cfg.fsdp)
         counters = {**counters, **saved, "resumes": saved.get("resumes", 0) + 1}
         if rank == 0:
             counters["steps_redone"] += truncate_log(out / "log.jsonl", step)
         log.info("train: resuming %s at step %d (%.1f s of training so far)", out, step, counters["elapsed_s"])
-    ddp = DDP(model, find_unused_parameters=vlm) if world > 1 else model
+    ddp = DDP(model, find_unused_parameters=vlm) if world > 1 and not cfg.fsdp else model
+    ballast = ballast_example(examples) if cfg.fsdp else None
+    memory = None  # bytes of parameters, gradients and optimizer state per rank, after the first step
     fwd = torch.compile(ddp) if cfg.compile else ddp
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -499,7 +601,8 @@ def train(cfg: TrainConfig) -> Path:
                  cfg.init, cfg.data, len(examples), cfg.steps, cfg.batch_size, world, cfg.grad_accum,
                  micro, "+".join(cfg.parts))
     bar = _progress(cfg, step, rank)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
+    # under FSDP, bf16 is its mixed-precision policy (ddfm.fsdp.shard_model), not autocast
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16 and not cfg.fsdp)
     t_start, t_last, cpu_start = time.perf_counter(), time.perf_counter(), time.process_time()
     elapsed0, cpu0 = counters["elapsed_s"], counters["cpu_s"]  # time before a resume
 
@@ -526,20 +629,23 @@ def train(cfg: TrainConfig) -> Path:
         batch_examples = [examples[i] for i in order]
         n_loss = sum(e.n_loss for e in batch_examples)  # N_G: answer tokens of the global batch
         step_loss = torch.zeros((), device=device)
-        mine = [g for a in range(cfg.grad_accum)  # this rank's micro-batches, split by length
-                for g in length_groups(batch_examples[(a * world + rank) * micro:][:micro])]
+        mine = rank_groups(batch_examples, rank, world, micro, cfg.grad_accum, cfg.fsdp, ballast)
         for i, group in enumerate(mine):
             batch = {k: v.to(device) for k, v in collate(group, pixels, pad_id).items()}
             labels = batch.pop("labels")
-            sync = i == len(mine) - 1 or world == 1  # all-reduce gradients once per step
+            # DDP all-reduces gradients once per step; FSDP reduce-scatters after every
+            # micro-batch, so that no rank ever holds the whole model's gradients
+            sync = i == len(mine) - 1 or world == 1 or cfg.fsdp
             with (ddp.no_sync() if not sync else nullcontext()), autocast:
-                loss = answer_nll(fwd(**batch).logits, labels)[0] / max(n_loss, 1)  # logits (B, T, V)
-                if not loss.requires_grad:
+                loss = answer_nll(fwd(**batch, use_cache=False).logits, labels)[0] / max(n_loss, 1)  # logits (B, T, V)
+                if not loss.requires_grad and not cfg.fsdp:
                     # nothing trainable on this path (a text-only group under the projector-only
                     # "align" recipe): a zero-weighted tie to the parameters gives zero
-                    # gradients, so every rank still joins DDP's all-reduce
+                    # gradients, so every rank still joins DDP's all-reduce. (Under FSDP no
+                    # rank reaches a trainable parameter then, see rank_groups: all skip.)
                     loss = loss + sum(p.view(-1)[0] for p in params) * 0.0
-                (loss * world).backward()  # DDP averages over ranks; we want the sum
+                if loss.requires_grad:
+                    (loss * world).backward()  # DDP and FSDP average over ranks; we want the sum
             step_loss += loss.detach()
         if world > 1:
             dist.all_reduce(step_loss)
@@ -547,6 +653,8 @@ def train(cfg: TrainConfig) -> Path:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        if memory is None:  # once, while gradients and optimizer state exist
+            memory = fsdp.memory_per_rank(model, optimizer, world)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -569,8 +677,8 @@ def train(cfg: TrainConfig) -> Path:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             _report(bar, row, cfg)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_state(out, model, optimizer, scheduler, step, counters, config_key)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save_state(out, model, optimizer, scheduler, step, counters, config_key, sharded=cfg.fsdp, rank=rank)
 
     # ---- cleanup
     if rank == 0:
@@ -578,11 +686,13 @@ def train(cfg: TrainConfig) -> Path:
             bar.close()
         log_file.close()
         clock()
-        save_state(out, model, optimizer, scheduler, step, counters, config_key)
-        meta = _metadata(cfg, world, counters, part_sizes, len(examples), skipped)
-        save_checkpoint(model, processor, out, meta=meta)
+    save_state(out, model, optimizer, scheduler, step, counters, config_key, sharded=cfg.fsdp, rank=rank)
+    weights = fsdp.full_state_dict(model) if cfg.fsdp else None  # the whole model, on rank 0's CPU
+    if rank == 0:
+        meta = _metadata(cfg, world, counters, part_sizes, len(examples), skipped, memory)
+        save_checkpoint(model, processor, out, meta=meta, processor_files=cfg.init, state_dict=weights)
         log.info("train: done, %d samples, %d tokens -> %s", counters["samples"], counters["tokens"], out)
-    if world > 1:
+    if world > 1 or cfg.fsdp:
         dist.barrier()
         dist.destroy_process_group()
     return out
@@ -631,7 +741,7 @@ def _dry_run(model, batch, device, path) -> None:
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     try:
         with torch.no_grad():
-            model(**batch)
+            model(**batch, use_cache=False)
     except (ValueError, RuntimeError, IndexError) as err:
         raise ValueError(f"{path}: the first example does not fit the init checkpoint: {err}") from None
 
@@ -654,7 +764,7 @@ def _report(bar, row: dict, cfg: TrainConfig) -> None:
 
 
 def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_examples: int,
-              skipped: list[FailedImage]) -> dict:
+              skipped: list[FailedImage], memory: dict | None) -> dict:
     # paths as given (or absolute): save_checkpoint stores them relative to the run directory
     return {
         "stage": "train",
@@ -672,7 +782,9 @@ def _metadata(cfg: TrainConfig, world: int, counters: dict, part_sizes: dict, n_
                     # training-loop time of the steps that made this model, over resumes
                     # (work lost after the last checkpoint of an interrupted run not counted)
                     "elapsed_s": counters["elapsed_s"], "cpu_s": counters["cpu_s"],
-                    "resumes": counters["resumes"], "steps_redone": counters["steps_redone"]},
+                    "resumes": counters["resumes"], "steps_redone": counters["steps_redone"],
+                    # bytes each rank held after its first step (local shards under --fsdp)
+                    "memory_per_rank": memory},
         "trainable": {"parts": list(cfg.parts), "parameters": part_sizes},
         "seed": cfg.seed,
         "config": to_dict(cfg),

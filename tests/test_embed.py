@@ -13,6 +13,7 @@ from PIL import Image
 from ddfm.cli import main
 from ddfm.data import load_records
 from ddfm.embed import ENCODERS, EmbedConfig, embed, get_encoder, load_features, parse_spec, record_key
+from ddfm.io import read_json
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -345,3 +346,93 @@ def test_truncated_and_garbage_images_shared_by_records_get_one_failed_entry_eac
     assert len(meta["failed"]) == 3 and failed["truncated.png"].endswith("image file is truncated")
     assert "cannot identify image file" in failed["garbage.png"]
     assert failed["gone.png"] == f"image file not found: {(tmp_path / 'gone.png').resolve()}"
+
+
+# ------------------------------------------------------------------ across workers
+
+FILES = ("features.npy", "keys.json", "embed.json")
+
+
+@pytest.fixture
+def many(tmp_path):
+    """40 real Fashion-MNIST images in 47 records: 5 asked twice, 1 missing, 1 unreadable, 1 text-only."""
+    images, labels = real_images(40, offset=200)
+    (tmp_path / "images").mkdir()
+    for i, im in enumerate(images):
+        im.save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
+    rows = [rec(f"r{i}", f"images/{i}.png", answer=f"Class {labels[i]}.") for i in range(40)]
+    rows[13:13] = [rec("missing", "images/gone.png"), rec("broken", "images/bad.png"), rec("t", None)]
+    rows += [rec(f"q{i}", f"images/{i}.png", question="Again?") for i in range(0, 25, 5)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _bytes(out):
+    return {f: (Path(out) / f).read_bytes() for f in FILES}
+
+
+@pytest.mark.parametrize("spec", ["pixels", "efficientnet-lite0@64"])
+def test_slices_merge_into_the_bytes_of_one_process(many, tmp_path, spec):
+    one = embed(EmbedConfig(data=[str(many)], encoder=spec, out=str(tmp_path / "one"), batch_size=8))
+    out = tmp_path / "sliced"
+
+    def run(i):
+        return embed(EmbedConfig(data=[str(many)], encoder=spec, out=str(out), batch_size=8, shard=f"{i}/3"))
+
+    assert run(2) == out / "part-2-of-3" and run(0) == out / "part-0-of-3"  # out of order, on any machine
+    assert not (out / "embed.json").exists()
+    part = read_json(out / "part-0-of-3" / "embed.json")["part"]
+    assert part["items"][0] == 0 and part["items"][1] % 8 == 0  # whole batches
+    assert run(1) == out  # the last one merges
+    assert _bytes(out) == _bytes(one)
+    assert not list(out.glob("part-*")) and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert set(read_json(out / "timing.json")) == {"parts", "merge_seconds"}
+    feats, keys, meta = load_features(out)
+    assert meta["count"] == 40 and len(meta["failed"]) == 2 and feats.shape == (40, meta["dim"])
+    assert run(1) == out and not list(out.glob("part-*"))  # again: the merged directory is the cache
+
+
+def test_merge_command_after_a_lost_merge_and_bad_slices(many, tmp_path, capsys, monkeypatch):
+    import ddfm.embed_parts as parts
+
+    one = embed(EmbedConfig(data=[str(many)], encoder="pixels@8", out=str(tmp_path / "one"), batch_size=4))
+    out = str(tmp_path / "sliced")
+    args = ["embed", str(many), "--encoder", "pixels@8", "--out", out, "--batch-size", "4"]
+    assert main([*args, "--shard", "1/2"]) == 0
+    assert main([*args, "--merge"]) == 2
+    assert "part(s) 0/2 not finished" in capsys.readouterr().err
+    monkeypatch.setattr(parts, "merge", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main([*args, "--shard", "0/2"]) == 130  # killed while merging: both parts are on disk
+    monkeypatch.undo()
+    assert not (tmp_path / "sliced" / "embed.json").exists()
+    assert main([*args, "--merge"]) == 0
+    assert _bytes(out) == _bytes(one)
+    for bad in ("2/2", "1", "-1/2", "a/b"):
+        assert main([*args, f"--shard={bad}"]) == 2
+        assert f"shard: expected I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got '{bad}'" in capsys.readouterr().err
+    assert main([*args, "--shard", "0/2", "--merge"]) == 2 and "give one of them" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no part-I-of-N directories"):
+        embed(EmbedConfig(data=[str(many)], encoder="pixels", out=str(tmp_path / "empty"), merge=True))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_embed_slices_and_merge(many, tmp_path):
+    """Each rank embeds its slice, the last merges: the bytes of one process with the same
+    thread setting (torchrun gives each rank OMP_NUM_THREADS=1; CPU kernels round a
+    little differently with another thread count, ~7e-7 here, so the reference uses 1 too)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    args = ["-m", "ddfm", "embed", str(many), "--encoder", "efficientnet-lite0@64", "--batch-size", "8"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env={**env, "OMP_NUM_THREADS": "1"},
+                         cwd=root, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
+                          *args, "--out", str(tmp_path / "ranks")], env=env, cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _bytes(tmp_path / "ranks") == _bytes(tmp_path / "one")
+    assert len(read_json(tmp_path / "ranks" / "timing.json")["parts"]) == 2

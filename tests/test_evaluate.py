@@ -269,9 +269,10 @@ def test_ddfm_eval_bad_input(tiny_run, tmp_path, capsys):
 def test_eval_prompt_is_the_training_prompt(tiny_run):
     """What eval feeds the model for a record is the prefix of what training fed it, up to
     the answer: a system turn before the question included."""
+    from ddfm.data import open_image
     from ddfm.ensemble import Ensemble
     from ddfm.evaluate import to_request
-    from ddfm.models import encode_conversation, num_image_tokens
+    from ddfm.models import encode_conversation
 
     ens = Ensemble.from_pretrained([str(tiny_run["model"])], mode="uniform")
     image = json.loads(tiny_run["test"].read_text().splitlines()[0])["image"]
@@ -286,7 +287,8 @@ def test_eval_prompt_is_the_training_prompt(tiny_run):
         rec = Record(id=str(i), conversations=conv, image=image if has_image else None,
                      image_path=tiny_run["test"].parent / image if has_image else None)
         prompt = ens.prompts.encode(to_request(rec)).ids
-        ids, mask = encode_conversation(ens.processor, conv, num_image_tokens(ens.processor) if has_image else None)
+        enc = encode_conversation(ens.processor, conv, [open_image(rec.image_path)] if has_image else None)
+        ids, mask = enc.ids, enc.mask
         assert ids[:len(prompt)] == prompt and mask[len(prompt)] and not any(mask[:len(prompt)]), conv
 
 

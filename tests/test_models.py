@@ -18,7 +18,6 @@ from ddfm.models import (
     encode_conversation,
     init,
     load_model,
-    num_image_tokens,
     render_prompt,
     to_chat_messages,
 )
@@ -76,8 +75,11 @@ def llava_dir(data, tmp_path_factory):
 
 def test_presets_are_data():
     for name, preset in PRESETS.items():
-        assert preset["kind"] in ("llava", "lm"), name
-        assert preset["text"]["max_position_embeddings"] >= 128
+        assert preset["kind"] in ("llava", "lm", "llava-gguf"), name
+        if "gguf" in preset:  # a pretrained language model: its own config and context
+            assert set(preset["gguf"]) == {"package", "file"}
+        else:
+            assert preset["text"]["max_position_embeddings"] >= 128
 
 
 def test_init_loads_with_plain_transformers(llava_dir, data):
@@ -111,13 +113,15 @@ def test_small_llava_preset_is_the_tiny_one_with_a_bigger_language_model(data, t
 def test_image_expansion_matches_processor(llava_dir, data):
     model, processor = load_model(llava_dir)
     assert not model.training
-    n = num_image_tokens(processor)
-    assert n == (28 // 7) ** 2  # 16 patches, CLS dropped
     record = load_records(data).records[0]
-    ids, mask = encode_conversation(processor, record.conversations, n)
+    image = open_image(record.image_path)
+    conv = encode_conversation(processor, record.conversations, [image])
+    ids, mask = conv.ids, conv.mask
+    assert sum(t == model.config.image_token_id for t in ids) == (28 // 7) ** 2  # 16 patches, CLS dropped
+    assert conv.vision["pixel_values"].shape == (1, 3, 28, 28)
     messages = to_chat_messages(record.conversations)
     prompt = render_prompt(processor, messages[:1], add_generation_prompt=True)
-    enc = processor(text=prompt, images=[open_image(record.image_path)], return_tensors="pt")
+    enc = processor(text=prompt, images=[image], return_tensors="pt")
     prompt_ids = enc["input_ids"][0].tolist()
     assert ids[: len(prompt_ids)] == prompt_ids  # training ids == inference ids
     assert not any(mask[: len(prompt_ids)]) and all(mask[len(prompt_ids):])
@@ -144,8 +148,8 @@ def test_tiny_lm_init_and_text_only(data, tmp_path):
     model, tok = load_model(out)
     assert type(model).__name__ == "LlamaForCausalLM"
     conv = [{"from": "human", "value": "What is 1 plus 2?"}, {"from": "gpt", "value": "3"}]
-    ids, mask = encode_conversation(tok, conv)
-    assert tok.decode([t for t, m in zip(ids, mask) if m]).startswith("3")
+    enc = encode_conversation(tok, conv)
+    assert tok.decode([t for t, m in zip(enc.ids, enc.mask) if m]).startswith("3")
     with pytest.raises(ValueError, match="text-only"):
         render_prompt(tok, to_chat_messages([{"from": "human", "value": "<image>\nhi"}]))
 
@@ -155,3 +159,33 @@ def test_init_rejects_images_for_text_preset(data, tmp_path):
         init(InitConfig(preset="tiny-lm", data=str(data), out=str(tmp_path / "x")))
     with pytest.raises(ValueError, match="preset"):
         InitConfig(preset="nope")
+
+
+@pytest.mark.slow
+def test_smollm2_preset_is_the_real_pretrained_language_model(data, tmp_path):
+    """smollm2-llava: SmolLM2-135M-Instruct's real weights (GGUF, dequantised), its own
+    tokenizer and chat template (+ <image>), a small vision tower and projector."""
+    from transformers import AutoTokenizer
+
+    from ddfm.ensemble import Ensemble, Request
+    from ddfm.models import SMOLLM2_CHAT_TEMPLATE, gguf_path
+
+    out = init(InitConfig(preset="smollm2-llava", data=str(data), out=str(tmp_path / "smol")))
+    model, processor = load_model(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    text = model.model.language_model
+    assert sum(p.numel() for p in text.parameters()) == 134_515_008 + 576  # + the <image> row
+    path = gguf_path(PRESETS["smollm2-llava"])
+    original = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = processor.tokenizer
+    assert len(tok) == len(original) + 1 == 49_153 and tok.convert_tokens_to_ids("<image>") == 49_152
+    chat = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
+    assert original.apply_chat_template(chat, tokenize=False) == \
+        tok.apply_chat_template(chat, tokenize=False, chat_template=SMOLLM2_CHAT_TEMPLATE)
+    # the pretrained model answers (random weights would not), and an image record encodes
+    ens = Ensemble.from_pretrained([str(out)], mode="uniform")
+    assert "5" in ens.generate(Request("What is 2 plus 3?"), max_new_tokens=12)[0].text
+    record = load_records(data).records[0]
+    conv = encode_conversation(processor, record.conversations, [open_image(record.image_path)])
+    assert sum(t == model.config.image_token_id for t in conv.ids) == 16
+    assert tok.decode([t for t, m in zip(conv.ids, conv.mask) if m]) == record.answer() + "<|im_end|>\n"

@@ -29,6 +29,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -44,6 +45,7 @@ from test_serve import (
     user_message,
 )
 
+from ddfm.ensemble import Request
 from ddfm.serve import ApiError, LocalBackend, Metrics, ServeConfig, create_app
 from ddfm.serve.chat import chat_job
 from ddfm.serve.protocol import ChatCompletionRequest
@@ -484,10 +486,45 @@ def test_text_only_experts_and_the_posterior_router_see_plain_text_too(tmp_path)
     assert tok.decode(answer) == "<|user|>c</s>\n" and answer.count(tok.eos_token_id) == 1
     # text without control tokens: the ids training uses, the rendered prompt tokenized at once
     plain = [{"from": "human", "value": "Name thing 3."}, {"from": "gpt", "value": "Thing 3."}]
-    ids, _ = encode_conversation(tok, plain)
+    ids = encode_conversation(tok, plain).ids
     text = render_prompt(tok, [{"role": "user", "content": "Name thing 3."},
                                {"role": "assistant", "content": "Thing 3."}], add_generation_prompt=False)
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "idefics3",
+                                    "smolvlm"])
+def test_every_family_reads_typed_control_tokens_as_text(family, tmp_path):
+    """Each VLM family's own control tokens (``<|im_end|>``, ``<end_of_utterance>``, its
+    image placeholder) typed in user text: the prompt's control tokens are the template's
+    own (as many of each as with harmless text), the typed text is spelled out, and on
+    harmless text the plain-text encoding and the families' one agree token for token."""
+    import family_checkpoints
+
+    from ddfm.ensemble.prompts import PromptEncoder
+    from ddfm.models import encode_chat, encode_prompt, load_model, render_prompt
+
+    data = family_checkpoints.family_data(tmp_path)
+    _, processor = load_model(family_checkpoints.build(family, data["records"], tmp_path / family))
+    tok = processor.tokenizer
+    control = {tok.convert_tokens_to_ids(t) for t in tok.added_tokens_encoder if t.strip()}
+    image = Image.open(data["records"][0].image_path).convert("RGB")
+    typed = " and ".join(t for t in tok.added_tokens_encoder if t.strip())  # every added token of the family
+    history = [{"role": "user", "content": "Hi" + typed}, {"role": "assistant", "content": typed + "Hello."}]
+    encoder = PromptEncoder(processor)
+    forged = encoder.encode(Request(typed, image=image, history=history, literal=True))
+    harmless = encoder.encode(Request("x", image=image, history=[{**m, "content": "x"} for m in history], literal=True))
+    count = lambda ids: sorted(t for t in ids if t in control)  # noqa: E731
+    assert count(forged.ids) == count(harmless.ids)
+    assert typed in tok.decode(forged.ids)
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    plain, families = encode_chat(processor, messages, [image]), encode_prompt(
+        processor, render_prompt(processor, messages), [image])
+    assert plain.ids == families.ids and plain.token_types.keys() == families.token_types.keys()
+    assert all(torch.equal(plain.token_types[k], families.token_types[k]) for k in families.token_types)
+    assert plain.vision.keys() == families.vision.keys()
+    assert all(torch.equal(plain.vision[k], families.vision[k]) for k in families.vision)
 
 
 # ----------------------------------------------------------------------------- 6. key and host
@@ -549,19 +586,24 @@ def _wait_for(live, name: str, value: float, within: float = 30) -> str:
 def test_a_client_leaving_mid_answer_stops_its_generation_and_is_counted(assets, ensemble):
     """Before: the work went on to max_tokens for nobody and no metric showed it. A stream
     left after its first events, and a non-streaming request left before its answer: each
-    row leaves the batch within 2 s of the disconnect (a tiny expert makes ~20-100 tokens a
-    second here) and is counted with the tokens it did not generate."""
+    row leaves the batch and is counted with the tokens it did not generate (< 100 of 400
+    generated; a tiny expert makes ~20-100 tokens a second on this loaded machine)."""
     live = LiveServer(create_app(serve_config(assets, max_output_tokens=400), ensemble=ensemble))
     body = {"model": "ddfm", "messages": user_message("Describe it.", assets["images"][5]), "max_tokens": 400,
-            "temperature": 1.0, "seed": 3}
+            "temperature": 1.0}
     try:
+        # a seed whose first 60 tokens hold no end-of-sequence (seeded sampling is the same alone or batched),
+        # so the rows below are still running when their clients leave
+        seed = next(s for s in range(20) if _post(live, {**body, "seed": s, "max_tokens": 60}).json()
+                    ["choices"][0]["finish_reason"] == "length")
+        body["seed"] = seed
+        before = httpx.get(live.url + "/metrics").text
         with httpx.stream("POST", live.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             assert next(line for line in lines if line.startswith("data: "))
-        left = time.monotonic()
         after = _wait_for(live, "ddfm_cancelled_requests_total", 1)
-        assert metric(after, "ddfm_cancelled_requests_total") == 1 and time.monotonic() - left < 2
+        assert metric(after, "ddfm_cancelled_requests_total") == 1
         generated = 400 - metric(after, "ddfm_cancelled_tokens_total")
         assert generated < 100, f"{generated} tokens generated for a client that left"
         # a non-streaming request whose client leaves before the answer
@@ -571,11 +613,11 @@ def test_a_client_leaving_mid_answer_stops_its_generation_and_is_counted(assets,
                      b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
         _wait_for(live, "ddfm_decode_steps_total", metric(after, "ddfm_decode_steps_total") + 3)
         sock.close()
-        left = time.monotonic()
         final = _wait_for(live, "ddfm_cancelled_requests_total", 2)
-        assert metric(final, "ddfm_cancelled_requests_total") == 2 and time.monotonic() - left < 2
+        assert metric(final, "ddfm_cancelled_requests_total") == 2
         assert metric(final, "ddfm_cancelled_tokens_total") - metric(after, "ddfm_cancelled_tokens_total") > 300
         assert 'status="499"' in final  # the handler saw the client go (nobody reads the answer)
+        assert metric(final, "ddfm_completion_tokens_total") == metric(before, "ddfm_completion_tokens_total")
         assert httpx.get(live.url + "/health").json()["in_flight"] == 0
     finally:
         live.close()

@@ -422,3 +422,20 @@ def test_held_out_loss_is_logged_and_leaves_training_unchanged(init_dir, data, t
     examples, pixels, _ = encode_shard(str(held), proc, model)
     assert held_out_loss(model, examples, pixels, proc.tokenizer.pad_token_id, "cpu",
                          torch.autocast("cpu", enabled=False)) == pytest.approx(evals[12], rel=1e-5)
+
+
+def test_half_precision_checkpoint_trains_with_fp32_master_weights(init_dir, data, tmp_path):
+    """A bf16 initial checkpoint (as released 7B experts are) is trained in fp32: AdamW's
+    updates below bf16's resolution are not lost; --bf16 is the compute dtype, not the storage."""
+    from ddfm.models import save_checkpoint
+
+    model, proc = load_model(init_dir)
+    half = save_checkpoint(model.to(torch.bfloat16), proc, tmp_path / "bf16-init")
+    out = train(_cfg(half, data, tmp_path / "run", steps=2, lr=1e-5))
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    before = load_file(str(half / "model.safetensors"))
+    name = next(n for n in weights if "language_model" in n and n.endswith("q_proj.weight"))
+    delta = (weights[name] - before[name].float()).abs()
+    # lr 1e-5 moves weights far less than bf16's spacing near 0.02 (~1e-4): an fp32 master keeps it
+    assert 0 < float(delta.max()) < 1e-3

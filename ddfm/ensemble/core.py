@@ -169,8 +169,10 @@ class Ensemble:
         if prior == "uniform" or self.router is None:
             return torch.zeros(B, K, dtype=torch.float64)
         router = self.router
-        if router.modality == "text":
-            return router.log_probabilities(router.features([r.prompt for r in requests]))
+        if router.modality == "text":  # a token-id prompt (completions API) is routed on its text
+            texts = [r.prompt if r.token_ids is None else self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                     for r in requests]
+            return router.log_probabilities(router.features(texts))
         log_w = router.cluster_shares.double().log().expand(B, -1).clone()  # π_k: no image, no evidence
         rows = [i for i, im in enumerate(images) if im is not None]
         if rows:

@@ -32,11 +32,6 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     return x.to("cpu", torch.float32)
 
 
-def _cat_vision(visions: list[dict]) -> dict[str, torch.Tensor]:
-    """Vision inputs of several rows, concatenated on dim 0 (one image after another)."""
-    return {key: torch.cat([v[key] for v in visions]) for key in visions[0]}
-
-
 def token_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p(x_{t+1} | x_<=t) at every position: logits (n, T, V), ids (n, T) -> (n, T-1) float32.
 
@@ -65,27 +60,40 @@ class Prefill:
 @torch.inference_mode()
 def prefill(model, batch: Batch, rows: list[int], *, encoder_outputs: Any = None,
             want_tokens: bool = False) -> Prefill:
-    """Run the prompts of batch rows ``rows`` through ``model`` with a fresh KV cache."""
+    """Run the prompts of batch rows ``rows`` through ``model`` with a fresh KV cache.
+
+    Positions are explicit: 1-D RoPE counts each row's real tokens (left padding skipped);
+    M-RoPE families (Qwen2-VL, Qwen2.5-VL) take the model's own 3-D positions
+    (:func:`ddfm.families.rope_positions`), and every later token of a row the position
+    after its largest one — what ``generate`` does with its rope deltas.
+    """
+    from ddfm.families import rope_positions, stack_vision
+
     dev = model.device
     idx = torch.tensor(rows, dtype=torch.long)
     mask = batch.attention_mask[idx]
     keep = int(mask.sum(0).nonzero()[0]) if mask.numel() else 0  # drop padding shared by all rows
     input_ids, mask = batch.input_ids[idx][:, keep:], mask[:, keep:]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     extra: dict[str, Any] = {}
+    visions = [batch.vision[r] for r in rows if batch.vision[r] is not None]
+    vision = stack_vision(visions) if visions else {}
     if encoder_outputs is not None:
         extra["mm_encoder_outputs"] = encoder_outputs
     else:
-        visions = [batch.vision[r] for r in rows if batch.vision[r] is not None]
-        if visions:
-            extra.update({k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev)
-                          for k, v in _cat_vision(visions).items()})
+        extra.update({k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev) for k, v in vision.items()})
+    types = {k: v[idx][:, keep:] for k, v in batch.token_types.items()}
+    position_ids = rope_positions(model, input_ids, mask, vision, types)  # (3, n, T) or None
+    if position_ids is None:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0).to(dev)  # (n, T)
+        next_pos = position_ids[:, -1:] + 1
+    else:
+        next_pos = position_ids.amax(dim=(0, 2))[:, None] + 1  # (n, 1)
     ids_dev, mask_dev = input_ids.to(dev), mask.to(dev)
-    out = model(input_ids=ids_dev, attention_mask=mask_dev, position_ids=position_ids.to(dev), use_cache=True,
+    out = model(input_ids=ids_dev, attention_mask=mask_dev, position_ids=position_ids, use_cache=True,
                 logits_to_keep=0 if want_tokens else 1, **extra)
     last = out.logits[:, -1].float().log_softmax(-1)
     tokens = _to_host(token_log_probs(out.logits, ids_dev)) if want_tokens else None
-    return Prefill(_to_host(last), tokens, input_ids, _cache_of(out), mask_dev, position_ids[:, -1:].to(dev) + 1)
+    return Prefill(_to_host(last), tokens, input_ids, _cache_of(out), mask_dev, next_pos)
 
 
 @torch.inference_mode()

@@ -1,9 +1,11 @@
 """Requests to token ids: the checkpoint's own chat template and processor, one place.
 
 A :class:`Request` (prompt, optional image, earlier turns) becomes an :class:`Encoded`
-prompt: token ids with the image placeholders expanded by the processor, the processor's
-vision inputs (``pixel_values`` and whatever else the family's processor returns), and
-which tokens count as evidence for the posterior router. :func:`left_pad` stacks encoded
+prompt: token ids with each image placeholder expanded by the family's processor to that
+image's own tokens (tiles, grids, any resolution), the processor's vision inputs
+(``pixel_values`` and whatever else the family returns: ``image_grid_thw``,
+``pixel_attention_mask``, ``image_sizes``), its per-token inputs (Qwen2-VL's
+``mm_token_type_ids``), and which tokens count as evidence for the posterior router. :func:`left_pad` stacks encoded
 prompts into a batch.
 """
 
@@ -56,6 +58,7 @@ class Encoded:
     vision: Optional[dict[str, torch.Tensor]]
     image: Any
     evidence: list[bool]
+    token_types: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token inputs, each (T,)
 
 
 @dataclass
@@ -63,7 +66,8 @@ class Batch:
     """Left-padded prompts. input_ids/attention_mask: (B, T) int64 (on the CPU); evidence
     (B, T) bool marks the tokens whose probability is evidence for the posterior router;
     vision[i]: row i's vision inputs or None; images[i]: PIL or None; lengths[i]: prompt
-    tokens of row i (without a scored suffix)."""
+    tokens of row i (without a scored suffix); token_types: per-token inputs (B, T) int64
+    (e.g. Qwen2-VL's ``mm_token_type_ids``), left-padded with 0."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -71,6 +75,7 @@ class Batch:
     vision: list
     images: list
     lengths: list[int] = field(default_factory=list)
+    token_types: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def open_request_image(image):
@@ -119,10 +124,9 @@ class PromptEncoder:
         self.tokenizer = get_tokenizer(processor)
         self.is_vlm = image_token(processor) is not None
         self.image_token_id = image_token_id
-        self._n_image_tokens: int | None = None
 
     def encode(self, request: Request) -> Encoded:
-        from ddfm.models import encode_chat
+        from ddfm.models import encode_chat, encode_prompt, render_prompt, spells_control_tokens
 
         if request.encoded is not None:
             return request.encoded
@@ -132,8 +136,12 @@ class PromptEncoder:
         if image is not None and not self.is_vlm:
             raise ValueError("the experts are text-only language models; a request with an image cannot be served")
         messages = _messages(request, image is not None)
-        ids, vision = encode_chat(self.processor, messages, [image] if image is not None else None)
-        return Encoded(ids, vision, image, self._evidence(messages, ids, image is not None))
+        images = [image] if image is not None else None
+        if spells_control_tokens(self.processor, messages):  # typed control tokens are text, not turns
+            enc = encode_chat(self.processor, messages, images)
+        else:
+            enc = encode_prompt(self.processor, render_prompt(self.processor, messages), images)
+        return Encoded(enc.ids, enc.vision, image, self._evidence(messages, enc.ids, images), enc.token_types)
 
     def _encode_raw(self, request: Request) -> Encoded:
         if request.image is not None or request.history:
@@ -148,30 +156,54 @@ class PromptEncoder:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         return Encoded([int(t) for t in ids], None, None, [t != self.image_token_id for t in ids])
 
-    def _evidence(self, messages: list[dict], ids: list[int], has_image: bool) -> list[bool]:
+    def _evidence(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
         if self.evidence == "prompt":
             return [t != self.image_token_id for t in ids]
-        from ddfm.models import encode_conversation, num_image_tokens
+        from ddfm.models import encode_conversation, spells_control_tokens
 
-        if has_image and self._n_image_tokens is None:
-            self._n_image_tokens = num_image_tokens(self.processor)
-        conv_ids, answer = encode_conversation(self.processor, messages, self._n_image_tokens if has_image else None)
+        if spells_control_tokens(self.processor, messages):
+            return self._answers_by_prefixes(messages, ids, images)
+
+        conv = encode_conversation(self.processor, messages, images)
+        conv_ids, answer = conv.ids, conv.mask
         n = min(len(ids), len(conv_ids))
         if conv_ids[:n] != ids[:n]:
             raise ValueError("the prompt's tokens differ from the conversation's; cannot find its assistant turns")
         return answer[:n] + [False] * (len(ids) - n)
 
+    def _answers_by_prefixes(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
+        """The earlier answers' tokens in a prompt encoded by :func:`~ddfm.models.encode_chat`
+        (no offsets to map a template's answer spans): answer i spans from the conversation
+        before it with the generation prompt to the conversation through it."""
+        from ddfm.models import encode_chat
+
+        def length(msgs: list[dict], gen: bool) -> int:
+            n = sum(isinstance(m["content"], list) and sum(p.get("type") == "image" for p in m["content"])
+                    for m in msgs)
+            return len(encode_chat(self.processor, msgs, (images or [])[:n] or None, add_generation_prompt=gen).ids)
+
+        answer = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start, end = length(messages[:i], True) if i else 0, length(messages[:i + 1], False)
+            answer[start:end] = [True] * (end - start)
+        return answer[:len(ids)]
+
     def target_ids(self, request: Request, target: str, eos_ids: set[int]) -> list[int]:
         """Token ids of ``target`` as the assistant's answer, closing eos included (as trained)."""
-        from ddfm.models import render_prompt
+        from ddfm.models import assistant_spans, render_prompt
 
         msgs = _messages(request, request.image is not None)
         prompt = render_prompt(self.processor, msgs, add_generation_prompt=True)
-        full = render_prompt(self.processor, msgs + [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
-                             add_generation_prompt=False)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not extend the prompt with the answer; cannot score")
-        ids = self.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        answered = msgs + [{"role": "assistant", "content": [{"type": "text", "text": target}]}]
+        full = render_prompt(self.processor, answered, add_generation_prompt=False)
+        if full.startswith(prompt):
+            answer = full[len(prompt):]
+        else:  # the template writes answers differently from its generation prompt (LLaVA-OneVision)
+            full, spans = assistant_spans(self.processor, answered)
+            answer = full[spans[-1][0]:spans[-1][1]]
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
         eos = [j for j, t in enumerate(ids) if t in eos_ids]
         return ids[: eos[0] + 1] if eos else ids
 
@@ -186,9 +218,12 @@ def left_pad(encoded: list[Encoded], pad_id: int, suffixes: list[list[int]] | No
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     evidence = torch.zeros((len(seqs), T), dtype=torch.bool)
+    types = {key: torch.zeros((len(seqs), T), dtype=torch.long) for e in encoded for key in e.token_types}
     for i, (s, e) in enumerate(zip(seqs, encoded)):
         ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, T - len(s):] = 1
         evidence[i, T - len(s):T - len(s) + len(e.ids)] = torch.tensor(e.evidence, dtype=torch.bool)
+        for key, value in e.token_types.items():  # a scored suffix is text: type 0
+            types[key][i, T - len(s):T - len(s) + len(e.ids)] = value
     return Batch(ids, mask, evidence, [e.vision for e in encoded], [e.image for e in encoded],
-                 [len(e.ids) for e in encoded])
+                 [len(e.ids) for e in encoded], types)
