@@ -137,6 +137,22 @@ def test_idle_and_half_sent_connections_neither_lock_out_nor_linger(assets, ense
         live.close()
 
 
+def test_an_oversized_request_head_is_refused(assets, ensemble):
+    """Before: uvicorn's httptools protocol took a head of any size (20 MB of headers were
+    answered 200), each held in memory for as long as the client took to send it."""
+    live = LiveServer(create_app(serve_config(assets, max_header_bytes=32 * 1024), ensemble=ensemble))
+    try:
+        for pad in (100, 40_000):
+            sock = socket.create_connection(("127.0.0.1", live.port))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * pad + b"\r\n\r\n")
+            reply = _closed_by_server(sock, within=10) if pad > 32 * 1024 else sock.recv(100)
+            sock.close()
+            assert reply.startswith(b"HTTP/1.1 431" if pad > 32 * 1024 else b"HTTP/1.1 200"), reply[:100]
+        assert httpx.get(live.url + "/health").status_code == 200
+    finally:
+        live.close()
+
+
 def test_beyond_max_connections_the_longest_idle_is_closed(assets, ensemble):
     live = LiveServer(create_app(serve_config(assets, max_connections=50, header_timeout=60.0), ensemble=ensemble))
     idle = []

@@ -48,6 +48,8 @@ class ServeConfig:
     max_connections: int = arg("open connections; beyond this the longest idle one is closed", default=1000)
     header_timeout: float = arg("seconds a connection may take to send a request's headers, from connecting or "
                                 "from the first byte of a later request (then it is closed)", default=10.0)
+    max_header_bytes: int = arg("largest request head (request line and headers) in bytes (then 431)",
+                                default=64 * 1024)
     keep_alive_timeout: float = arg("seconds an idle keep-alive connection stays open between requests",
                                     default=5.0)
     body_timeout: float = arg("seconds a client may take to send its request body (then 408)", default=30.0)
@@ -75,8 +77,8 @@ class ServeConfig:
         if self.default_max_tokens is None:
             self.default_max_tokens = min(64, self.max_output_tokens)
         for name in ("port", "max_body_bytes", "max_image_pixels", "max_prompt_tokens", "max_output_tokens",
-                     "default_max_tokens", "max_concurrent", "max_connections", "max_batch_size", "header_timeout",
-                     "keep_alive_timeout"):
+                     "default_max_tokens", "max_concurrent", "max_connections", "max_header_bytes", "max_batch_size",
+                     "header_timeout", "keep_alive_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_output_tokens:

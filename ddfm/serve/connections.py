@@ -11,6 +11,9 @@ httptools protocol (``uvicorn.Config(http=...)`` takes a protocol class) with tw
   later request on it, the request head (request line and headers) must be complete
   within this many seconds, else the connection is closed (with a 408 if part of a head
   had arrived). Between requests uvicorn's own keep-alive timeout applies.
+* ``max_header_bytes``: a request head (request line and headers) larger than this is
+  answered 431 and the connection closed (uvicorn's httptools protocol has no limit: a
+  client could send 20 MB of headers, and hold them for ``header_timeout``).
 * ``max_connections``: when a new connection would exceed it, the connection that has been
   idle longest (no request in progress) is closed. A request in progress is never cut.
 
@@ -30,6 +33,12 @@ __all__ = ["GuardedHttpProtocol", "guarded_protocol", "uvicorn_config"]
 
 _TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
                 b"content-length: 41\r\nconnection: close\r\n\r\nthe request head did not arrive in time.\n")
+_TOO_LARGE_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                  b"content-length: 31\r\nconnection: close\r\n\r\nthe request head is too large.\n")
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback: httptools stops and uvicorn answers (see ``send_400_response``)."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -37,12 +46,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     module docstring); :func:`guarded_protocol` sets the two class attributes."""
 
     header_timeout: float = 10.0
+    max_header_bytes: int = 64 * 1024
     max_connections: int = 1000
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._idle_since: Optional[float] = time.monotonic()
         self._head_started = False
+        self._head_bytes = 0
         self._head_timer: Any = None
         self._arm_head_timer()
         if len(self.connections) > self.max_connections:
@@ -58,9 +69,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_started = True
         self._arm_head_timer()  # the next request's head: timed from its first byte
 
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
         self._head_started = False
+        self._head_bytes = 0
         self._idle_since = None  # a request is in progress
         super().on_headers_complete()
 
@@ -69,7 +89,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self.pipeline:
             self._idle_since = time.monotonic()
 
+    def send_400_response(self, msg: str) -> None:
+        if self._head_bytes > self.max_header_bytes:  # our callback stopped the parser
+            self._cancel_head_timer()
+            self.transport.write(_TOO_LARGE_431)
+            self.transport.close()
+            return
+        super().send_400_response(msg)
+
     # -------------------------------------------------------------- the rules
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.max_header_bytes:
+            raise _HeadTooLarge(f"request head over {self.max_header_bytes} bytes")
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
@@ -95,10 +127,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             min(idle, key=lambda c: c._idle_since).transport.close()
 
 
-def guarded_protocol(header_timeout: float, max_connections: int) -> type[GuardedHttpProtocol]:
+def guarded_protocol(header_timeout: float, max_connections: int,
+                     max_header_bytes: int = 64 * 1024) -> type[GuardedHttpProtocol]:
     """A :class:`GuardedHttpProtocol` class with these limits (uvicorn instantiates the class)."""
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,),
-                {"header_timeout": float(header_timeout), "max_connections": int(max_connections)})
+                {"header_timeout": float(header_timeout), "max_connections": int(max_connections),
+                 "max_header_bytes": int(max_header_bytes)})
 
 
 def uvicorn_config(app, cfg, **overrides):
@@ -108,6 +142,6 @@ def uvicorn_config(app, cfg, **overrides):
     import uvicorn
 
     options = dict(host=cfg.host, port=cfg.port, log_level=cfg.log_level, lifespan="on",
-                   http=guarded_protocol(cfg.header_timeout, cfg.max_connections),
+                   http=guarded_protocol(cfg.header_timeout, cfg.max_connections, cfg.max_header_bytes),
                    timeout_keep_alive=cfg.keep_alive_timeout)
     return uvicorn.Config(app, **{**options, **overrides})
