@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -325,12 +326,34 @@ def open_image(path: str | os.PathLike):
         raise ValueError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            load_strict(img)
             return img.convert("RGB")
     # OSError covers UnidentifiedImageError and truncated files; some decoders raise
     # SyntaxError, ValueError or EOFError on malformed headers, and PIL refuses images over
     # 2 x MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise ValueError(f"unreadable image {path}: {err}") from None
+
+
+_STRICT = threading.Lock()
+
+
+def load_strict(img) -> None:
+    """Decode ``img``'s pixels, raising ``OSError`` on a truncated file whatever the process set.
+
+    Pillow pads a truncated image with grey, silently, once anything in the process sets
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` (importing ``lmms_eval`` does). The flag is
+    a module global read during ``load()``: hold it False for the decode and restore it, under
+    a lock so concurrent decodes (the server's threads) cannot restore it in between.
+    """
+    from PIL import ImageFile
+
+    with _STRICT:
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def check_images(records: Iterable[Record]) -> tuple[list[Record], list[FailedImage]]:

@@ -220,3 +220,22 @@ def test_open_image_names_missing_files_and_refuses_decompression_bombs(tmp_path
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images > 2x the limit outright
     with pytest.raises(ValueError, match=r"unreadable image .*big\.png"):
         open_image(big)
+
+
+def test_truncated_images_fail_even_when_the_process_allows_them(tmp_path, monkeypatch):
+    """Importing lmms_eval sets Pillow's LOAD_TRUNCATED_IMAGES globally; ddfm's decoders stay strict."""
+    from PIL import ImageFile
+
+    from ddfm.data import open_image
+    from ddfm.serve.errors import ApiError
+    from ddfm.serve.images import decode_image
+
+    data = _real_png(tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ValueError, match="truncated"):
+        open_image(tmp_path / "truncated.png")
+    with pytest.raises(ApiError, match="corrupt"):
+        decode_image(data[: len(data) // 2], "messages[0].content[1]", 10**6)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's own setting is put back
+    assert open_image(tmp_path / "ok.png").mode == "RGB"  # a whole image still decodes

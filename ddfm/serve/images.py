@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import httpx
 
+from ddfm.data import load_strict
 from ddfm.serve.errors import ApiError, bad
 from ddfm.serve.memory import release_memory
 
@@ -120,7 +121,7 @@ def _shrunk(img, side: Optional[int]):
     scale = side / min(w, h) if side is not None and min(w, h) > side else 1.0
     if scale < 1.0 and img.format == "JPEG":
         img.draft("RGB", (round(w * scale), round(h * scale)))  # DCT scaling: decodes at 1/2, 1/4 or 1/8
-    img.load()
+    load_strict(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size
