@@ -637,3 +637,60 @@ def test_a_client_leaving_mid_answer_stops_its_generation_and_is_counted(assets,
         assert httpx.get(live.url + "/health").json()["in_flight"] == 0
     finally:
         live.close()
+
+
+def test_sliding_window_experts_wait_for_the_batch_to_drain_instead_of_failing(tmp_path):
+    """A family whose KV cache has sliding-window layers (Mistral here) cannot take rows into
+    a running cache: DecodeBatch says so, and the server's batcher admits arrivals only when
+    the batch is empty, so every request is answered as it would be alone."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from ddfm.ensemble import DecodeBatch, Ensemble, Request, Sampling
+    from ddfm.models import InitConfig, init
+    from ddfm.serve.batcher import Batcher, Generate, Inbox
+
+    rows = [{"id": f"t-{i}", "conversations": [{"from": "human", "value": f"Name thing {i}."},
+                                                {"from": "gpt", "value": f"Thing {i}."}]} for i in range(20)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm = init(InitConfig(preset="tiny-lm", data=str(tmp_path / "text.jsonl"), out=str(tmp_path / "lm"), vocab_size=300))
+    base = AutoModelForCausalLM.from_pretrained(lm).config
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=base.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id))
+    model.save_pretrained(tmp_path / "mistral")
+    AutoTokenizer.from_pretrained(lm).save_pretrained(tmp_path / "mistral")
+
+    ens = Ensemble.from_pretrained([str(tmp_path / "mistral")])
+    reqs = [Request("Name thing 3."), Request("Name a much longer thing, please, number 7.")]
+    samplings = [Sampling(max_new_tokens=6), Sampling(max_new_tokens=4)]
+    alone = [ens.generate(r, max_new_tokens=s.max_new_tokens)[0].token_ids for r, s in zip(reqs, samplings)]
+
+    batch = DecodeBatch(ens)
+    batch.add(reqs[:1], samplings[:1])
+    batch.step()
+    assert not batch.can_join()
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        batch.add(reqs[1:], samplings[1:])
+
+    async def serve_both():
+        batcher = Batcher(ens, max_batch=8)
+        batcher.start()
+        works = [Generate(r, s, Inbox()) for r, s in zip(reqs, samplings)]
+        for w in works:
+            batcher.submit(w)
+        got = []
+        for w in works:
+            while True:
+                _, kind, value = await asyncio.wait_for(w.inbox.get(), timeout=120)
+                if kind != "delta":
+                    break
+            assert kind == "done", value
+            got.append(value.token_ids)
+        batcher.stop()
+        return got
+
+    assert asyncio.run(serve_both()) == alone

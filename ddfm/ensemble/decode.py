@@ -183,6 +183,11 @@ class DecodeBatch:
         return len(self.order)
 
     # -------------------------------------------------------------- joining
+    def can_join(self) -> bool:
+        """Whether requests can :meth:`add` now: the batch is empty or every expert's KV cache
+        takes new rows (not a sliding-window or static cache, :func:`~ddfm.ensemble.experts.can_join`)."""
+        return not self.order or all(run.can_join() for run in self.runs.values())
+
     def add(self, requests: Sequence[Request], samplings: Sequence[Sampling],
             on_delta: Sequence[Callable[[str], None] | None] | None = None) -> list[int]:
         """Encode, route and prefill requests; they decode from the next :meth:`step`.
@@ -190,6 +195,9 @@ class DecodeBatch:
         Returns one handle per request (see :meth:`result`, :meth:`cancel`).
         """
         ens = self.ens
+        if not self.can_join():
+            raise NotImplementedError("requests cannot join this running batch: an expert's KV cache is a "
+                                      "sliding-window or static cache; add them once the batch is empty")
         batch = left_pad([ens.prompts.encode(r) for r in requests], ens.pad_id)
         prior, run_mask = ens.start_weights(requests, batch)  # (n, K) float64 log-weights, (n, K) bool
         lp, evidence_ll, joining = self._prefill(batch, run_mask, want_evidence=ens.routing.update)

@@ -198,6 +198,8 @@ class Batcher:
         room = self.max_batch - len(self._active)
         if not room or not self._waiting:
             return
+        if not self.batch.can_join():  # sliding-window caches: arrivals wait until the batch is empty
+            return
         # a busy batch lets a few arrivals gather first (JOIN_AT, JOIN_WAIT); an idle one admits at once
         gather = min(room, self.join_at, len(self._active) // 4)  # a small batch admits at once
         if len(self._waiting) < gather and self._waited < self.join_wait:
