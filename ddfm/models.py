@@ -27,7 +27,9 @@ LLaVA turns --:func:`to_chat_messages`--> HF chat messages --:func:`render_promp
 (the checkpoint's own chat template), whose image placeholders the family's processor
 expands, each to that image's own tokens (tiles, grids, any resolution).
 :func:`encode_conversation` turns a conversation into token ids, the assistant-token mask
-used by the loss and the image inputs.
+used by the loss and the image inputs. A control token spelled in a message's text
+(``</s>``, ``<|assistant|>``, ``<image>`` typed by a user) is the text it spells, never a
+turn marker (:func:`encode_chat`; ``ddfm train`` refuses data holding them).
 """
 
 from __future__ import annotations
@@ -574,12 +576,16 @@ def render_prompt(processor_or_tokenizer, messages: list[dict], add_generation_p
     Encode the result with ``add_special_tokens=False`` (the template writes bos).
     """
     is_processor = hasattr(processor_or_tokenizer, "image_processor")
-    if getattr(processor_or_tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{type(processor_or_tokenizer).__name__} has no chat template; "
-                         "the checkpoint directory needs one (chat_template.jinja)")
+    _require_template(processor_or_tokenizer)
     msgs = messages if is_processor else _flatten(messages)
     return processor_or_tokenizer.apply_chat_template(msgs, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
+
+
+def _require_template(processor_or_tokenizer) -> None:
+    if getattr(processor_or_tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{type(processor_or_tokenizer).__name__} has no chat template; "
+                         "the checkpoint directory needs one (chat_template.jinja)")
 
 
 def family_name(processor_or_tokenizer) -> str:
@@ -681,6 +687,80 @@ def encode_prompt(processor_or_tokenizer, text: str, images: list | None = None)
                             else enc["input_ids"][0])]
     vision, types = _vision_and_types(enc) if hasattr(enc["input_ids"], "shape") else (None, {})
     return Encoding(ids, [False] * len(ids), vision, types)
+
+
+def spells_control_tokens(processor_or_tokenizer, messages: list[dict]) -> bool:
+    """True if a message's text holds the string of an added token (``</s>``, ``<image>``, ...)."""
+    added = [t for t in get_tokenizer(processor_or_tokenizer).added_tokens_encoder if t.strip()]
+    texts = [m["content"] if isinstance(m["content"], str) else part.get("text") or ""
+             for m in messages for part in ([m] if isinstance(m["content"], str) else m["content"])]
+    return any(t in text for text in texts for t in added)
+
+
+def encode_chat(processor_or_tokenizer, messages: list[dict], images: list | None = None,
+                add_generation_prompt: bool = True) -> Encoding:
+    """Chat messages as the model takes them, their text as plain text (``mask`` all False).
+
+    The text is tokenized by transformers' own contract, the tokenizer's
+    ``apply_chat_template(..., tokenize=True, sanitize_control_tokens=True)``: control
+    tokens spelled inside the messages are encoded as the text they spell (a typed image
+    placeholder included); only the control tokens the template writes are control tokens.
+    The processor's rule for its special tokens follows (added unless the text starts with
+    bos), then each image placeholder the template wrote is replaced by that image's ids
+    (:func:`expand_image`, as ``ddfm train`` splices them). ``images`` fill the messages'
+    image parts in order. (A processor's own ``apply_chat_template(...,
+    sanitize_control_tokens=True)`` counts typed placeholders as images in InternVL and
+    Idefics3.) On text that spells no added token this gives the ids and image inputs of
+    :func:`encode_prompt` (``tests/test_serve_attacks.py`` checks it for every family);
+    :class:`~ddfm.ensemble.prompts.PromptEncoder` uses it only on text that does.
+    """
+    tokenizer = get_tokenizer(processor_or_tokenizer)
+    _require_template(processor_or_tokenizer)
+    placeholder = image_token(processor_or_tokenizer)
+    msgs = messages if placeholder is not None else _flatten(messages)
+    ids = [int(t) for t in tokenizer.apply_chat_template(
+        msgs, chat_template=processor_or_tokenizer.chat_template, add_generation_prompt=add_generation_prompt,
+        tokenize=True, return_dict=False, sanitize_control_tokens=True)]
+    if placeholder is None:
+        return Encoding(ids, [False] * len(ids))
+    bos = tokenizer.bos_token
+    if not (bos is not None and render_prompt(processor_or_tokenizer, messages, add_generation_prompt).startswith(bos)):
+        before, after = _special_tokens_added(tokenizer)
+        ids = before + ids + after
+    return _with_images(processor_or_tokenizer, ids, [expand_image(processor_or_tokenizer, im) for im in images or []])
+
+
+def _special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a text when it adds its special tokens."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    i = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    return full[:i], full[i + len(bare):]
+
+
+def _with_images(processor, ids: list[int], expansions: list[ImageExpansion]) -> Encoding:
+    """``ids`` with each image placeholder id replaced by its image's ids, inputs and token types."""
+    import torch
+
+    from ddfm.families import stack_vision
+
+    tokenizer = get_tokenizer(processor)
+    placeholder = tokenizer.convert_tokens_to_ids(image_token(processor))
+    if ids.count(placeholder) != len(expansions):
+        raise ValueError(f"{family_name(processor)}: the chat template rendered {ids.count(placeholder)} image "
+                         f"placeholder(s) for {len(expansions)} image(s)")
+    if not all(e.splices(tokenizer) for e in expansions):
+        raise ValueError(f"{family_name(processor)}: an image's tokens do not begin and end with added tokens; "
+                         "they cannot be spliced into text tokenized apart")
+    keys = {k for e in expansions for k in e.token_types}
+    out, types, it = [], {k: [] for k in keys}, iter(expansions)
+    for t in ids:
+        e = next(it) if t == placeholder else None
+        out += e.ids if e else [t]
+        for k in keys:
+            types[k] += e.token_types.get(k, [0] * len(e.ids)) if e else [0]
+    vision = stack_vision([e.vision for e in expansions]) if expansions else None
+    return Encoding(out, [False] * len(out), vision, {k: torch.tensor(v) for k, v in types.items()})
 
 
 def assistant_spans(processor_or_tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

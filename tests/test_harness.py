@@ -186,6 +186,20 @@ def test_a_token_id_prompt_routes_on_its_text_under_a_text_router(docs, tmp_path
     by_ids = ens.route([Request(prompt="", token_ids=i) for i in ids])
     assert by_text.argmax(1).tolist() == [0, 1]
     assert torch_close(by_ids, by_text)
+    # a gateway has no tokenizer: token ids under its text router are a 400 naming the field
+    from ddfm.ensemble.config import EnsembleConfig
+    from ddfm.router import Router
+    from ddfm.serve.cli import ServeConfig
+    from ddfm.serve.errors import ApiError
+    from ddfm.serve.gateway import GatewayBackend
+
+    gw = GatewayBackend(Router.load(tmp_path / "router.json"), {0: "http://127.0.0.1:9/v1", 1: "http://127.0.0.1:9/v1"},
+                        ServeConfig(upstream=["0=http://127.0.0.1:9/v1", "1=http://127.0.0.1:9/v1"],
+                                    ensemble=EnsembleConfig(router=str(tmp_path / "router.json"))))
+    assert np.argmax(gw._route(Request(prompt=texts[1], raw=True))) == 1
+    with pytest.raises(ApiError) as err:
+        gw._route(Request(prompt="", token_ids=ids[0]))
+    assert err.value.status == 400 and err.value.param == "prompt" and "token ids" in str(err.value)
 
 
 def torch_close(a, b) -> bool:

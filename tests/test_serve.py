@@ -28,6 +28,7 @@ from PIL import Image
 from ddfm.ensemble import EnsembleConfig
 from ddfm.serve import ApiError, LocalBackend, Metrics, ServeConfig, create_app, sse
 from ddfm.serve.chat import chat_job
+from ddfm.serve.connections import uvicorn_config
 from ddfm.serve.errors import from_validation
 from ddfm.serve.protocol import ChatCompletionRequest
 
@@ -71,10 +72,13 @@ def write_router(out: Path, centroid_images: list[Image.Image], temperature: flo
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("serve"))
+
+
+def make_assets(root: Path) -> dict:
     """Two tiny-llava experts (ddfm init, seeds 0 and 1), a K=2 router, the images."""
     from ddfm.models import InitConfig, init
 
-    root = tmp_path_factory.mktemp("serve")
     images, labels = fmnist_images(24)
     (root / "images").mkdir()
     rows = []
@@ -93,13 +97,18 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ensemble(assets):
+    return make_ensemble(assets)
+
+
+def make_ensemble(assets: dict):
     from ddfm.ensemble import Ensemble
 
     return Ensemble.from_pretrained(assets["experts"], assets["router"], mode="centroid", top_k=1)
 
 
 class LiveServer:
-    """A real uvicorn server in a thread on a free loopback port."""
+    """A real uvicorn server in a thread on a free loopback port, configured as ``ddfm serve``
+    configures it (:func:`ddfm.serve.connections.uvicorn_config`)."""
 
     def __init__(self, app):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -108,7 +117,7 @@ class LiveServer:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.ddfm.cfg))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -505,7 +514,7 @@ def _send_partial(live: LiveServer, body: dict, n: int) -> tuple[socket.socket, 
     """Send the headers and the first ``n`` bytes of a request body; return the socket and the rest."""
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", live.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:n])
     return sock, payload[n:]
 
@@ -982,9 +991,9 @@ def test_ddfm_serve_command_in_a_subprocess(assets):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "ddfm", "serve", "--experts", *assets["experts"],
-                             "--router", assets["router"], "--port", str(port), "--api-key", "k",
-                             "--max-output-tokens", "8", "--log-level", "warning"],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             "--router", assets["router"], "--port", str(port), "--max-output-tokens", "8",
+                             "--header-timeout", "3", "--log-level", "warning"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "DDFM_API_KEY": "k-from-env"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -996,7 +1005,13 @@ def test_ddfm_serve_command_in_a_subprocess(assets):
             except httpx.HTTPError:
                 assert time.monotonic() < deadline, "ddfm serve did not come up"
                 time.sleep(0.3)
-        headers = {"Authorization": "Bearer k"}
+        assert "k-from-env" not in Path(f"/proc/{proc.pid}/cmdline").read_text()  # not in the process list
+        headers = {"Authorization": "Bearer k-from-env"}
+        assert httpx.get(url + "/metrics").status_code == 401
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]  # the CLI's uvicorn config
+        assert httpx.get(url + "/health", timeout=1).json() == {"status": "ok"}
+        for s in idle:
+            s.close()
         r = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60, json={
             "model": "ddfm", "max_tokens": 3, "messages": user_message("What is this?", assets["images"][1])})
         assert r.status_code == 200 and r.json()["ddfm"]["routed_to"] == ["expert-1"]
@@ -1028,3 +1043,23 @@ def test_the_prompt_is_encoded_once_while_its_length_is_checked(assets, ensemble
     request = job.prompts[0].request
     assert request.encoded is not None and len(request.encoded.ids) == job.prompts[0].prompt_tokens
     assert ensemble.prompts.encode(request) is request.encoded
+
+
+def test_a_key_given_on_the_command_line_is_warned_about(assets, monkeypatch, caplog):
+    """``--api-key`` puts the key in the process list (ps): ``serve`` says so and names the
+    alternatives; a key from the environment or a file gets no warning."""
+    import sys
+
+    from ddfm.serve.cli import serve
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: None)  # build the server, do not run it
+    cfg = serve_config(assets, api_key="s3cret")
+    monkeypatch.setattr(sys, "argv", ["ddfm", "serve", "--api-key", "s3cret"])
+    with caplog.at_level("WARNING", logger="ddfm.serve.cli"):
+        serve(cfg)
+    assert any("process list" in r.getMessage() and "DDFM_API_KEY" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(sys, "argv", ["ddfm", "serve"])
+    with caplog.at_level("WARNING", logger="ddfm.serve.cli"):
+        serve(cfg)
+    assert not any("process list" in r.getMessage() for r in caplog.records)

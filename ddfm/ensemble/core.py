@@ -285,7 +285,8 @@ class Ensemble:
             if top_logprobs:
                 for r, lp in zip(rows, full_log_probs(model, batch, rows)):
                     full[r, k] = lp
-                    tokens[r][k] = lp.gather(1, batch.input_ids[r, -lengths[r] + 1:, None])[:, 0].double()
+                    scored = batch.input_ids[r, batch.input_ids.shape[1] - lengths[r] + 1:]  # (n-1,): empty if n = 1
+                    tokens[r][k] = lp.gather(1, scored[:, None])[:, 0].double()
             else:
                 pre = prefill(model, batch, rows, want_tokens=True)
                 for j, r in enumerate(rows):

@@ -154,6 +154,8 @@ def _choose(logp: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         if not s.do_sample:
             continue
         probs = torch.softmax(logp[i] / s.temperature, dim=-1)
+        if not torch.isfinite(probs).all():  # a temperature so small that logp / T overflows: its limit, argmax
+            probs = torch.zeros_like(probs).scatter_(-1, token[i:i + 1], 1.0)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
@@ -181,6 +183,11 @@ class DecodeBatch:
         return len(self.order)
 
     # -------------------------------------------------------------- joining
+    def can_join(self) -> bool:
+        """Whether requests can :meth:`add` now: the batch is empty or every expert's KV cache
+        takes new rows (not a sliding-window or static cache, :func:`~ddfm.ensemble.experts.can_join`)."""
+        return not self.order or all(run.can_join() for run in self.runs.values())
+
     def add(self, requests: Sequence[Request], samplings: Sequence[Sampling],
             on_delta: Sequence[Callable[[str], None] | None] | None = None) -> list[int]:
         """Encode, route and prefill requests; they decode from the next :meth:`step`.
@@ -188,6 +195,9 @@ class DecodeBatch:
         Returns one handle per request (see :meth:`result`, :meth:`cancel`).
         """
         ens = self.ens
+        if not self.can_join():
+            raise NotImplementedError("requests cannot join this running batch: an expert's KV cache is a "
+                                      "sliding-window or static cache; add them once the batch is empty")
         batch = left_pad([ens.prompts.encode(r) for r in requests], ens.pad_id)
         prior, run_mask = ens.start_weights(requests, batch)  # (n, K) float64 log-weights, (n, K) bool
         lp, evidence_ll, joining = self._prefill(batch, run_mask, want_evidence=ens.routing.update)

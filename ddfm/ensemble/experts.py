@@ -137,6 +137,10 @@ class ExpertRun:
         self.rows = self.rows + list(handles)
         self.padded = bool((self.mask == 0).any())
 
+    def can_join(self) -> bool:
+        """Whether rows can join now: no cache yet, or one whose layers can be concatenated."""
+        return self.cache is None or can_join(self.cache)
+
     def leave(self, handles: set[int]) -> None:
         """Drop rows from the cache (their requests finished or were cancelled)."""
         keep = [i for i, h in enumerate(self.rows) if h not in handles]
@@ -150,7 +154,7 @@ class ExpertRun:
         self.cache.batch_select_indices(idx)
         self.mask, self.next_pos = self.mask[idx], self.next_pos[idx]
         start = int(self.mask.sum(0).nonzero()[0])  # columns that are padding in every remaining row
-        if start:
+        if start and can_join(self.cache):  # trimming is a saving; a sliding-window cache keeps its columns
             _trim_left(self.cache, start)
             self.mask = self.mask[:, start:]
         self.padded = bool((self.mask == 0).any())

@@ -27,6 +27,10 @@ class Request:
 
     ``history`` holds earlier turns, as LLaVA turns (``{"from", "value"}``) or HF chat
     messages (``{"role", "content"}``); ``image`` is a PIL image or an image file path.
+    An ``<image>`` in the prompt marks where the image goes (as in LLaVA records) unless
+    ``literal``: then the prompt is text the way a chat API's user typed it (``ddfm
+    serve``). Either way, control tokens spelled in the text (``</s>``, ``<|assistant|>``)
+    are plain text (:func:`~ddfm.models.encode_chat`).
     A *raw* request (OpenAI's completions API) skips the chat template: ``token_ids`` are
     the prompt as given, or, with ``raw=True``, ``prompt`` is tokenized as plain text
     (with the tokenizer's own special tokens, e.g. a leading bos). ``encoded``: the request
@@ -40,6 +44,7 @@ class Request:
     history: Optional[list[dict]] = None
     raw: bool = False
     token_ids: Optional[list[int]] = None
+    literal: bool = False
     encoded: Optional["Encoded"] = field(default=None, repr=False, compare=False)
 
 
@@ -88,15 +93,15 @@ def open_request_image(image):
 
 def _messages(request: Request, with_image: bool) -> list[dict]:
     """The chat messages of a request. The image goes where the prompt's ``<image>``
-    placeholder stands (as LLaVA records place it), else before the prompt's text, unless
-    an earlier turn already holds it."""
+    placeholder stands (as LLaVA records place it; not in a ``literal`` prompt), else
+    before the prompt's text, unless an earlier turn already holds it."""
     from ddfm.data import IMAGE_TOKEN
     from ddfm.models import to_chat_messages
 
     history = to_chat_messages(request.history or [])
     has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
                          for m in history)
-    if IMAGE_TOKEN in request.prompt:
+    if IMAGE_TOKEN in request.prompt and not request.literal:
         if not with_image or has_image_part:
             raise ValueError(f"the prompt holds an {IMAGE_TOKEN} placeholder but the request has no image for it")
         [user] = to_chat_messages([{"from": "human", "value": request.prompt}])
@@ -121,7 +126,7 @@ class PromptEncoder:
         self.image_token_id = image_token_id
 
     def encode(self, request: Request) -> Encoded:
-        from ddfm.models import encode_prompt, render_prompt
+        from ddfm.models import encode_chat, encode_prompt, render_prompt, spells_control_tokens
 
         if request.encoded is not None:
             return request.encoded
@@ -132,7 +137,10 @@ class PromptEncoder:
             raise ValueError("the experts are text-only language models; a request with an image cannot be served")
         messages = _messages(request, image is not None)
         images = [image] if image is not None else None
-        enc = encode_prompt(self.processor, render_prompt(self.processor, messages), images)
+        if spells_control_tokens(self.processor, messages):  # typed control tokens are text, not turns
+            enc = encode_chat(self.processor, messages, images)
+        else:
+            enc = encode_prompt(self.processor, render_prompt(self.processor, messages), images)
         return Encoded(enc.ids, enc.vision, image, self._evidence(messages, enc.ids, images), enc.token_types)
 
     def _encode_raw(self, request: Request) -> Encoded:
@@ -151,7 +159,10 @@ class PromptEncoder:
     def _evidence(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
         if self.evidence == "prompt":
             return [t != self.image_token_id for t in ids]
-        from ddfm.models import encode_conversation
+        from ddfm.models import encode_conversation, spells_control_tokens
+
+        if spells_control_tokens(self.processor, messages):
+            return self._answers_by_prefixes(messages, ids, images)
 
         conv = encode_conversation(self.processor, messages, images)
         conv_ids, answer = conv.ids, conv.mask
@@ -159,6 +170,25 @@ class PromptEncoder:
         if conv_ids[:n] != ids[:n]:
             raise ValueError("the prompt's tokens differ from the conversation's; cannot find its assistant turns")
         return answer[:n] + [False] * (len(ids) - n)
+
+    def _answers_by_prefixes(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
+        """The earlier answers' tokens in a prompt encoded by :func:`~ddfm.models.encode_chat`
+        (no offsets to map a template's answer spans): answer i spans from the conversation
+        before it with the generation prompt to the conversation through it."""
+        from ddfm.models import encode_chat
+
+        def length(msgs: list[dict], gen: bool) -> int:
+            n = sum(isinstance(m["content"], list) and sum(p.get("type") == "image" for p in m["content"])
+                    for m in msgs)
+            return len(encode_chat(self.processor, msgs, (images or [])[:n] or None, add_generation_prompt=gen).ids)
+
+        answer = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start, end = length(messages[:i], True) if i else 0, length(messages[:i + 1], False)
+            answer[start:end] = [True] * (end - start)
+        return answer[:len(ids)]
 
     def target_ids(self, request: Request, target: str, eos_ids: set[int]) -> list[int]:
         """Token ids of ``target`` as the assistant's answer, closing eos included (as trained)."""

@@ -15,9 +15,12 @@ The package, one file per job:
 * ``app.py`` — :func:`create_app`, which only wires the parts below;
 * ``protocol.py`` — OpenAI's request and response bodies as pydantic models;
 * ``errors.py`` — OpenAI's error schema, for our errors and FastAPI's validation errors;
-* ``admission.py`` — API key, concurrency slots, body size and time (a middleware);
+* ``admission.py`` — Host header, API key, concurrency slots, body size and time (a middleware);
+* ``connections.py`` — uvicorn's HTTP protocol with a request-head timeout and a connection
+  cap, and the uvicorn config ``ddfm serve`` runs with;
 * ``chat.py`` / ``completions.py`` — one handler per endpoint; ``params.py`` what they share;
-* ``images.py`` — ``image_url`` parts to images, within the server's image policy;
+* ``images.py`` — ``image_url`` parts to images, within the server's image policy (pixels,
+  aspect ratio, shrunk to what the processor and router use);
 * ``backends.py`` — the backend interface and the local ensemble backend;
   ``gateway.py`` — the gateway backend (route here, generate on expert k's server);
 * ``batcher.py`` — continuous batching: one thread owns the running batch;

@@ -64,7 +64,10 @@ def _info_router() -> APIRouter:
 
     @router.get("/health")
     async def health(http: HttpRequest):
+        # the liveness probe: open to all, details only to a trusted request (admission.py)
         s = http.app.state.ddfm
+        if not getattr(http.state, "ddfm_trusted", False):
+            return {"status": "ok"}
         return {"status": "ok", "backend": s.backend.kind, "experts": s.backend.expert_names,
                 "in_flight": s.slots.used, "uptime_s": round(time.time() - s.started, 1)}
 

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Optional, Protocol
 
 from ddfm.serve.batcher import Batcher, Generate, Inbox, Score
 from ddfm.serve.errors import ApiError, bad
+from ddfm.serve.images import image_side
 
 __all__ = ["Backend", "Job", "Prompt", "Output", "Delta", "TokenLogprob", "LocalBackend", "extension"]
 
@@ -97,6 +98,7 @@ class Backend(Protocol):
     kind: str
     mode: str
     expert_names: list[str]
+    image_side: int  # images are shrunk to this short side (ddfm.serve.images.image_side)
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -123,12 +125,23 @@ class LocalBackend:
         self.batcher = Batcher(ensemble, max_batch=cfg.max_batch_size, window_s=cfg.batch_window_ms / 1000,
                                metrics=metrics, pending=pending)
         self.mode, self.expert_names = ensemble.mode, list(ensemble.expert_names)
-        # Requests are prepared in worker threads while the batcher thread uses the
-        # ensemble's tokenizer: a private copy (and a lock) keeps the two apart.
-        self._prompts = copy.deepcopy(ensemble.prompts)
-        self._lock = threading.Lock()
+        # Requests are encoded in worker threads while the batcher thread uses the ensemble's
+        # tokenizer: each thread encodes with its own copy of the encoder (no lock to wait on).
+        self._template = copy.deepcopy(ensemble.prompts)
+        self._copying = threading.Lock()
+        self._local = threading.local()
         ref = next(m for m in ensemble.experts if m is not None)
         self.context = getattr(ref.config.get_text_config(), "max_position_embeddings", None)
+        self.token_bytes = longest_token_bytes(self._template.tokenizer)
+        self.image_side = image_side(self._template.processor)
+
+    def _prompts(self):
+        """This thread's :class:`~ddfm.ensemble.prompts.PromptEncoder`."""
+        enc = getattr(self._local, "prompts", None)
+        if enc is None:
+            with self._copying:
+                enc = self._local.prompts = copy.deepcopy(self._template)
+        return enc
 
     async def start(self) -> None:
         self.batcher.start()
@@ -138,19 +151,41 @@ class LocalBackend:
 
     # -------------------------------------------------------------- before generation
     def prepare(self, job: Job) -> None:
-        """Count each prompt's tokens (image tokens included) against the limits."""
+        """Count each prompt's tokens (image tokens included) against the limits: a bound
+        from its bytes first, so that an oversized prompt is refused without tokenizing it."""
+        param = "messages" if job.api == "chat" else "prompt"
         for i, p in enumerate(job.prompts):
-            param = "messages" if job.api == "chat" else "prompt"
-            try:
-                with self._lock:
-                    encoded = p.request.encoded = self._prompts.encode(p.request)
-                    if p.echo is not None and p.request.token_ids is not None:
-                        p.echo_text = self._prompts.tokenizer.decode(encoded.ids)
-            except ValueError as err:  # an image for text-only experts, a token id outside the vocabulary
-                raise bad(f"{param}: {err}", param, "unsupported_input") from None
-            p.prompt_tokens = n = len(encoded.ids)
+            where = param if len(job.prompts) == 1 else f"{param}[{i}]"
             new = p.sampling.max_new_tokens if p.sampling is not None else 0
-            self._check_length(n, new, param if len(job.prompts) == 1 else f"{param}[{i}]")
+            self._check_size(p.request, new, where)
+            enc = self._prompts()
+            try:
+                encoded = p.request.encoded = enc.encode(p.request)
+                if p.echo is not None and p.request.token_ids is not None:
+                    p.echo_text = enc.tokenizer.decode(encoded.ids)
+            except ValueError as err:  # an image for text-only experts, a token id outside the vocabulary
+                raise bad(f"{where}: {err}", where, "unsupported_input") from None
+            p.prompt_tokens = n = len(encoded.ids)
+            self._check_length(n, new, where)
+
+    def _check_size(self, request: Any, new: int, param: str) -> None:
+        """Refuse a prompt that must exceed the limits, from what it is before tokenizing:
+        a token covers at most ``token_bytes`` bytes and every turn has one at least."""
+        if request.token_ids is not None:
+            n_bytes, least = None, len(request.token_ids)
+        else:
+            texts = [request.prompt] + [_turn_text(t) for t in request.history or []]
+            n_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+            least = max(-(-n_bytes // self.token_bytes), len(texts))
+        limit = self.cfg.max_prompt_tokens if self.context is None else min(self.cfg.max_prompt_tokens,
+                                                                            self.context - new)
+        if least > limit:
+            what = f"{least} token ids" if n_bytes is None else (
+                f"{n_bytes} bytes of text: at least {least} tokens (a token of these experts spans at most "
+                f"{self.token_bytes} bytes)")
+            raise bad(f"the prompt is {what}, more than this server's limit of {limit} tokens"
+                      + (f" (the experts' context of {self.context} minus max_tokens {new})"
+                         if limit < self.cfg.max_prompt_tokens else ""), param, "context_length_exceeded")
 
     def _check_length(self, n: int, new: int, param: str) -> None:
         if n > self.cfg.max_prompt_tokens:
@@ -250,8 +285,23 @@ class LocalBackend:
                 for t, lp, top in zip(score["token_ids"], score["token_logprobs"], tops)]
 
     def _text(self, token_id: int) -> str:
-        with self._lock:
-            return self._prompts.tokenizer.decode([int(token_id)])
+        return self._prompts().tokenizer.decode([int(token_id)])
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most bytes of text one token of ``tokenizer`` decodes to (an incomplete UTF-8
+    character counts as its 3-byte replacement: an over-estimate, so a bound from it holds):
+    a text of N bytes is at least N / this many tokens."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return max(1, max(len(t.encode("utf-8", "surrogatepass")) for t in texts))
+
+
+def _turn_text(turn: dict) -> str:
+    """The text of an earlier turn, LLaVA (``value``) or chat (``content``: a string or parts)."""
+    content = turn.get("value", turn.get("content"))
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
 
 
 def _as_api_error(err: Exception) -> ApiError:

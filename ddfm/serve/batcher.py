@@ -94,6 +94,7 @@ class _Stats:
     steps: int = 0
     joined: int = 0
     max_rows: int = 0
+    cancelled: int = 0
     rows: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -197,6 +198,8 @@ class Batcher:
         room = self.max_batch - len(self._active)
         if not room or not self._waiting:
             return
+        if not self.batch.can_join():  # sliding-window caches: arrivals wait until the batch is empty
+            return
         # a busy batch lets a few arrivals gather first (JOIN_AT, JOIN_WAIT); an idle one admits at once
         gather = min(room, self.join_at, len(self._active) // 4)  # a small batch admits at once
         if len(self._waiting) < gather and self._waited < self.join_wait:
@@ -206,7 +209,9 @@ class Batcher:
         joining = []
         while self._waiting and len(joining) < room:
             work = self._waiting.popleft()
-            if not work.cancelled:
+            if work.cancelled:  # its client left while it waited: nothing was generated
+                self._count_cancelled(work.sampling.max_new_tokens)
+            else:
                 joining.append(work)
         if not joining:
             return
@@ -244,7 +249,16 @@ class Batcher:
         self._count_step(rows)
         self._send_logprobs()
         for h in finished:
-            self._active.pop(h).inbox.put("done", self.batch.result(h))
+            work, result = self._active.pop(h), self.batch.result(h)
+            if result.finish_reason == "cancelled":
+                self._count_cancelled(work.sampling.max_new_tokens - result.completion_tokens)
+            work.inbox.put("done", result)
+
+    def _count_cancelled(self, tokens_left: int) -> None:
+        self.stats.cancelled += 1
+        if self.metrics is not None:
+            self.metrics.cancelled.inc()
+            self.metrics.cancelled_tokens.inc(max(0, tokens_left))
 
     def _count_step(self, rows: int) -> None:
         self.stats.steps += 1

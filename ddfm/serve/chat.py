@@ -23,7 +23,7 @@ from ddfm.serve import protocol as P
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob
 from ddfm.serve.errors import ApiError, JsonRoute, bad
 from ddfm.serve.images import load_image_url
-from ddfm.serve.params import check_max_tokens, check_model, new_id, sampling
+from ddfm.serve.params import check_max_tokens, check_model, new_id, sampling, while_connected
 from ddfm.serve.streaming import DONE, event_stream, opened, sse
 
 __all__ = ["router", "chat_job", "conversation"]
@@ -37,36 +37,39 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HttpRequest):
     state, t0 = http.app.state.ddfm, time.perf_counter()
     job = await asyncio.to_thread(_prepared_job, body, state)
     if job.stream:
-        return event_stream(_events(body, await opened(state.backend.stream(job)), state, t0))
-    [out] = await state.backend.complete(job)
+        events = await while_connected(http, opened(state.backend.stream(job)))
+        return event_stream(_events(body, events, state, t0))
+    [out] = await while_connected(http, state.backend.complete(job))
     state.metrics.account(out.usage, out.routing["routed_to"], time.perf_counter() - t0)
     return JSONResponse(_completion(body, out))
 
 
 def _prepared_job(body: P.ChatCompletionRequest, state: Any) -> Job:
     # in a worker thread: image decoding, tokenising and routing stay off the event loop
-    job = chat_job(body, state.cfg, state.model_ids)
+    job = chat_job(body, state.cfg, state.model_ids, state.backend.image_side)
     state.backend.prepare(job)
     return job
 
 
-def chat_job(body: P.ChatCompletionRequest, cfg: Any, model_ids: list[str]) -> Job:
+def chat_job(body: P.ChatCompletionRequest, cfg: Any, model_ids: list[str], image_side: int | None = None) -> Job:
     """The validated request as a :class:`Job`: checks what depends on the server (model,
-    limits, image policy) and on several fields together (turn order, one image)."""
+    limits, image policy) and on several fields together (turn order, one image);
+    ``image_side``: shrink an image to this short side (:func:`~ddfm.serve.images.image_side`)."""
     from ddfm.ensemble import Request
 
     check_model(body.model, model_ids)
     key = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = check_max_tokens(cfg.default_max_tokens if given is None else given, key, cfg.max_output_tokens)
-    prompt, history, image = conversation(body.messages, cfg)
+    prompt, history, image = conversation(body.messages, cfg, image_side)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    request = Request(prompt=prompt, image=image, history=history or None)
+    request = Request(prompt=prompt, image=image, history=history or None, literal=True)
     return Job("chat", [Prompt(request, sampling(body, max_tokens, top), body=body.model_dump(exclude_unset=True))],
                stream=bool(body.stream))
 
 
-def conversation(messages: list[P.ChatMessage], cfg: Any) -> tuple[str, list[dict[str, str]], Any]:
+def conversation(messages: list[P.ChatMessage], cfg: Any,
+                 image_side: int | None = None) -> tuple[str, list[dict[str, str]], Any]:
     """OpenAI messages -> (the last user turn's text, the earlier turns, the one image or None)."""
     turns, image = [], None
     for i, msg in enumerate(messages):
@@ -81,7 +84,7 @@ def conversation(messages: list[P.ChatMessage], cfg: Any) -> tuple[str, list[dic
                 raise bad(f"{where}: images are accepted only in user messages", where)
             if image is not None:
                 raise bad(f"{where}: only one image per request is supported", where, "too_many_images")
-            image = load_image_url(part.url, f"{where}.image_url.url", cfg)
+            image = load_image_url(part.url, f"{where}.image_url.url", cfg, image_side)
         turns.append({"role": _ROLES[msg.role], "content": "\n".join(texts)})
     if turns[-1]["role"] != "user":
         raise bad(f"the last message must have role 'user', got {turns[-1]['role']!r}",

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from ddfm.serve import protocol as P
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob
 from ddfm.serve.errors import ApiError, JsonRoute, bad
-from ddfm.serve.params import check_max_tokens, check_model, new_id, sampling
+from ddfm.serve.params import check_max_tokens, check_model, new_id, sampling, while_connected
 from ddfm.serve.streaming import DONE, event_stream, opened, sse
 
 __all__ = ["router", "completion_job", "legacy_logprobs"]
@@ -40,8 +40,9 @@ async def completions(body: P.CompletionRequest, http: HttpRequest):
     job = completion_job(body, state.cfg, state.model_ids)
     await asyncio.to_thread(state.backend.prepare, job)
     if job.stream:
-        return event_stream(_events(body, await opened(state.backend.stream(job)), state, t0))
-    outs = await state.backend.complete(job)
+        events = await while_connected(http, opened(state.backend.stream(job)))
+        return event_stream(_events(body, events, state, t0))
+    outs = await while_connected(http, state.backend.complete(job))
     for i, out in enumerate(outs):
         state.metrics.account(out.usage, out.routing["routed_to"], time.perf_counter() - t0 if i == 0 else None)
     return JSONResponse(_completion(body, outs))

@@ -8,8 +8,11 @@ that answer all of them, FastAPI's ``RequestValidationError`` and HTTP errors in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
+import sys
 from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -20,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApiError", "JsonRoute", "bad", "from_validation", "install", "parse_json"]
+__all__ = ["ApiError", "BodyError", "JsonRoute", "bad", "from_validation", "install", "parse_json"]
 
 
 class ApiError(Exception):
@@ -46,24 +49,87 @@ def bad(message: str, param: Optional[str] = None, code: str = "invalid_value") 
 
 # ----------------------------------------------------------------------------- JSON bodies
 
-def parse_json(raw: bytes) -> Any:
-    """The body's JSON; every way it can fail is a ``json.JSONDecodeError`` that says why.
+class BodyError(StarletteHTTPException):
+    """An :class:`ApiError` raised while FastAPI reads a body: FastAPI turns any other
+    exception there into a bare 400 but passes HTTP exceptions on (see :func:`install`)."""
 
-    (FastAPI turns a ``JSONDecodeError`` into a ``json_invalid`` validation error; any
-    other exception would become a bare "error parsing the body".)
+    def __init__(self, error: ApiError):
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
+THREAD_PARSE_BYTES = 256 * 1024
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body's JSON, as Python can hold it faithfully.
+
+    A body that is not JSON raises ``json.JSONDecodeError`` saying why (FastAPI turns it
+    into a ``json_invalid`` validation error; any other exception would become a bare
+    "error parsing the body"). Valid JSON that Python cannot hold as text and numbers
+    raises :class:`BodyError` naming the field: a lone UTF-16 surrogate (``"\\ud800"``: not
+    a character, no tokenizer takes it) or an integer of more digits than Python converts
+    (``sys.get_int_max_str_digits()``, 4,300).
     """
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8")  # raw UTF-8 cannot hold a surrogate; only a \\u escape can
     except UnicodeDecodeError as err:
         raise json.JSONDecodeError("the body is not UTF-8 encoded", "", err.start) from None
+    digits = False
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            if isinstance(err, json.JSONDecodeError):
+                raise
+            # an integer of more than 4300 digits: parse again, keeping it aside, to name its field
+            value, digits = json.loads(text, parse_int=_int_or_digits), True
     except RecursionError:
         raise json.JSONDecodeError("the body is nested too deeply", text, 0) from None
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise json.JSONDecodeError(str(err), text, 0) from None
+    if digits or _SURROGATE_ESCAPE.search(text):
+        _refuse_unholdable(value)
+    return value
+
+
+class _Digits:
+    """An integer literal too long to convert (its digit count)."""
+
+    def __init__(self, literal: str):
+        self.n = len(literal.lstrip("-"))
+
+
+def _int_or_digits(literal: str):
+    try:
+        return int(literal)
+    except ValueError:
+        return _Digits(literal)
+
+
+def _refuse_unholdable(value: Any) -> None:
+    """Raise :class:`BodyError` at the first lone surrogate or over-long integer, naming its field."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                if isinstance(k, str) and _SURROGATE.search(k):
+                    raise BodyError(bad(f"a key of {path or 'the body'} holds a lone UTF-16 surrogate (a \\ud800-"
+                                        "\\udfff escape without its pair): not a character", path or None))
+                stack.append((f"{path}.{k}" if path else k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+        elif isinstance(v, str) and (m := _SURROGATE.search(v)):
+            raise BodyError(bad(f"{_where(path)} holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x} at "
+                                f"character {m.start()}, an escape without its pair): not a character", path or None))
+        elif isinstance(v, _Digits):
+            raise BodyError(bad(f"{_where(path)} is an integer of {v.n} digits; this server reads at most "
+                                f"{sys.get_int_max_str_digits()}", path or None))
+
+
+def _where(path: str) -> str:
+    return f"'{path}'" if path else "the body"
 
 
 # ----------------------------------------------------------------------------- validation errors
@@ -151,6 +217,8 @@ def install(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, err: StarletteHTTPException):
+        if isinstance(err, BodyError):
+            return answer(err.error)
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         return answer(ApiError(err.status_code, str(err.detail), code=code))
 
@@ -166,7 +234,9 @@ def install(app: FastAPI, on_error=None) -> None:
 class _JsonBody(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = parse_json(await self.body())
+            raw = await self.body()
+            # a large body is parsed in a worker thread: the event loop keeps serving the others
+            self._json = parse_json(raw) if len(raw) < THREAD_PARSE_BYTES else await asyncio.to_thread(parse_json, raw)
         return self._json
 
 

@@ -18,6 +18,7 @@ import httpx
 
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob, extension
 from ddfm.serve.errors import ApiError
+from ddfm.serve.images import MIN_SIDE
 
 __all__ = ["GatewayBackend", "parse_upstreams"]
 
@@ -65,6 +66,7 @@ class GatewayBackend:
 
     kind = "gateway"
     mode = "gateway-top1"
+    image_side = MIN_SIDE  # the image is only routed here: the router's encoder needs no more
 
     def __init__(self, router: Any, upstreams: dict[int, str], cfg: Any):
         self.router, self.upstreams = router, upstreams
@@ -97,6 +99,9 @@ class GatewayBackend:
         if self.router is None:
             return [1.0]
         if self.router.modality == "text":
+            if getattr(request, "token_ids", None) is not None:  # the gateway holds no tokenizer to read them
+                raise ApiError(400, "prompt: a gateway with a text router routes on the prompt's text; send the "
+                               "prompt as a string, not token ids", param="prompt", code="unsupported_value")
             w = self.router.route([request.prompt], top_k=1)[0]
         elif request.image is not None:
             w = self.router.route([request.image], top_k=1)[0]

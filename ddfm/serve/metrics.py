@@ -41,6 +41,11 @@ class Metrics:
         self.busy = Counter("ddfm_batcher_busy_seconds", "time the batcher thread spent admitting and decoding "
                             "(its utilisation: the rate of this counter)", registry=r)
         self.scored = Counter("ddfm_scored_prompts", "prompts scored for echo log-probabilities", registry=r)
+        self.cancelled = Counter("ddfm_cancelled_requests", "requests whose client went away before the answer: "
+                                 "their generation stopped at the next token (one per prompt)", registry=r)
+        self.cancelled_tokens = Counter("ddfm_cancelled_tokens", "tokens not generated for requests whose client "
+                                        "went away (max_tokens minus the tokens generated before the stop)",
+                                        registry=r)
 
     def account(self, usage: dict, routed_to: list[str], seconds: float | None = None) -> None:
         """One answered prompt: its tokens, the experts it went to, and (once per request) its latency."""

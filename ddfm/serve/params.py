@@ -1,15 +1,17 @@
-"""What both completion endpoints check the same way: the model id, the token limits, and a
-request's generation parameters as its own :class:`~ddfm.ensemble.Sampling`."""
+"""What both completion endpoints do the same way: check the model id and the token limits,
+turn a request's generation parameters into its own :class:`~ddfm.ensemble.Sampling`, and
+stop working for a client that has gone (:func:`while_connected`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Optional
 
 from ddfm.serve.errors import ApiError, bad
 
-__all__ = ["check_model", "check_max_tokens", "sampling", "new_id"]
+__all__ = ["check_model", "check_max_tokens", "sampling", "new_id", "while_connected"]
 
 
 def check_model(model: str, model_ids: list[str]) -> None:
@@ -37,3 +39,30 @@ def sampling(body: Any, max_tokens: int, logprobs: Optional[int]):
 
 def new_id(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+async def while_connected(http: Any, awaitable: Any) -> Any:
+    """The result of ``awaitable`` (a backend's answer, or a stream's first event), unless
+    the client disconnects first: then it is cancelled, which cancels the request's prompts
+    (their rows leave the batch at the next token, :class:`~ddfm.serve.batcher.Batcher`),
+    and ``ApiError(499)`` is raised (nginx's "client closed request"; nobody reads it).
+
+    Once a stream has started, Starlette's ``StreamingResponse`` watches the client itself.
+    """
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(http.receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled() or not work.done():
+        await asyncio.gather(work, return_exceptions=True)
+        raise ApiError(499, "the client closed the connection before the answer", code="client_disconnected")
+    return work.result()
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
