@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ddfm.config import arg
-from ddfm.io import atomic_path, atomic_write_text, read_json, write_json
+from ddfm.io import atomic_write_text, read_json, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,7 @@ def plot_ablation(path: Path, rows: list[dict], dense: dict, metric: str) -> Non
     ax.set_xlabel("overall accuracy %" if metric == "accuracy" else f"overall {metric}")
     ax.set_title("ablations: K, encoder, clustering, routing")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @dataclass
@@ -403,10 +400,7 @@ def plot_scale(path: Path, scale: dict) -> None:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def study_seeds(p, preset: dict, names: dict) -> dict:

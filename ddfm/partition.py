@@ -45,7 +45,7 @@ import numpy as np
 
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, Record, check_images, load_records, log_failed_images, write_records
-from ddfm.io import atomic_path, atomic_write_text, write_json
+from ddfm.io import atomic_path, atomic_write_text, save_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -416,10 +416,7 @@ def plot_partition(path: Path, X: np.ndarray, item_labels: np.ndarray, report: d
     ax2.bar(xs + 0.2, [c["records"] for c in report["clusters"]], width=0.4, label="records")
     ax2.set(title="cluster sizes", xlabel="cluster", xticks=xs)
     ax2.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------- stage

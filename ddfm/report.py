@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ddfm.io import atomic_path, atomic_write_text, read_json
+from ddfm.io import atomic_write_text, read_json, save_figure
 
 __all__ = ["write_report", "comparison_table", "compute_table", "plot_losses", "plot_tasks", "fmt"]
 
@@ -130,10 +130,7 @@ def plot_losses(path: Path, runs: dict[str, Path]) -> None:
     ax.set_title("training loss of every run")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def held_out_curves(runs: dict[str, Path]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
@@ -169,10 +166,7 @@ def plot_held_out(path: Path, runs: dict[str, Path], k: int) -> bool:
         ax.set(title=f"cluster {j}: held-out val records", xlabel="training step", ylabel="answer loss (nats)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -282,10 +276,7 @@ def plot_tasks(path: Path, evals: dict[str, dict], chance: dict[str, float], met
     ax.set_ylabel("accuracy %" if metric == "accuracy" else metric)
     ax.set_title(f"{metric} per task: dense vs ensemble")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _partition_section(part_dir: Path) -> list[str]:
