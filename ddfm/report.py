@@ -73,22 +73,43 @@ def run_compute(run_dir: Path) -> dict[str, Any]:
             "wall_s": wall, "examples": meta.get("examples")}
 
 
-def compute_table(runs: dict[str, Path]) -> str:
-    """Markdown: the compute of every training run (the experts' sum last)."""
-    lines = ["| run | steps | batch | samples | tokens | answer tokens | epochs | wall time s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+# What each demo run stands for in the paper (§5): its experts start from a checkpoint after
+# the vision-language alignment stage (LLaVA-1.5-7B; InternVL-2.5-1B after stage 1.5) and
+# only the (visual) instruction tuning stage is decentralised.
+PAPER_STAGES = {
+    "pretrain": "LLM pretraining (the paper's LLaVA and InternVL start from a pretrained LLM)",
+    "align": "vision-language alignment: the experts' shared initial checkpoint (LLaVA-1.5 stage 1, "
+             "InternVL stage 1.5)",
+    "align-text": "a shared language warm-up before the split: the experts' initial checkpoint",
+    "dense": "instruction tuning, centralised: the dense baseline",
+    "expert": "instruction tuning of expert k on cluster k only (decentralised)",
+}
+
+
+def paper_stage(name: str, text: bool = False) -> str:
+    """The paper's stage a demo run stands for (:data:`PAPER_STAGES`)."""
+    if name.startswith("expert"):
+        return PAPER_STAGES["expert"].replace("expert k on cluster k", f"{name} on cluster {name.split('-')[-1]}")
+    return PAPER_STAGES["align-text" if text and name == "align" else name]
+
+
+def compute_table(runs: dict[str, Path], text: bool = False) -> str:
+    """Markdown: the compute of every training run (the experts' sum last), with the paper's
+    stage each stands for; ``text``: a language-only demo (its align is a language warm-up)."""
+    lines = ["| run | the paper's stage | steps | batch | samples | tokens | answer tokens | epochs | wall time s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     experts = {"steps": 0, "samples": 0, "tokens": 0, "answer_tokens": 0, "wall_s": 0.0}
     n_exp = 0
     for name, d in runs.items():
         c = run_compute(d)
-        lines.append(f"| {name} | {c['steps']} | {c['batch_size']} | {c['samples']} | {c['tokens']} | "
-                     f"{c['answer_tokens']} | {c['epochs']:.2f} | {c['wall_s']:.0f} |")
+        lines.append(f"| {name} | {paper_stage(name, text)} | {c['steps']} | {c['batch_size']} | {c['samples']} | "
+                     f"{c['tokens']} | {c['answer_tokens']} | {c['epochs']:.2f} | {c['wall_s']:.0f} |")
         if name.startswith("expert"):
             n_exp += 1
             for k in experts:
                 experts[k] += c[k] if k != "steps" else 0
     if n_exp:
-        lines.append(f"| experts (sum of {n_exp}) | – | – | {experts['samples']} | {experts['tokens']} | "
+        lines.append(f"| experts (sum of {n_exp}) | – | – | – | {experts['samples']} | {experts['tokens']} | "
                      f"{experts['answer_tokens']} | – | {experts['wall_s']:.0f} |")
     return "\n".join(lines)
 
@@ -334,7 +355,7 @@ def write_report(p, preset: dict, names: dict, *, title: str, command: str, this
               *(["![held-out loss](held_out.png)", "",
                  "Held-out answer loss on each cluster's val records (images never trained on), dense vs the "
                  "cluster's expert, at the same training steps.", ""] if held_out else []),
-              "## Compute of every run", "", compute_table(runs), "",
+              "## Compute of every run", "", compute_table(runs, text=metric != "accuracy"), "",
               "## Data", "",
               f"Train {counts['train']['records']} records ({counts['train']['images']} images, "
               f"{counts['train']['text_only']} text-only); test {counts['test']['records']} records "

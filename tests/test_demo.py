@@ -50,6 +50,11 @@ def test_demo_quick_writes_report_tables_and_plots(quick_run, capsys):
     assert ("| task | chance | dense | top-1 | soft | posterior | posterior-answers | Δ top-1 | Δ soft | "
             "Δ posterior | Δ posterior-answers |") in text
     assert "## Compute of every run" in text and "| experts (sum of 2) |" in text
+    # each run is named as the paper's stage it stands for
+    compute = text.split("## Compute of every run")[1].split("##")[0]
+    for run, stage in [("pretrain", "LLM pretraining"), ("align", "vision-language alignment"),
+                       ("dense", "centralised: the dense baseline"), ("expert-1", "expert-1 on cluster 1 only")]:
+        assert any(line.startswith(f"| {run} |") and stage in line for line in compute.splitlines()), (run, compute)
     assert "## Partition" in text and "efficientnet" not in text.split("## Partition")[1][:40]  # quick: pixels
     for stage in STAGES:
         assert (out / stage / "DONE.json").is_file(), stage
