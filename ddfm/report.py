@@ -348,7 +348,7 @@ def write_report(p, preset: dict, names: dict, *, title: str, command: str, this
              "Δ = ensemble − dense. Chance = accuracy of always giving the train split's majority answer.", ""]
     if metric == "accuracy":
         lines += ["## Perplexity of the reference answers", "", comparison_table(evals, {}, "perplexity"), ""]
-    lines += ["## Per cluster (records grouped by the cluster their image routes to)", "",
+    lines += ["## Per cluster (records grouped by the cluster their image, or text, routes to)", "",
               comparison_table({n: {"by_task": e["by_cluster"], "overall": e["overall"]} for n, e in evals.items()},
                                {}, metric).replace("| task |", "| cluster |", 1), "",
               *diagnostics_section(p, names, evals, metric),
