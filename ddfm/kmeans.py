@@ -119,8 +119,19 @@ def _scores(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int, 
     """
     K, N = C.shape[0], X.shape[0]
     out = torch.empty((K, N), dtype=torch.float32) if out is None else out
-    for a in range(0, N, chunk_size):
-        torch.mm(C, X[a:a + chunk_size].T, out=out[:, a:a + chunk_size])  # (K, chunk)
+    if torch.get_num_threads() > 1:
+        # the tall-skinny product X_chunk @ C.T (chunk, K) splits over threads where the wide
+        # C @ X_chunk.T does not (200,000 x 512, K = 16, 2 threads: 58 ms vs 77 ms; on one
+        # thread the wide one is faster, 99 vs 115 ms); transposed into the K-major buffer
+        tmp = torch.empty((min(chunk_size, N), K), dtype=torch.float32)
+        for a in range(0, N, chunk_size):
+            block = X[a:a + chunk_size]
+            t = tmp[:len(block)]
+            torch.mm(block, C.T, out=t)
+            out[:, a:a + len(block)].copy_(t.T)
+    else:
+        for a in range(0, N, chunk_size):
+            torch.mm(C, X[a:a + chunk_size].T, out=out[:, a:a + chunk_size])  # (K, chunk)
     if not spherical:
         out.mul_(2).sub_((C * C).sum(1)[:, None])
     return out

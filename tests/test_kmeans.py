@@ -421,3 +421,24 @@ def test_bench_kmeans_times_the_whole_fit_on_both_sides():
     # ours is the whole fit: initialisation, every iteration and the finish are inside it
     assert o["total"] >= o["seconds_init"] + o["seconds_iterations"] + o["seconds_finish"]
     assert o["max"] - o["min"] <= 1 and f["with_labels"] >= f["total"]
+
+
+def test_scores_are_the_same_whichever_product_the_thread_count_picks():
+    """`_scores` multiplies tall-skinny on several threads and wide on one: same (K, N) matrix."""
+    import torch
+
+    from ddfm.kmeans import _scores
+
+    gen = torch.Generator().manual_seed(0)
+    X, C = torch.randn(1000, 24, generator=gen), torch.randn(5, 24, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = _scores(C, X, spherical=False, chunk_size=300).clone()
+    finally:
+        torch.set_num_threads(threads)
+    assert got[1].shape == (5, 1000)
+    torch.testing.assert_close(got[1], got[2])
+    torch.testing.assert_close(got[1], 2 * C @ X.T - (C * C).sum(1)[:, None])
