@@ -335,7 +335,9 @@ def open_image(path: str | os.PathLike):
         raise ValueError(f"unreadable image {path}: {err}") from None
 
 
-_STRICT = threading.Lock()
+_STRICT = threading.Lock()  # guards the two below
+_strict_decoders = 0  # strict decodes in progress
+_saved_truncated = False  # the process's LOAD_TRUNCATED_IMAGES while they run
 
 
 def load_strict(img) -> None:
@@ -343,17 +345,24 @@ def load_strict(img) -> None:
 
     Pillow pads a truncated image with grey, silently, once anything in the process sets
     ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` (importing ``lmms_eval`` does). The flag is
-    a module global read during ``load()``: hold it False for the decode and restore it, under
-    a lock so concurrent decodes (the server's threads) cannot restore it in between.
+    a module global read during ``load()``: it is held False while any strict decode runs and
+    put back when the last one ends, so concurrent decodes (the server's threads) still run
+    in parallel (Pillow releases the GIL while decoding).
     """
     from PIL import ImageFile
 
+    global _strict_decoders, _saved_truncated
     with _STRICT:
-        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-        try:
-            img.load()
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        if _strict_decoders == 0:
+            _saved_truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        _strict_decoders += 1
+    try:
+        img.load()
+    finally:
+        with _STRICT:
+            _strict_decoders -= 1
+            if _strict_decoders == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_truncated
 
 
 def check_images(records: Iterable[Record]) -> tuple[list[Record], list[FailedImage]]:

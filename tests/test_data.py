@@ -239,3 +239,28 @@ def test_truncated_images_fail_even_when_the_process_allows_them(tmp_path, monke
         decode_image(data[: len(data) // 2], "messages[0].content[1]", 10**6)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's own setting is put back
     assert open_image(tmp_path / "ok.png").mode == "RGB"  # a whole image still decodes
+
+
+def test_strict_decodes_in_parallel_threads_all_refuse_truncation_and_restore_the_flag(tmp_path, monkeypatch):
+    """Overlapping strict decodes share one False window; the last one out restores the flag."""
+    import concurrent.futures
+
+    from PIL import ImageFile
+
+    from ddfm.data import open_image
+
+    data = _real_png(tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+
+    def decode(i):
+        try:
+            open_image(tmp_path / ("truncated.png" if i % 2 else "ok.png"))
+            return "ok"
+        except ValueError as err:
+            return "truncated" if "truncated" in str(err) else str(err)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(decode, range(200)))
+    assert got == ["ok", "truncated"] * 100
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
