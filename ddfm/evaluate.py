@@ -53,7 +53,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
 from ddfm.data import SHORT_ANSWER_WORDS, Record, check_images, load_records, log_failed_images
@@ -88,6 +88,16 @@ def _group_stats(rows: list[dict]) -> dict[str, Any]:
     }
 
 
+def _by_key(rows: Sequence[dict], key: str | None, stats: Callable[[list[dict]], dict]) -> dict[str, Any]:
+    """``stats`` of all rows (``key=None``) or ``{value: stats of its rows}`` per ``str(row[key])``, sorted."""
+    if key is None:
+        return stats(list(rows))
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[str(r.get(key))].append(r)
+    return {name: stats(groups[name]) for name in sorted(groups)}
+
+
 def aggregate(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
     """Accuracy (mean of ``correct`` over rows that have one) and token-weighted NLL /
     perplexity, overall (``key=None``) or per value of ``row[key]`` ("task", "source", "cluster").
@@ -95,12 +105,7 @@ def aggregate(rows: Sequence[dict], key: str | None = None) -> dict[str, Any]:
     rows: ``{"task", "source", "cluster", "correct": bool | None, "nll": float (nats,
     summed over the answer), "n_tokens": int}``.
     """
-    if key is None:
-        return _group_stats(list(rows))
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[str(r.get(key))].append(r)
-    return {name: _group_stats(groups[name]) for name in sorted(groups)}
+    return _by_key(rows, key, _group_stats)
 
 
 def chance_levels(records: Sequence[Record], prepare_json: str | Path | None = None, *,
@@ -343,12 +348,7 @@ def aggregate_text(rows: Sequence[dict], key: str | None = None) -> dict[str, An
     """Total NLL (nats) over the texts and its perplexity per token, word and byte, overall
     (``key=None``) or per value of ``row[key]``; lm-eval's ``weighted_perplexity``:
     exp(Σ nll / Σ words), and ``bits_per_byte`` Σ nll / Σ bytes / ln 2."""
-    if key is None:
-        return _text_stats(list(rows))
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[str(r.get(key))].append(r)
-    return {name: _text_stats(groups[name]) for name in sorted(groups)}
+    return _by_key(rows, key, _text_stats)
 
 
 def evaluate_text(ensemble, records: Sequence[Record], *, max_length: int | None = None, batch_size: int = 32,
