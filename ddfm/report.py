@@ -82,14 +82,14 @@ PAPER_STAGES = {
              "InternVL stage 1.5)",
     "align-text": "a shared language warm-up before the split: the experts' initial checkpoint",
     "dense": "instruction tuning, centralised: the dense baseline",
-    "expert": "instruction tuning of expert k on cluster k only (decentralised)",
+    "expert": "instruction tuning of {run} on cluster {k} only (decentralised)",
 }
 
 
 def paper_stage(name: str, text: bool = False) -> str:
     """The paper's stage a demo run stands for (:data:`PAPER_STAGES`)."""
     if name.startswith("expert"):
-        return PAPER_STAGES["expert"].replace("expert k on cluster k", f"{name} on cluster {name.split('-')[-1]}")
+        return PAPER_STAGES["expert"].format(run=name, k=name.split("-")[-1])
     return PAPER_STAGES["align-text" if text and name == "align" else name]
 
 

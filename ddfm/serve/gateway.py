@@ -99,7 +99,7 @@ class GatewayBackend:
         if self.router is None:
             return [1.0]
         if self.router.modality == "text":
-            if getattr(request, "token_ids", None) is not None:  # the gateway holds no tokenizer to read them
+            if request.token_ids is not None:  # the gateway holds no tokenizer to read them
                 raise ApiError(400, "prompt: a gateway with a text router routes on the prompt's text; send the "
                                "prompt as a string, not token ids", param="prompt", code="unsupported_value")
             w = self.router.route([request.prompt], top_k=1)[0]
