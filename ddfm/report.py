@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,17 @@ def route_disagreement(predictions: list[dict]) -> float | None:
     return sum(max(range(len(r["weights"])), key=r["weights"].__getitem__) != int(r["cluster"]) for r in rows) / len(rows)
 
 
+def answers_that_differ(a: list[dict], b: list[dict]) -> int:
+    """How many records two evaluations of the same test file answered differently."""
+    by_id = {r["id"]: r["prediction"] for r in b}
+    return sum(r["prediction"] != by_id.get(r["id"]) for r in a)
+
+
+def top_weights(predictions: list[dict]) -> list[float]:
+    """Each record's largest final router weight (1.0: one expert had all the weight)."""
+    return [max(r["weights"]) for r in predictions if r.get("weights")]
+
+
 def _read_predictions(eval_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
 
@@ -269,6 +281,17 @@ def diagnostics_section(p, names: dict, evals: dict[str, dict], metric: str) -> 
     for n in evals:
         if n != "dense":
             lines.append(f"| {n} | {fmt(route_disagreement(preds[n]), True)} % |")
+    routings = [n for n in evals if n != "dense"]
+    lines += ["", "**Columns that agree**: answers that differ between two routings (0: the columns agree on "
+              "every record, whatever their scores say), and how close to one-hot each routing's final weights "
+              "are.", "", "| routing | " + " | ".join(f"differs from {n}" for n in routings)
+              + " | median top weight | records with top weight < 0.9 |", "| --- |" + " ---: |" * (len(routings) + 2)]
+    for n in routings:
+        tops = top_weights(preds[n])
+        median = f"{statistics.median(tops):.4f}" if tops else "–"
+        lines.append(f"| {n} | " + " | ".join("–" if m == n else str(answers_that_differ(preds[n], preds[m]))
+                                              for m in routings)
+                     + f" | {median} | {sum(t < 0.9 for t in tops)} |")
     return lines + [""]
 
 

@@ -83,6 +83,10 @@ def test_demo_quick_writes_report_tables_and_plots(quick_run, capsys):
     assert epochs <= dense["epochs"] < epochs + batch / (dense["samples_seen"] / dense["epochs"])
 
 
+def _predictions(out: Path, routing: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"eval-{routing}" / "predictions.jsonl").read_text().splitlines()]
+
+
 def test_demo_report_explains_the_gap(quick_run):
     """Issue 13's diagnostics in REPORT.md: dense vs the routed expert per cluster, the
     router-only baseline, routes leaving the feature cluster, held-out curves."""
@@ -99,6 +103,13 @@ def test_demo_report_explains_the_gap(quick_run):
     row = next(line for line in text.splitlines() if line.startswith("| **overall** |") and "router" not in line
                and text.index(line) > text.index("**Router only**"))
     assert f"| {100 * base['overall']:.1f} |" in row
+    # the columns-that-agree table: answers that differ, recomputed from the predictions
+    from ddfm.report import answers_that_differ
+
+    soft, top1 = (_predictions(out, n) for n in ("soft", "top-1"))
+    agree = text.split("**Columns that agree**")[1]
+    row = next(line for line in agree.splitlines() if line.startswith("| soft |"))
+    assert row.split(" | ")[1] == str(answers_that_differ(soft, top1)) and row.split(" | ")[2] == "–"
     logs = [json.loads(line) for line in (out / "expert-1" / "log.jsonl").read_text().splitlines()]
     assert [r for r in logs if "eval_loss" in r][0]["eval_loss"].keys() == {"cluster-1"}
 
