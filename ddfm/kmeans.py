@@ -108,30 +108,49 @@ def _normalise(X: torch.Tensor) -> torch.Tensor:
     return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+class _BlockScores:
+    """Scores of blocks of points, C @ block.T written into columns of a (K, n) buffer.
+
+    On several threads the tall-skinny product block @ C.T (b, K) splits over them where the
+    wide C @ block.T does not; it is computed in blocks of 4,096 rows (that fit in cache)
+    and transposed into the K-major buffer (200,000 x 512, K = 16, 2 threads: 41 ms vs 50 ms
+    in blocks of 65,536 and 64 ms wide). On one thread the wide product is as fast (86 ms)
+    and needs no copy."""
+
+    TALL_ROWS = 4096
+
+    def __init__(self, C: torch.Tensor, rows: int):
+        self.C = C
+        self.tall = torch.get_num_threads() > 1
+        self.tmp = torch.empty((min(rows, self.TALL_ROWS), C.shape[0]), dtype=torch.float32) if self.tall else None
+
+    def __call__(self, block: torch.Tensor, out: torch.Tensor) -> None:
+        """out (K, b) = C @ block.T for block (b, D)."""
+        if not self.tall:
+            torch.mm(self.C, block.T, out=out)
+            return
+        for a in range(0, len(block), self.TALL_ROWS):
+            part = block[a:a + self.TALL_ROWS]
+            t = self.tmp[:len(part)]
+            torch.mm(part, self.C.T, out=t)
+            out[:, a:a + len(part)].copy_(t.T)
+
+
 def _scores(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int, out: torch.Tensor | None = None
             ) -> torch.Tensor:
     """Similarity of every centroid to every point, ``(K, N)`` float32 (one row per cluster),
     written into ``out`` when given (a buffer reused across iterations saves the page faults
-    of fresh memory).
+    of fresh memory), ``chunk_size`` rows of X at a time.
 
     Spherical: cos(x_i, c_k) = c_k·x_i (unit rows). Euclidean: 2 c_k·x_i − |c_k|², which
     is −|x_i − c_k|² + |x_i|², so argmax and the assignment LP are unchanged.
     """
     K, N = C.shape[0], X.shape[0]
     out = torch.empty((K, N), dtype=torch.float32) if out is None else out
-    if torch.get_num_threads() > 1:
-        # the tall-skinny product X_chunk @ C.T (chunk, K) splits over threads where the wide
-        # C @ X_chunk.T does not (200,000 x 512, K = 16, 2 threads: 58 ms vs 77 ms; on one
-        # thread the wide one is faster, 99 vs 115 ms); transposed into the K-major buffer
-        tmp = torch.empty((min(chunk_size, N), K), dtype=torch.float32)
-        for a in range(0, N, chunk_size):
-            block = X[a:a + chunk_size]
-            t = tmp[:len(block)]
-            torch.mm(block, C.T, out=t)
-            out[:, a:a + len(block)].copy_(t.T)
-    else:
-        for a in range(0, N, chunk_size):
-            torch.mm(C, X[a:a + chunk_size].T, out=out[:, a:a + chunk_size])  # (K, chunk)
+    score = _BlockScores(C, min(chunk_size, N))
+    for a in range(0, N, chunk_size):
+        block = X[a:a + chunk_size]
+        score(block, out[:, a:a + len(block)])  # (K, chunk)
     if not spherical:
         out.mul_(2).sub_((C * C).sum(1)[:, None])
     return out
@@ -143,22 +162,28 @@ def _scores_of(C: torch.Tensor, X: torch.Tensor, rows: torch.Tensor, chunk: int 
     faults, more than the product itself."""
     out = torch.empty((C.shape[0], len(rows)), dtype=torch.float32)
     buf = torch.empty((min(chunk, len(rows)), X.shape[1]), dtype=X.dtype)
+    score = _BlockScores(C, len(buf))
     for a in range(0, len(rows), chunk):
         block = buf[:len(rows[a:a + chunk])]
         torch.index_select(X, 0, rows[a:a + chunk], out=block)
-        torch.mm(C, block.T, out=out[:, a:a + len(block)])
+        score(block, out[:, a:a + len(block)])
     return out
 
 
 def _cluster_sums(X: torch.Tensor, labels: torch.Tensor, K: int, weights: torch.Tensor | None = None
                   ) -> torch.Tensor:
-    """Σ_{i: label k} w_i x_i for every cluster, (K, D), as one sparse (K, N) @ (N, D)
-    product (faster than ``index_add_`` on CPU and deterministic)."""
-    N = X.shape[0]
-    values = torch.ones(N, dtype=X.dtype) if weights is None else weights.to(X.dtype)
-    onehot = torch.sparse_coo_tensor(torch.stack([labels, torch.arange(N)]), values, (K, N),
-                                     is_coalesced=True, check_invariants=False)
-    return torch.sparse.mm(onehot, X)
+    """Σ_{i: label k} w_i x_i for every cluster, (K, D), as sparse (K, n) @ (n, D) products
+    (faster than ``index_add_`` on CPU and deterministic), one per contiguous range of
+    points on each torch thread (a single product runs on one thread), summed in order."""
+    values = torch.ones(X.shape[0], dtype=X.dtype) if weights is None else weights.to(X.dtype)
+
+    def part(a: int, b: int) -> torch.Tensor:
+        onehot = torch.sparse_coo_tensor(torch.stack([labels[a:b], torch.arange(b - a)]), values[a:b], (K, b - a),
+                                         is_coalesced=True, check_invariants=False)
+        return torch.sparse.mm(onehot, X[a:b])
+
+    parts = _in_parts(part, X.shape[0])
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
 def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | None, sums: torch.Tensor | None,
@@ -389,9 +414,22 @@ def _near_boundary(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, h:
     return sum(_in_parts(part, n))
 
 
+def _laplacian(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, band: int) -> tuple[np.ndarray, float]:
+    """The Jacobian of the cluster sizes in the prices, −L, for the points of ``S`` (K, n)
+    with price-induced ``labels`` (n,): L (K, K) is the graph Laplacian of the densities of
+    points on each k|j boundary, counted within h of it (h = the ``band``-th smallest gap)
+    and divided by h. Also returns the widest gap: beyond it every point could change sides."""
+    n = S.shape[1]
+    gaps = _label_gaps(S, prices, labels)  # (n,) ≥ 0: how far the nearest other cluster is
+    h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
+    W = _near_boundary(S, prices, labels, h) / h
+    rho = (W + W.T) / 2
+    return np.diag(rho.sum(1)) - rho, float(gaps.max()) + 1e-9
+
+
 def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: np.ndarray, n_total: int, *,
                    limits: _Limits | None = None, max_steps: int = 12, stop_when_slow: bool = True,
-                   good_enough: int = 0) -> tuple[np.ndarray, torch.Tensor, int]:
+                   good_enough: int = 0) -> tuple[np.ndarray, torch.Tensor, int, np.ndarray | None]:
     """Damped Newton steps on the dual prices (Kitagawa, Mérigot & Thibert, "Convergence of
     a Newton algorithm for semi-discrete optimal transport", JEMS 2019).
 
@@ -402,8 +440,8 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     (h = a low quantile of the gaps). Each step solves L Δ = sizes − N/K, is capped so that
     no price difference moves by more than the widest gap (beyond it every point could
     change sides), kept inside ``limits`` (:class:`_Limits`), and backtracks until the
-    excess falls. Returns (prices, labels (n,), steps); stops when the excess is
-    ≤ max(2K, ``good_enough``) or,
+    excess falls. Returns (prices, labels (n,), steps, L (K, K) of the last step or None);
+    stops when the excess is ≤ max(2K, ``good_enough``) or,
     with ``stop_when_slow``, a step removes less than a third of it (the sweeps and the
     exact repair finish faster).
     """
@@ -412,15 +450,10 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     labels = _argmax(S, prices)
     sizes = base + _counts(labels, K)
     excess = _excess(sizes, lo, hi)
-    band, steps = max(64 * K, n // 10), 0
+    band, steps, L = max(64 * K, n // 10), 0, None
     while steps < max_steps and excess > max(2 * K, good_enough):
         steps += 1
-        gaps = _label_gaps(S, prices, labels)  # (n,) ≥ 0: how far the nearest other cluster is
-        h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
-        widest = float(gaps.max()) + 1e-9
-        W = _near_boundary(S, prices, labels, h) / h
-        rho = (W + W.T) / 2
-        L = np.diag(rho.sum(1)) - rho
+        L, widest = _laplacian(S, prices, labels, band)
         delta = np.linalg.lstsq(L, sizes - target, rcond=None)[0]
         delta -= delta.mean()
         if _range(delta) > widest:
@@ -446,7 +479,7 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
         prices, labels, sizes, excess = cand_prices, cand, cand_sizes, _excess(cand_sizes, lo, hi)
         if slow and stop_when_slow:
             break
-    return prices, labels, steps
+    return prices, labels, steps, L
 
 
 class _MoveCosts:
@@ -652,7 +685,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
     outer_counts, T = outer if outer is not None else (np.zeros(K, np.int64), math.inf)
     N = n + int(outer_counts.sum())
     lo, hi = _bounds(N, K)
-    stats = {"newton_steps": 0, "sweeps": 0, "rounds": 0, "working_set": n, "full_repair": False}
+    stats = {"newton_steps": 0, "chord_steps": 0, "sweeps": 0, "rounds": 0, "working_set": n, "full_repair": False}
     if K == 1:
         return np.zeros(n, dtype=np.int64), prices, {**stats, "repair_moves": 0, "improving_chains": 0}
 
@@ -662,6 +695,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
 
     min_set = min(n, working_set if working_set is not None else max(4096, n // 32))
     n_free, sampled, grow = min_set, False, False
+    chord, before_chord = None, None  # the sample's Jacobian for full-data steps; the state before one
     while True:
         stats["rounds"] += 1
         labels, gaps = _top2(S, prices)
@@ -672,7 +706,16 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
             cold_sizes = _counts(cold, K)
             if _excess(cold_sizes, lo, hi) < excess:
                 prices, labels, gaps, sizes, excess = np.zeros(K), cold, cold_gaps, cold_sizes, _excess(cold_sizes, lo, hi)
-        if tolerance and excess <= tolerance:  # a warm-up step: the price-induced labels are close enough
+        if before_chord is not None:
+            stats["rounds"] -= 1  # a chord step is one pass, not a round of the working set
+            if excess >= before_chord[-1]:  # it did not help: undo it and leave the rest to the working set
+                (prices, labels, gaps, sizes, excess), chord = before_chord, None
+            before_chord = None
+        round_prices = prices  # the prices ``gaps`` are for
+        if tolerance and excess <= tolerance and not sampled:
+            # a warm-up step whose warm-started prices are close enough. Prices that needed the
+            # sample's Newton steps are refined to 2K below: they are the next iteration's warm
+            # start, and leaving them at the tolerance costs the next iterations more than it saves
             stats["working_set"] = n  # gaps: those of the labels returned, for BalancedKMeans's bounds
             return labels.numpy(), prices, {**stats, "repair_moves": 0, "improving_chains": 0, "excess": excess,
                                             "gaps": gaps}
@@ -680,47 +723,74 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
             free, H = _smallest(gaps, min(n, max(min_set, 8 * excess)))
             limits = _Limits(prices, np.minimum(H, room_outside(prices)))  # every locked gap is ≥ H
             break
+        if chord is not None:
+            # a chord step: Newton's step on all n points with the Jacobian of the sample scaled
+            # up, one pass to check it; it removes most of the sample's sampling error
+            L, left = chord
+            delta = np.linalg.lstsq(L, sizes - N / K, rcond=None)[0]
+            chord = (L, left - 1) if left > 1 else None
+            before_chord = (prices, labels, gaps, sizes, excess)
+            prices = prices + (delta - delta.mean())
+            stats["chord_steps"] += 1
+            continue
         n_free = min(n, max(min_set, 8 * excess, min(n // 4, 2 * n_free) if grow else 0))
         if 8 * excess > n // 4 and n >= 2 * min(sample, n // 4) >= 8192 and not sampled and outer is None:
             sampled, grow = True, False
             sub = S[:, ::n // min(sample, n // 4)].contiguous()
             s_lo, s_hi = _bounds(sub.shape[1], K)
-            prices, _, steps = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[1],
-                                              stop_when_slow=False, good_enough=sub.shape[1] // 100)
+            prices, _, steps, L = _newton_prices(sub, prices, s_lo, s_hi, np.zeros(K, np.int64), sub.shape[1],
+                                                 stop_when_slow=False, good_enough=sub.shape[1] // 100)
             stats["newton_steps"] += steps
+            if L is not None:  # then up to 3 chord steps on all n points with its Jacobian
+                chord = (L * (n / sub.shape[1]), 3)
             continue
         free, H = _smallest(gaps, n_free)
         room = _locked_room(S, prices, labels, free) if len(free) < n else np.full((K, K), math.inf)
         limits = _Limits(prices, np.minimum(room, room_outside(prices)))
         S_free = S[:, free]  # (K, n_free), contiguous
         base = sizes - _counts(labels[free], K)
-        prices, sub_labels, steps = _newton_prices(S_free, prices, lo, hi, base, N, limits=limits)
+        goal = 2 * K
+        prices, sub_labels, steps, _ = _newton_prices(S_free, prices, lo, hi, base, N, limits=limits)
         stats["newton_steps"] += steps
         sizes = base + _counts(sub_labels, K)
-        if _excess(sizes, lo, hi) > 2 * K and max_sweeps:
+        if _excess(sizes, lo, hi) > goal and max_sweeps:
             S_kn = S_free.numpy()
             for _ in range(max_sweeps):
                 stats["sweeps"] += 1
                 changed, sweep_labels = _price_sweep(S_kn, prices, lo, hi, base, limits)
                 sub_labels = torch.from_numpy(sweep_labels)
                 sizes = base + np.bincount(sweep_labels, minlength=K)
-                if changed == 0 or _excess(sizes, lo, hi) <= 2 * K:
+                if changed == 0 or _excess(sizes, lo, hi) <= goal:
                     break
         labels[free] = sub_labels
+        if outer is not None and _excess(sizes, lo, hi) > max(goal, excess // 2):
+            raise _Outside()  # the prices must move further than the unscored points allow
         excess = _excess(sizes, lo, hi)
         if excess <= max(2 * K, tolerance) or stats["rounds"] >= max_rounds:
             break
         grow = True
     stats["working_set"] = len(free)
+    S_free = S[:, free]  # (K, n_free)
+
+    def final_gaps(labels: torch.Tensor) -> torch.Tensor:
+        """Each point's gap at the final prices (n,): exact for the working set, and for a
+        locked point (its label unchanged) its gap at ``round_prices`` less how far the
+        prices moved against it, δ_a − min δ: a lower bound, for BalancedKMeans's bounds."""
+        moved = prices - round_prices
+        out = gaps - torch.from_numpy(moved - moved.min()).to(gaps.dtype)[labels]
+        out[free] = _label_gaps(S_free, prices, labels[free])
+        return out
+
     if tolerance and excess <= tolerance:
-        return labels.numpy(), prices, {**stats, "repair_moves": 0, "improving_chains": 0, "excess": excess}
+        return labels.numpy(), prices, {**stats, "repair_moves": 0, "improving_chains": 0, "excess": excess,
+                                        "gaps": final_gaps(labels)}
     bound = limits.bound() if len(free) < n or outer is not None else None
     sub_labels = labels[free].numpy().copy()
     max_moves = max_moves if max_moves is not None else 10 * N
     try:
-        stats.update(_repair(S[:, free].numpy(), sub_labels, sizes.copy(), lo, hi,
-                             max_moves, bound))
+        stats.update(_repair(S_free.numpy(), sub_labels, sizes.copy(), lo, hi, max_moves, bound))
         labels[free] = torch.from_numpy(sub_labels)
+        stats["gaps"] = final_gaps(labels)
     except _Uncertain:
         if outer is not None:
             raise _Outside() from None
