@@ -734,10 +734,10 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
                 (prices, labels, gaps, sizes, excess), chord = before_chord, None
             before_chord = None
         round_prices = prices  # the prices ``gaps`` are for
-        if tolerance and excess <= tolerance and not sampled:
-            # a warm-up step whose warm-started prices are close enough. Prices that needed the
-            # sample's Newton steps are refined to 2K below: they are the next iteration's warm
-            # start, and leaving them at the tolerance costs the next iterations more than it saves
+        if tolerance and excess <= (tolerance if not sampled else tolerance // 2):
+            # a warm-up step close enough. Prices that needed the sample's Newton steps must be
+            # within half the tolerance, or they are refined to 2K below: they are the next
+            # iteration's warm start, and stopping at the tolerance costs later iterations more
             stats["working_set"] = n  # gaps: those of the labels returned, for BalancedKMeans's bounds
             return labels.numpy(), prices, {**stats, "repair_moves": 0, "improving_chains": 0, "excess": excess,
                                             "gaps": gaps}
@@ -771,13 +771,16 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
         sizes = base + _counts(sub_labels, K)
         if _excess(sizes, lo, hi) > goal and max_sweeps:
             S_kn = S_free.numpy()
+            swept = _excess(sizes, lo, hi)
             for _ in range(max_sweeps):
                 stats["sweeps"] += 1
                 changed, sweep_labels = _price_sweep(S_kn, prices, lo, hi, base, limits)
                 sub_labels = torch.from_numpy(sweep_labels)
                 sizes = base + np.bincount(sweep_labels, minlength=K)
-                if changed == 0 or _excess(sizes, lo, hi) <= goal:
-                    break
+                now = _excess(sizes, lo, hi)
+                if changed == 0 or now <= goal or now > swept - swept // 8:
+                    break  # done, or stalled against the limits (a larger working set is needed)
+                swept = now
         labels[free] = sub_labels
         if outer is not None and _excess(sizes, lo, hi) > max(goal, excess // 2):
             raise _Outside()  # the prices must move further than the unscored points allow
@@ -1146,36 +1149,39 @@ class BalancedKMeans(_CentroidModel):
         """One assignment scoring only the points whose gap bound falls below T; returns
         (labels (N,), prices, gap bounds (N,), stats), or None when too many points could
         move: then score everything. T leaves room for the prices to move twice as far as
-        they did last time; if a repair chain still needs an unscored point, T grows."""
+        they did last time; if a repair chain needs an unscored point after all, or the prices
+        must move further, every point is scored."""
         N, K = X.shape[0], C.shape[0]
         d = torch.from_numpy(drift).to(gaps.dtype)
         bound = gaps - d[labels] - d.max()
         # T leaves room for twice last time's price move, but for at most N/4 points: a
         # warm-up step's prices can jump (a restart from zero prices) without the next
-        # step needing it; if the limits bind after all, T grows below
+        # step needing it
         want = max(4096, N // 16, 2 * int((bound <= 0).sum()), min(N // 4, int((bound < 2 * last_move).sum())))
-        while 3 * want <= N:
-            T = float(bound.kthvalue(want).values)
-            if not T > 0:
-                return None
-            scored = torch.nonzero(bound < T).squeeze(1)
-            S = _scores_of(C, X, scored)  # (K, n)
-            outside = _counts(labels, K) - _counts(labels[scored], K)
-            try:
-                sub, new_prices, stats = _assign(S, prices, outer=(outside, T), max_sweeps=self.max_sweeps,
-                                                 tolerance=tolerance)
-            except _Outside:
-                want *= 4
-                continue
-            new = labels.clone()
-            new[scored] = torch.from_numpy(sub)
-            moved = new_prices - prices  # an unscored point's gap falls by at most δ_a − min δ
-            bound -= torch.from_numpy(moved - moved.min()).to(bound.dtype)[labels]
-            gaps_scored = stats.pop("gaps", None)
-            bound[scored] = _label_gaps(S, new_prices, new[scored]) if gaps_scored is None else gaps_scored
-            stats["scored"] = len(scored)
-            return new, new_prices, bound, stats
-        return None
+        if 4 * want > N:  # a quarter of the points, gathered, costs half a full pass
+            return None
+        T = float(bound.kthvalue(want).values)
+        if not T > 0:
+            return None
+        scored = torch.nonzero(bound < T).squeeze(1)
+        S = _scores_of(C, X, scored)  # (K, n)
+        outside = _counts(labels, K) - _counts(labels[scored], K)
+        try:
+            sub, new_prices, stats = _assign(S, prices, outer=(outside, T), max_sweeps=self.max_sweeps,
+                                             tolerance=tolerance)
+        except _Outside:
+            # a chain needs an unscored point, or the prices must move further than T allows:
+            # score every point (a larger subset costs nearly as much, its rows gathered from
+            # all over X)
+            return None
+        new = labels.clone()
+        new[scored] = torch.from_numpy(sub)
+        moved = new_prices - prices  # an unscored point's gap falls by at most δ_a − min δ
+        bound -= torch.from_numpy(moved - moved.min()).to(bound.dtype)[labels]
+        gaps_scored = stats.pop("gaps", None)
+        bound[scored] = _label_gaps(S, new_prices, new[scored]) if gaps_scored is None else gaps_scored
+        stats["scored"] = len(scored)
+        return new, new_prices, bound, stats
 
     def _objective(self, C: torch.Tensor, sums: torch.Tensor, labels: torch.Tensor) -> float:
         """Σ_i s(x_i, c_{a(i)}) from the member sums: Σ_k c_k·sums_k, minus Σ_k n_k |c_k|²
