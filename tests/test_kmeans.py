@@ -442,3 +442,91 @@ def test_scores_are_the_same_whichever_product_the_thread_count_picks():
     assert got[1].shape == (5, 1000)
     torch.testing.assert_close(got[1], got[2])
     torch.testing.assert_close(got[1], 2 * C @ X.T - (C * C).sum(1)[:, None])
+
+
+def test_scores_in_tall_blocks_and_of_gathered_rows():
+    """More rows than one tall block (4,096) and gathered rows: the same scores as one product."""
+    import torch
+
+    from ddfm.kmeans import _BlockScores, _scores, _scores_of
+
+    gen = torch.Generator().manual_seed(1)
+    X, C = torch.randn(9000, 16, generator=gen), torch.randn(6, 16, generator=gen)
+    rows = torch.randperm(9000, generator=gen)[:5000].sort().values
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert _BlockScores(C, 9000).tall == (n > 1)
+            torch.testing.assert_close(_scores(C, X, spherical=True, chunk_size=8192), C @ X.T)
+            torch.testing.assert_close(_scores_of(C, X, rows), C @ X[rows].T)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cluster_sums_split_over_threads_match_one_product():
+    import torch
+
+    from ddfm.kmeans import _cluster_sums
+
+    gen = torch.Generator().manual_seed(2)
+    X, labels = torch.randn(70_000, 8, generator=gen), torch.randint(0, 5, (70_000,), generator=gen)
+    w = torch.rand(70_000, generator=gen)
+    want = torch.zeros(5, 8, dtype=torch.float64).index_add_(0, labels, X.double() * w.double()[:, None])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):  # 70,000 points: one part on one thread, two on two
+            torch.set_num_threads(n)
+            torch.testing.assert_close(_cluster_sums(X, labels, 5, w).double(), want, rtol=1e-5, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _true_gaps(S, prices, labels):
+    """(s_ai − λ_a) − max_{j≠a}(s_ji − λ_j) in float64, (n,)."""
+    R = S.astype(np.float64) - np.asarray(prices, dtype=np.float64)[:, None]
+    own = R[labels, np.arange(S.shape[1])]
+    R[labels, np.arange(S.shape[1])] = -np.inf
+    return own - R.max(0)
+
+
+@pytest.mark.parametrize("tolerance", [0, 200])
+def test_far_off_start_sampled_newton_chords_exact_and_gap_bounds(tolerance):
+    # unequal blobs and zero prices: far off, so the prices come from Newton steps on a
+    # sample and chord steps on every point; the result is still the LP optimum, and the
+    # gaps handed to BalancedKMeans's bounds are lower bounds of the true ones
+    import torch
+
+    from ddfm.kmeans import _assign
+
+    X, _ = blobs([9000, 4000, 2500, 1000], d=8, spread=0.5, seed=3)
+    C = unit(np.random.default_rng(3).normal(size=(4, 8)))
+    S = (C @ X.T).astype(np.float32)
+    labels, prices, stats = _assign(torch.from_numpy(S), np.zeros(4), tolerance=tolerance)
+    assert stats["newton_steps"] > 0 and stats["chord_steps"] >= 1
+    gaps = stats["gaps"].numpy()
+    assert (gaps <= _true_gaps(S, prices, labels) + 1e-5).all()
+    sizes = np.bincount(labels, minlength=4)
+    if tolerance:  # a warm-up step: within the tolerance, price-induced (gaps ≥ 0)
+        assert stats["excess"] <= tolerance and (gaps >= -1e-6).all()
+    else:
+        assert sizes.max() - sizes.min() <= 1
+        assert S.astype(np.float64)[labels, np.arange(S.shape[1])].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
+
+
+def test_working_set_gap_bounds_after_the_repair():
+    # a warm start near the optimum: a working set, the repair, and the gaps returned for
+    # every point (exact on the working set, lowered by the price moves elsewhere)
+    import torch
+
+    from ddfm.kmeans import _assign
+
+    rng = np.random.default_rng(4)
+    S = (unit(rng.normal(size=(6, 5))) @ unit(rng.normal(size=(20_000, 5))).T).astype(np.float32)
+    _, prices, _ = balanced_assignment(S)
+    labels, new_prices, stats = _assign(torch.from_numpy(S), prices + rng.normal(scale=0.01, size=6))
+    assert stats["working_set"] < 20_000 and not stats["full_repair"]
+    gaps, true = stats["gaps"].numpy(), _true_gaps(S, new_prices, labels)
+    assert (gaps <= true + 1e-5).all()
+    assert (gaps < true - 1e-4).any()  # the locked points' bounds are bounds, not the gaps
+    assert S.astype(np.float64)[labels, np.arange(20_000)].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
