@@ -664,7 +664,11 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
        they stall) on the points with the smallest gaps, the others *locked*: their labels
        cannot change while the prices stay within :class:`_Limits`. When the sizes are far
        off (and n ≥ 16,384), the first round fits the prices on an evenly strided sample of
-       min(``sample``, n/4) points instead, to 1 %: beyond that its sampling noise dominates.
+       min(``sample``, n/4) points instead, to 1 % (beyond that its sampling noise
+       dominates; when the sample alone shows it, the full pass at the warm-started prices
+       is skipped), and then up to three *chord* steps, Newton steps on all n points with
+       the sample's Jacobian scaled up, one full pass each, remove most of its sampling
+       error; a chord step that does not lower the excess is undone.
     2. The exact repair runs on the working set of the last pass; a locked point costs at
        least the :class:`_Limits` bound to move, and if a chain would need one, the repair is
        redone on every point. The result is the exact optimum either way.

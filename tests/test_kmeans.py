@@ -415,7 +415,10 @@ def test_bench_kmeans_times_the_whole_fit_on_both_sides():
     [row] = bench.compare(X, 4, iters=4, seed=0, repeats=1, variants=[("", {})])
     f, o = row["faiss"], row["ours"]
     assert row["ratio_whole_fit"] == o["total"] / f["total"]
-    assert f["per_iter"] == f["total"] / f["iters"] and f["iters"] == 4
+    # faiss stops once its objective no longer changes: the iterations it ran, not the cap
+    assert f["per_iter"] == f["total"] / f["iters"] and 1 <= f["iters"] <= 4
+    separated = bench.sphere_mixture(2000, 16, components=4, noise=0.05)
+    assert bench.faiss_run(separated, 4, iters=30, seed=0)["iters"] < 30
     assert o["per_iter"] == o["total"] / o["iters"] and 1 <= o["iters"] <= 4
     assert row["ratio_per_iter"] == o["per_iter"] / f["per_iter"]
     # ours is the whole fit: initialisation, every iteration and the finish are inside it
