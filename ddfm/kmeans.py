@@ -653,7 +653,7 @@ class _Outside(Exception):
 
 def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[np.ndarray, float] | None = None,
             tolerance: int = 0, max_sweeps: int = 4, max_moves: int | None = None, max_rounds: int = 6,
-            sample: int = 32768, working_set: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+            sample: int = 16384, working_set: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Exact balanced assignment from scores ``S`` (K, n) float32 torch; see
     :func:`balanced_assignment`. Most of the work is done on a *working set* of the points
     nearest a cluster boundary, which is what makes it cheap:
