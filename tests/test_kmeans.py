@@ -525,11 +525,11 @@ def test_working_set_gap_bounds_after_the_repair():
     from ddfm.kmeans import _assign
 
     rng = np.random.default_rng(4)
-    S = (unit(rng.normal(size=(6, 5))) @ unit(rng.normal(size=(20_000, 5))).T).astype(np.float32)
+    S = (unit(rng.normal(size=(6, 5))) @ unit(rng.normal(size=(10_000, 5))).T).astype(np.float32)
     _, prices, _ = balanced_assignment(S)
     labels, new_prices, stats = _assign(torch.from_numpy(S), prices + rng.normal(scale=0.01, size=6))
-    assert stats["working_set"] < 20_000 and not stats["full_repair"]
+    assert stats["working_set"] < 10_000 and not stats["full_repair"]
     gaps, true = stats["gaps"].numpy(), _true_gaps(S, new_prices, labels)
     assert (gaps <= true + 1e-5).all()
     assert (gaps < true - 1e-4).any()  # the locked points' bounds are bounds, not the gaps
-    assert S.astype(np.float64)[labels, np.arange(20_000)].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
+    assert S.astype(np.float64)[labels, np.arange(10_000)].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
