@@ -748,6 +748,7 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
         if excess <= 2 * K or stats["rounds"] > max_rounds:
             free, H = _smallest(gaps, min(n, max(min_set, 8 * excess)))
             limits = _Limits(prices, np.minimum(H, room_outside(prices)))  # every locked gap is ≥ H
+            S_free = S[:, free]  # (K, n_free)
             break
         if chord is not None:
             # a chord step: Newton's step on all n points with the Jacobian of the sample scaled
@@ -769,11 +770,10 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
         limits = _Limits(prices, np.minimum(room, room_outside(prices)))
         S_free = S[:, free]  # (K, n_free), contiguous
         base = sizes - _counts(labels[free], K)
-        goal = 2 * K
         prices, sub_labels, steps, _ = _newton_prices(S_free, prices, lo, hi, base, N, limits=limits)
         stats["newton_steps"] += steps
         sizes = base + _counts(sub_labels, K)
-        if _excess(sizes, lo, hi) > goal and max_sweeps:
+        if _excess(sizes, lo, hi) > 2 * K and max_sweeps:
             S_kn = S_free.numpy()
             swept = _excess(sizes, lo, hi)
             for _ in range(max_sweeps):
@@ -782,18 +782,17 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
                 sub_labels = torch.from_numpy(sweep_labels)
                 sizes = base + np.bincount(sweep_labels, minlength=K)
                 now = _excess(sizes, lo, hi)
-                if changed == 0 or now <= goal or now > swept - swept // 8:
+                if changed == 0 or now <= 2 * K or now > swept - swept // 8:
                     break  # done, or stalled against the limits (a larger working set is needed)
                 swept = now
         labels[free] = sub_labels
-        if outer is not None and _excess(sizes, lo, hi) > max(goal, excess // 2):
+        if outer is not None and _excess(sizes, lo, hi) > max(2 * K, excess // 2):
             raise _Outside()  # the prices must move further than the unscored points allow
         excess = _excess(sizes, lo, hi)
         if excess <= max(2 * K, tolerance) or stats["rounds"] >= max_rounds:
             break
         grow = True
-    stats["working_set"] = len(free)
-    S_free = S[:, free]  # (K, n_free)
+    stats["working_set"] = len(free)  # S_free holds their scores
 
     def final_gaps(labels: torch.Tensor) -> torch.Tensor:
         """Each point's gap at the final prices (n,): exact for the working set, and for a
