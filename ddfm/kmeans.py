@@ -46,6 +46,13 @@ the price-induced plan, optimal for its own sizes) and skip the repair; every la
 and always the last is exact. And with ``algorithm="bounds"`` a step scores only the
 points whose cluster could change (Hamerly's bounds, see :meth:`BalancedKMeans.fit`).
 
+The per-point loops over the K rows of scores (top-2, gaps, boundary counts, the price
+sweeps) are numba kernels that release the GIL and run on a range of points per torch
+thread; each does the float32 operations of a numpy pass per cluster, in the same order
+(``tests/test_kmeans_kernels.py`` checks them bit for bit against numpy). They compile
+on first use (about 9 s, once; cached on disk beside this file, or in numba's user cache
+when that is read-only).
+
 Memory: the score matrix is (K, N) float32 (one row per cluster), computed in chunks of
 X by BLAS matmuls, i.e. O(N·D + N·K) with K ≤ D; no (N, K, D) tensor ever exists.
 :meth:`BalancedKMeans.predict` with ``balanced=False`` streams in chunks (O(chunk·K)).
@@ -69,6 +76,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
@@ -195,14 +203,19 @@ def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | Non
     if prev is None or sums is None:
         return _cluster_sums(X, labels, K).double()
     changed = torch.nonzero(labels != prev).squeeze(1)
-    if len(changed) > X.shape[0] // 8:
+    if len(changed) > X.shape[0] // 10:
         return _cluster_sums(X, labels, K).double()
-    # + x_i to the new cluster, − x_i to the old one: a sparse (K, N) @ (N, D) product that
-    # reads the changed rows in place (no gathered copy)
-    index = torch.stack([torch.cat([labels[changed], prev[changed]]), torch.cat([changed, changed])])
-    values = torch.cat([torch.ones(len(changed)), -torch.ones(len(changed))]).to(X.dtype)
-    moves = torch.sparse_coo_tensor(index, values, (K, X.shape[0]), check_invariants=False).coalesce()
-    return sums + torch.sparse.mm(moves, X).double()
+
+    def part(a: int, b: int) -> torch.Tensor:
+        # + x_i to the new cluster, − x_i to the old one: a sparse (K, N) @ (N, D) product
+        # that reads the changed rows in place (no gathered copy), one per thread
+        rows = changed[a:b]
+        index = torch.stack([torch.cat([labels[rows], prev[rows]]), torch.cat([rows, rows])])
+        values = torch.cat([torch.ones(len(rows)), -torch.ones(len(rows))]).to(X.dtype)
+        moves = torch.sparse_coo_tensor(index, values, (K, X.shape[0]), check_invariants=False).coalesce()
+        return torch.sparse.mm(moves, X)
+
+    return sums + sum(_in_parts(part, len(changed), min_part=2048)).double()
 
 
 def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
@@ -252,30 +265,49 @@ def _in_parts(fn: Any, n: int, min_part: int = 32768) -> list:
     return list(_POOL[1].map(fn, edges[:-1], edges[1:]))
 
 
+_BLOCK = 512  # points per block in the kernels below: their K rows of scores stay in L1
+
+
+@numba.njit(nogil=True, cache=True)
+def _top2_kernel(A: np.ndarray, p: np.ndarray, a: int, b: int, labels: np.ndarray, gaps: np.ndarray,
+                 with_gaps: bool) -> None:  # pragma: no cover (compiled; run through _top2)
+    """labels[i], gaps[i] for the points a ≤ i < b of A (K, n) float32 at prices p (K,)
+    float32: the best reduced score's cluster (the first on ties) and best − second best.
+    The same float32 operations, in the same order, as a numpy pass per cluster."""
+    K = A.shape[0]
+    best = np.empty(_BLOCK, np.float32)
+    second = np.empty(_BLOCK, np.float32)
+    lab = np.empty(_BLOCK, np.int64)
+    for s in range(a, b, _BLOCK):
+        m = min(_BLOCK, b - s)
+        for i in range(m):
+            best[i] = A[0, s + i] - p[0]
+            second[i] = -np.inf
+            lab[i] = 0
+        for k in range(1, K):
+            pk = p[k]
+            for i in range(m):
+                v = A[k, s + i] - pk
+                old = best[i]
+                second[i] = max(second[i], min(v, old))  # the larger of the old second and min(v, old best)
+                if v > old:
+                    lab[i] = k
+                best[i] = max(old, v)
+        for i in range(m):
+            labels[s + i] = lab[i]
+            if with_gaps:
+                gaps[s + i] = best[i] - second[i]
+
+
 def _top2(S: torch.Tensor, prices: np.ndarray, gaps: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Price-induced labels argmax_k (s_ki − λ_k) (n,) int64 (the first maximum on ties)
     and, with ``gaps``, each point's gap between its best and second-best reduced score
     (n,) float32 (inf when K = 1): how far the prices must move to change its label.
-    ``S`` is (K, n); one pass over its rows."""
+    ``S`` is (K, n); one pass over its rows (:func:`_top2_kernel`)."""
     A, p = S.numpy(), prices.astype(np.float32)
-    K, n = A.shape
-    labels, out = np.zeros(n, dtype=np.int64), np.empty(n, np.float32) if gaps else None
-
-    def part(a: int, b: int) -> None:
-        best, lab = A[0, a:b] - p[0], labels[a:b]
-        second = np.full(b - a, _NEG, dtype=np.float32) if gaps else None
-        v, lower, better = np.empty(b - a, np.float32), np.empty(b - a, np.float32), np.empty(b - a, bool)
-        for k in range(1, K):
-            np.subtract(A[k, a:b], p[k], out=v)
-            np.greater(v, best, out=better)
-            if gaps:  # the second best is the larger of the old second and min(v, old best)
-                np.maximum(second, np.minimum(v, best, out=lower), out=second)
-            np.maximum(best, v, out=best)
-            np.putmask(lab, better, k)
-        if gaps:
-            np.subtract(best, second, out=out[a:b])
-
-    _in_parts(part, n)
+    n = A.shape[1]
+    labels, out = np.empty(n, dtype=np.int64), np.empty(n if gaps else 0, np.float32)
+    _in_parts(lambda a, b: _top2_kernel(A, p, a, b, labels, out, gaps), n)
     return torch.from_numpy(labels), torch.from_numpy(out) if gaps else None
 
 
@@ -322,96 +354,163 @@ class _Limits:
         return self.anchor[:, None] - self.anchor[None, :] + self.room
 
 
+@numba.njit(nogil=True, cache=True)
+def _locked_room_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, free: np.ndarray, a: int, b: int
+                        ) -> np.ndarray:  # pragma: no cover (compiled; run through _locked_room)
+    K = A.shape[0]
+    room = np.full((K, K), np.float32(np.inf))
+    own = np.empty(_BLOCK, np.float32)
+    for s in range(a, b, _BLOCK):
+        m = min(_BLOCK, b - s)
+        for i in range(m):
+            c = labels[s + i]
+            own[i] = A[c, s + i] - p[c]
+        for j in range(K):
+            for i in range(m):
+                if not free[s + i]:
+                    c = labels[s + i]
+                    room[c, j] = min(room[c, j], own[i] - (A[j, s + i] - p[j]))
+    return room
+
+
 def _locked_room(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, free: torch.Tensor) -> np.ndarray:
     """``room`` of :class:`_Limits` for the points outside ``free``: the smallest reduced gap
-    from a locked member of a to cluster j, (K, K) (inf where a has no locked member)."""
-    K = S.shape[0]
-    V = S - torch.from_numpy(prices).to(S.dtype)[:, None]
-    best = V.gather(0, labels[None, :])  # (1, n)
-    G = V.neg_().add_(best)  # (K, n): best − V, in place
-    G[:, free] = math.inf
-    room_t = torch.full((K, K), math.inf).scatter_reduce_(1, labels[None, :].expand(K, -1), G, "amin")  # [j, a]
-    return room_t.T.double().numpy().copy()
+    from a locked member of a to cluster j, (K, K) float64 (computed in float32 as the
+    scores; inf where a has no locked member, 0 on the diagonal of a cluster that has one)."""
+    A, p, labels = S.numpy(), prices.astype(np.float32), labels.numpy()
+    is_free = np.zeros(A.shape[1], dtype=bool)
+    is_free[free.numpy()] = True
+    parts = _in_parts(lambda a, b: _locked_room_kernel(A, p, labels, is_free, a, b), A.shape[1])
+    return np.minimum.reduce(parts).astype(np.float64)
 
 
 def _range(x: np.ndarray) -> float:
     return float(x.max() - x.min())
 
 
-def _select_threshold(margins: np.ndarray, t: int, price: float) -> float:
+@numba.njit(nogil=True, cache=True)
+def _select_threshold(margins: np.ndarray, t: int, price: float) -> float:  # pragma: no cover (compiled)
     """A price λ with exactly ``t`` margins strictly above it (ties permitting), moved from
-    the current ``price``: only the margins between the old and the new threshold are
-    ranked (a top-k over one side of the old price), O(n)."""
+    the current ``price``: the midpoint of the t-th and (t+1)-th largest margins, found
+    among the margins on one side of the old price only (a selection over them, O(n)).
+    In float64 (numba's ``float()`` of a float32 stays float32)."""
     n = margins.shape[0]
     if t >= n:
-        return float(margins.min()) - 1.0
+        return np.float64(margins.min()) - 1.0
     if t <= 0:
-        return float(margins.max()) + 1.0
-    m = torch.from_numpy(margins)
-    above = m > price
-    c = int(above.sum())
+        return np.float64(margins.max()) + 1.0
+    p32 = np.float32(price)
+    c = 0
+    for i in range(n):
+        c += margins[i] > p32
     if t == c:
         return price
-    if t < c:  # raise it between the t-th and (t+1)-th largest, both above the old price
-        pair = m[above].topk(c - t + 1, largest=False).values[-2:]
-    else:  # lower it: both at or below the old price
-        pair = m[~above].topk(t - c + 1).values[-2:]
-    return 0.5 * (float(pair[0]) + float(pair[1]))
+    if t < c:  # raise it: the (c−t)-th and (c−t+1)-th smallest of the c margins above
+        side = np.empty(c, np.float32)
+        j = 0
+        for i in range(n):
+            if margins[i] > p32:
+                side[j] = margins[i]
+                j += 1
+        r = c - t - 1
+        side = np.partition(side, r)
+        return 0.5 * (np.float64(side[r]) + np.float64(side[r + 1:].min()))
+    side = np.empty(n - c, np.float32)  # lower it: the (t−c)-th and (t−c+1)-th largest below
+    j = 0
+    for i in range(n):
+        if not margins[i] > p32:
+            side[j] = margins[i]
+            j += 1
+    r = n - c - (t - c)
+    side = np.partition(side, r)
+    return 0.5 * (np.float64(side[r]) + np.float64(side[:r].max()))
+
+
+@numba.njit(nogil=True, cache=True)
+def _price_sweep_kernel(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.ndarray, anchor: np.ndarray,
+                        room: np.ndarray, limited: bool, labels: np.ndarray) -> int:  # pragma: no cover (via _price_sweep)
+    K, n = S.shape
+    suffix = np.empty((K, n), np.float32)  # suffix[k] = max_{j>=k} (s_j − λ_j), each rounded to float32
+    for i in range(n):
+        suffix[K - 1, i] = np.float32(np.float64(S[K - 1, i]) - prices[K - 1])
+    for k in range(K - 2, -1, -1):
+        for i in range(n):
+            suffix[k, i] = max(suffix[k + 1, i], np.float32(np.float64(S[k, i]) - prices[k]))
+    running = np.full(n, -np.inf, np.float32)
+    margin = np.empty(n, np.float32)
+    changed = 0
+    for k in range(K):
+        count = base[k]
+        for i in range(n):
+            other = max(running[i], suffix[k + 1, i]) if k + 1 < K else running[i]
+            margin[i] = S[k, i] - other
+            count += np.float64(margin[i]) > prices[k]
+        if count < lo or count > hi:
+            price = _select_threshold(margin, min(max(count, lo), hi) - base[k], prices[k])
+            if limited:  # _Limits.clamp: δ_k − δ_j < room[k, j], δ_j − δ_k < room[j, k]
+                upper, lower = np.inf, -np.inf
+                for j in range(K):
+                    if j != k:
+                        upper = min(upper, prices[j] - anchor[j] + room[k, j])
+                        lower = max(lower, prices[j] - anchor[j] - room[j, k])
+                price = anchor[k] + min(max(price - anchor[k], lower), upper)
+            changed += price != prices[k]
+            prices[k] = price
+        pk = np.float32(prices[k])
+        for i in range(n):
+            value = S[k, i] - pk
+            if value > running[i]:
+                labels[i] = k
+            running[i] = max(running[i], value)
+    return changed
 
 
 def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.ndarray,
                  limits: _Limits | None = None) -> tuple[int, np.ndarray]:
-    """One Gauss–Seidel pass over the K prices; returns (prices changed, labels (n,)).
+    """One Gauss–Seidel pass over the K prices (updated in place); returns (prices changed,
+    labels (n,)).
 
     ``S`` is (K, n) (rows contiguous); ``base`` (K,) counts points outside S that are
     fixed in each cluster. For cluster k the margin of point i is s_ik − max_{j≠k}(s_ij − λ_j);
     points with margin > λ_k prefer k, and λ_k is set so that base_k plus their number lands
     in [lo, hi], as far as ``limits`` (:class:`_Limits`) allow. The max over j≠k is
     a running max over the already-updated j < k and a suffix max over j > k, so a sweep
-    is O(n·K).
+    is O(n·K) (:func:`_price_sweep_kernel`).
     """
     K, n = S.shape
-    suffix = np.empty_like(S)  # suffix[k] = max_{j>=k} (s_j − λ_j)
-    np.subtract(S[K - 1], prices[K - 1], out=suffix[K - 1])
-    for k in range(K - 2, -1, -1):
-        np.maximum(suffix[k + 1], S[k] - prices[k], out=suffix[k])
-    running = np.full(n, _NEG, dtype=S.dtype)
+    anchor = limits.anchor if limits is not None else prices.copy()
+    room = limits.room if limits is not None else np.full((K, K), np.inf)
     labels = np.zeros(n, dtype=np.int64)
-    changed = 0
-    for k in range(K):
-        other = np.maximum(running, suffix[k + 1]) if k + 1 < K else running
-        margin = S[k] - other  # (n,)
-        count = base[k] + int(np.count_nonzero(margin > prices[k]))
-        if count < lo or count > hi:
-            price = _select_threshold(margin, int(min(max(count, lo), hi) - base[k]), float(prices[k]))
-            price = price if limits is None else limits.clamp(prices, k, price)
-            changed += price != prices[k]
-            prices[k] = price
-        value = S[k] - np.float32(prices[k])
-        labels[value > running] = k
-        np.maximum(running, value, out=running)
-    return changed, labels
+    changed = _price_sweep_kernel(S, prices, int(lo), int(hi), np.asarray(base, np.int64), anchor, room,
+                                  limits is not None, labels)
+    return int(changed), labels
+
+
+@numba.njit(nogil=True, cache=True)
+def _near_boundary_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, h: np.float32, a: int, b: int
+                          ) -> np.ndarray:  # pragma: no cover (compiled; run through _near_boundary)
+    K = A.shape[0]
+    W = np.zeros((K, K))
+    own = np.empty(_BLOCK, np.float32)
+    for s in range(a, b, _BLOCK):
+        m = min(_BLOCK, b - s)
+        for i in range(m):
+            c = labels[s + i]
+            own[i] = A[c, s + i] - p[c]
+        for j in range(K):
+            for i in range(m):
+                c = labels[s + i]
+                if c != j and own[i] - (A[j, s + i] - p[j]) < h:
+                    W[j, c] += 1
+    return W
 
 
 def _near_boundary(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, h: float) -> np.ndarray:
     """W[j, a] = #{i in cluster a: (s_ai − λ_a) − (s_ji − λ_j) < h}, j ≠ a, (K, K) float64:
-    the points of a within h of the a|j boundary. ``S`` is (K, n); one pass over its rows."""
+    the points of a within h of the a|j boundary, all in float32. ``S`` is (K, n); one pass."""
     A, p, labels = S.numpy(), prices.astype(np.float32), labels.numpy()
-    K, n = A.shape
-
-    def part(a: int, b: int) -> np.ndarray:
-        lab = labels[a:b]
-        own = A[lab, np.arange(a, b)] - p[lab]
-        W, g, near = np.zeros((K, K)), np.empty(b - a, np.float32), np.empty(b - a, bool)
-        for j in range(K):
-            np.subtract(A[j, a:b], p[j], out=g)
-            np.subtract(own, g, out=g)
-            np.less(g, h, out=near)
-            np.logical_and(near, lab != j, out=near)
-            W[j] = np.bincount(lab[near], minlength=K)
-        return W
-
-    return sum(_in_parts(part, n))
+    h32 = np.float32(h)
+    return sum(_in_parts(lambda a, b: _near_boundary_kernel(A, p, labels, h32, a, b), A.shape[1]))
 
 
 def _laplacian(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, band: int) -> tuple[np.ndarray, float]:
@@ -830,25 +929,31 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
     return labels, prices, stats
 
 
+@numba.njit(nogil=True, cache=True)
+def _label_gaps_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, a: int, b: int, out: np.ndarray
+                       ) -> None:  # pragma: no cover (compiled; run through _label_gaps)
+    K = A.shape[0]
+    other = np.empty(_BLOCK, np.float32)
+    for s in range(a, b, _BLOCK):
+        m = min(_BLOCK, b - s)
+        other[:m] = -np.inf
+        for k in range(K):
+            pk = p[k]
+            for i in range(m):
+                if labels[s + i] != k:
+                    other[i] = max(other[i], A[k, s + i] - pk)
+        for i in range(m):
+            c = labels[s + i]
+            out[s + i] = (A[c, s + i] - p[c]) - other[i]
+
+
 def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
     """Reduced gap of each point to its best *other* cluster, (n,) float32: (s_ai − λ_a) −
     max_{j≠a}(s_ji − λ_j) for its label a (negative when the repair moved it off its best;
     inf when K = 1). ``S`` is (K, n); one pass over its rows."""
     A, p, labels = S.numpy(), prices.astype(np.float32), labels.numpy()
-    K, n = A.shape
-    out = np.empty(n, np.float32)
-
-    def part(a: int, b: int) -> None:
-        lab = labels[a:b]
-        own = A[lab, np.arange(a, b)] - p[lab]
-        other, v = np.full(b - a, _NEG, dtype=np.float32), np.empty(b - a, np.float32)
-        for k in range(K):
-            np.subtract(A[k, a:b], p[k], out=v)
-            np.putmask(v, lab == k, _NEG)
-            np.maximum(other, v, out=other)
-        np.subtract(own, other, out=out[a:b])
-
-    _in_parts(part, n)
+    out = np.empty(A.shape[1], np.float32)
+    _in_parts(lambda a, b: _label_gaps_kernel(A, p, labels, a, b, out), A.shape[1])
     return torch.from_numpy(out)
 
 

@@ -1,0 +1,164 @@
+"""The compiled per-point kernels of ddfm.kmeans against plain numpy references: bit for bit,
+on random scores with ties, one cluster, a few points, and ranges split over threads."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddfm.kmeans import (
+    _label_gaps,
+    _Limits,
+    _locked_room,
+    _near_boundary,
+    _price_sweep,
+    _select_threshold,
+    _top2,
+    _update_sums,
+)
+
+CASES = [(1, 50), (2, 7), (3, 1000), (16, 70_000), (64, 3000)]  # (K, n); 70,000: two threads' ranges
+
+
+def scores(K, n, seed, ties=False):
+    rng = np.random.default_rng(seed)
+    S = rng.random((K, n), dtype=np.float32)
+    if ties:  # equal scores and equal reduced scores
+        S = np.round(S * 16).astype(np.float32) / 16
+    prices = np.round(rng.random(K) * 8) / 64 if ties else rng.random(K) * 0.2
+    return S, prices, rng
+
+
+def reduced(S, prices):
+    return S - prices.astype(np.float32)[:, None]  # float32, as the kernels
+
+
+@pytest.mark.parametrize("K,n", CASES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_top2_and_label_gaps_match_numpy(K, n, ties):
+    S, prices, rng = scores(K, n, K * n, ties)
+    V = reduced(S, prices)
+    labels, gaps = _top2(torch.from_numpy(S), prices)
+    srt = np.sort(V, axis=0)
+    np.testing.assert_array_equal(labels.numpy(), V.argmax(0))  # the first maximum on ties
+    np.testing.assert_array_equal(gaps.numpy(), srt[-1] - srt[-2] if K > 1 else np.full(n, np.inf, np.float32))
+    np.testing.assert_array_equal(_top2(torch.from_numpy(S), prices, gaps=False)[0].numpy(), V.argmax(0))
+
+    some = torch.from_numpy(rng.integers(0, K, n))
+    own = V[some.numpy(), np.arange(n)]
+    others = V.copy()
+    others[some.numpy(), np.arange(n)] = -np.inf
+    np.testing.assert_array_equal(_label_gaps(torch.from_numpy(S), prices, some).numpy(), own - others.max(0))
+
+
+@pytest.mark.parametrize("K,n", CASES)
+def test_near_boundary_and_locked_room_match_numpy(K, n):
+    S, prices, rng = scores(K, n, 7 * K + n, ties=True)
+    V = reduced(S, prices)
+    labels = rng.integers(0, K, n)
+    own = V[labels, np.arange(n)]
+    G = own[None, :] - V  # (K, n) float32: how far each point is from each other cluster
+    h = 0.1
+    W = np.zeros((K, K))
+    for j in range(K):
+        near = (G[j] < np.float32(h)) & (labels != j)
+        W[j] = np.bincount(labels[near], minlength=K)
+    np.testing.assert_array_equal(_near_boundary(torch.from_numpy(S), prices, torch.from_numpy(labels), h), W)
+
+    free = np.sort(rng.choice(n, n // 3, replace=False))
+    locked = np.ones(n, bool)
+    locked[free] = False
+    room = np.full((K, K), np.inf, np.float32)
+    for a in range(K):
+        members = locked & (labels == a)
+        if members.any():
+            room[a] = G[:, members].min(1)
+    got = _locked_room(torch.from_numpy(S), prices, torch.from_numpy(labels), torch.from_numpy(free))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, room.astype(np.float64))
+
+
+def numpy_price_sweep(S, prices, lo, hi, base, limits=None):
+    """The Gauss–Seidel sweep in numpy, as ddfm had it before its kernel: the reference."""
+    K, n = S.shape
+    suffix = np.empty_like(S)
+    np.subtract(S[K - 1], prices[K - 1], out=suffix[K - 1])
+    for k in range(K - 2, -1, -1):
+        np.maximum(suffix[k + 1], S[k] - prices[k], out=suffix[k])
+    running = np.full(n, -np.inf, dtype=S.dtype)
+    labels = np.zeros(n, dtype=np.int64)
+    changed = 0
+    for k in range(K):
+        other = np.maximum(running, suffix[k + 1]) if k + 1 < K else running
+        margin = S[k] - other
+        count = base[k] + int(np.count_nonzero(margin > prices[k]))
+        if count < lo or count > hi:
+            t = int(min(max(count, lo), hi) - base[k])
+            srt = np.sort(margin)[::-1].astype(np.float64)
+            if t >= n:
+                price = float(margin.min()) - 1.0
+            elif t <= 0:
+                price = float(margin.max()) + 1.0
+            elif t == int((margin > np.float32(prices[k])).sum()):
+                price = float(prices[k])
+            else:
+                price = 0.5 * (srt[t - 1] + srt[t])
+            price = price if limits is None else limits.clamp(prices, k, price)
+            changed += price != prices[k]
+            prices[k] = price
+        value = S[k] - np.float32(prices[k])
+        labels[value > running] = k
+        np.maximum(running, value, out=running)
+    return changed, labels
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_price_sweep_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    K, n = int(rng.integers(2, 20)), int(rng.integers(20, 3000))
+    S, prices, _ = scores(K, n, seed, ties=seed % 3 == 0)
+    N = n + int(rng.integers(0, 100))
+    base = np.bincount(rng.integers(0, K, N - n), minlength=K).astype(np.int64)
+    lo, hi = N // K, -(-N // K)
+    limits = None
+    if seed % 2:
+        room = rng.random((K, K)) * 0.1
+        room[rng.random((K, K)) < 0.3] = np.inf
+        limits = _Limits(prices, room)
+    mine, ref = prices.copy(), prices.copy()
+    for _ in range(3):
+        changed, labels = _price_sweep(S, mine, lo, hi, base, limits)
+        want_changed, want_labels = numpy_price_sweep(S, ref, lo, hi, base, limits)
+        assert changed == want_changed
+        np.testing.assert_array_equal(labels, want_labels)
+        np.testing.assert_array_equal(mine, ref)
+
+
+def test_select_threshold_edges_and_ties():
+    m = np.array([0.5, 0.25, 0.25, 0.75, 0.0], np.float32)
+    assert _select_threshold(m, 5, 0.3) == -1.0  # everything above
+    assert _select_threshold(m, 0, 0.3) == 1.75  # nothing above
+    assert _select_threshold(m, 2, 0.3) == 0.3  # already two above: the price stays
+    assert _select_threshold(m, 1, 0.3) == 0.625  # raised between 0.75 and 0.5
+    assert _select_threshold(m, 4, 0.3) == 0.125  # lowered between 0.25 and 0.0
+    assert _select_threshold(m, 3, 0.3) == 0.25  # a tie: as close as the ties permit
+    third = np.float32(1 / 3)  # float64 midpoints of float32 margins, not float32 ones
+    assert _select_threshold(np.array([third, 0.0], np.float32), 1, 1.0) == 0.5 * float(third)
+
+
+def test_incremental_sums_over_threads_match_a_recount():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(50_000, 8, generator=gen)
+    prev = torch.randint(0, 6, (50_000,), generator=gen)
+    sums = torch.zeros(6, 8, dtype=torch.float64).index_add_(0, prev, X.double())
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for moved in (10, 3000):  # one part; a part per thread (each at least 2,048 changes)
+                labels = prev.clone()
+                rows = torch.randperm(50_000, generator=gen)[:moved]
+                labels[rows] = (labels[rows] + 1) % 6
+                want = torch.zeros(6, 8, dtype=torch.float64).index_add_(0, labels, X.double())
+                torch.testing.assert_close(_update_sums(X, labels, prev, sums, 6), want, rtol=1e-5, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
