@@ -467,6 +467,33 @@ def test_scores_in_tall_blocks_and_of_gathered_rows():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scores_in_onednn_blocks_match_the_blas_and_gathered_rows(threads, monkeypatch):
+    """K ≥ 8 runs oneDNN's product (this torch has it): the scores of one pass equal the BLAS
+    product's up to float32 rounding, and gathered rows get bit for bit the scores a full
+    pass gave them (the bounds of BalancedKMeans compare the two)."""
+    import torch
+
+    from ddfm import kmeans
+
+    assert kmeans._onednn_linear() is not None, "this torch build has no oneDNN linear: K >= 8 runs the BLAS"
+    gen = torch.Generator().manual_seed(4)
+    X, C = torch.randn(9000, 64, generator=gen), torch.randn(12, 64, generator=gen)
+    rows = torch.randperm(9000, generator=gen)[:5000].sort().values
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert kmeans._BlockScores(C, 9000).onednn is not None and kmeans._BlockScores(C[:7], 9000).onednn is None
+        full = kmeans._scores(C, X, spherical=True, chunk_size=8192)
+        torch.testing.assert_close(full, C @ X.T, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kmeans._scores_of(C, X, rows), full[:, rows])
+        monkeypatch.setattr(kmeans, "_onednn_linear", lambda: None)  # a torch without it: the BLAS
+        assert kmeans._BlockScores(C, 9000).onednn is None
+        torch.testing.assert_close(kmeans._scores(C, X, spherical=True, chunk_size=8192), full, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cluster_sums_split_over_threads_match_one_product():
     import torch
 
