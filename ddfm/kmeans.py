@@ -379,6 +379,15 @@ class _Limits:
         return self.anchor[:, None] - self.anchor[None, :] + self.room
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _own_block(A: np.ndarray, p: np.ndarray, labels: np.ndarray, s: int, m: int, own: np.ndarray
+               ) -> None:  # pragma: no cover (compiled; inlined into the kernels below)
+    """own[i] = s_{a,s+i} − λ_a for the points s ≤ s+i < s+m and their labels a (float32)."""
+    for i in range(m):
+        c = labels[s + i]
+        own[i] = A[c, s + i] - p[c]
+
+
 @numba.njit(nogil=True, cache=True)
 def _locked_room_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, free: np.ndarray, a: int, b: int
                         ) -> np.ndarray:  # pragma: no cover (compiled; run through _locked_room)
@@ -387,9 +396,7 @@ def _locked_room_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, free: 
     own = np.empty(_BLOCK, np.float32)
     for s in range(a, b, _BLOCK):
         m = min(_BLOCK, b - s)
-        for i in range(m):
-            c = labels[s + i]
-            own[i] = A[c, s + i] - p[c]
+        _own_block(A, p, labels, s, m, own)
         for j in range(K):
             for i in range(m):
                 if not free[s + i]:
@@ -519,9 +526,7 @@ def _near_boundary_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, h: n
     own = np.empty(_BLOCK, np.float32)
     for s in range(a, b, _BLOCK):
         m = min(_BLOCK, b - s)
-        for i in range(m):
-            c = labels[s + i]
-            own[i] = A[c, s + i] - p[c]
+        _own_block(A, p, labels, s, m, own)
         for j in range(K):
             for i in range(m):
                 c = labels[s + i]
