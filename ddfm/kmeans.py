@@ -291,6 +291,7 @@ def _in_parts(fn: Any, n: int, min_part: int = 32768) -> list:
 
 
 _BLOCK = 512  # points per block in the kernels below: their K rows of scores stay in L1
+_TBLOCK = 256  # points per transposed block (TBLOCK, K) of reduced scores
 
 
 @numba.njit(nogil=True, cache=True)
@@ -380,12 +381,14 @@ class _Limits:
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _own_block(A: np.ndarray, p: np.ndarray, labels: np.ndarray, s: int, m: int, own: np.ndarray
-               ) -> None:  # pragma: no cover (compiled; inlined into the kernels below)
-    """own[i] = s_{a,s+i} − λ_a for the points s ≤ s+i < s+m and their labels a (float32)."""
-    for i in range(m):
-        c = labels[s + i]
-        own[i] = A[c, s + i] - p[c]
+def _reduced_block(A: np.ndarray, p: np.ndarray, s: int, m: int, T: np.ndarray
+                   ) -> None:  # pragma: no cover (compiled; inlined into the kernels below)
+    """T[i, j] = s_{j,s+i} − λ_j for the points s ≤ s+i < s+m (float32): a block of the
+    reduced scores transposed, so that a point's K of them are contiguous."""
+    for j in range(A.shape[0]):
+        pj = p[j]
+        for i in range(m):
+            T[i, j] = A[j, s + i] - pj
 
 
 @numba.njit(nogil=True, cache=True)
@@ -393,15 +396,15 @@ def _locked_room_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, free: 
                         ) -> np.ndarray:  # pragma: no cover (compiled; run through _locked_room)
     K = A.shape[0]
     room = np.full((K, K), np.float32(np.inf))
-    own = np.empty(_BLOCK, np.float32)
-    for s in range(a, b, _BLOCK):
-        m = min(_BLOCK, b - s)
-        _own_block(A, p, labels, s, m, own)
-        for j in range(K):
-            for i in range(m):
-                if not free[s + i]:
-                    c = labels[s + i]
-                    room[c, j] = min(room[c, j], own[i] - (A[j, s + i] - p[j]))
+    T = np.empty((_TBLOCK, K), np.float32)
+    for s in range(a, b, _TBLOCK):
+        m = min(_TBLOCK, b - s)
+        _reduced_block(A, p, s, m, T)
+        for i in range(m):
+            if not free[s + i]:
+                c = labels[s + i]
+                for j in range(K):
+                    room[c, j] = min(room[c, j], T[i, c] - T[i, j])
     return room
 
 
@@ -522,17 +525,16 @@ def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.n
 def _near_boundary_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, h: np.float32, a: int, b: int
                           ) -> np.ndarray:  # pragma: no cover (compiled; run through _near_boundary)
     K = A.shape[0]
-    W = np.zeros((K, K))
-    own = np.empty(_BLOCK, np.float32)
-    for s in range(a, b, _BLOCK):
-        m = min(_BLOCK, b - s)
-        _own_block(A, p, labels, s, m, own)
-        for j in range(K):
-            for i in range(m):
-                c = labels[s + i]
-                if c != j and own[i] - (A[j, s + i] - p[j]) < h:
-                    W[j, c] += 1
-    return W
+    W_t = np.zeros((K, K), np.int64)  # W_t[a, j] = W[j, a]
+    T = np.empty((_TBLOCK, K), np.float32)
+    for s in range(a, b, _TBLOCK):
+        m = min(_TBLOCK, b - s)
+        _reduced_block(A, p, s, m, T)
+        for i in range(m):
+            c = labels[s + i]
+            for j in range(K):
+                W_t[c, j] += (T[i, c] - T[i, j] < h) and j != c
+    return W_t.T.astype(np.float64)
 
 
 def _near_boundary(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, h: float) -> np.ndarray:
@@ -611,6 +613,26 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
     return prices, labels, steps, L
 
 
+@numba.njit(nogil=True, cache=True)
+def _cheapest_moves(S: np.ndarray, labels: np.ndarray, E: np.ndarray, who: np.ndarray
+                    ) -> None:  # pragma: no cover (compiled; run through _MoveCosts)
+    """E[a, b] = min over the points i of cluster a of s_ia − s_ib (float32) and who[a, b]
+    the first such i (E inf and who −1 where a has no point; the diagonal stays so)."""
+    K, n = S.shape
+    zero = np.zeros(K, np.float32)
+    T = np.empty((_TBLOCK, K), np.float32)
+    for s in range(0, n, _TBLOCK):
+        m = min(_TBLOCK, n - s)
+        _reduced_block(S, zero, s, m, T)
+        for i in range(m):
+            c = labels[s + i]
+            for j in range(K):
+                cost = T[i, c] - T[i, j]
+                if j != c and cost < E[c, j]:
+                    E[c, j] = cost
+                    who[c, j] = s + i
+
+
 class _MoveCosts:
     """The cheapest single move between every pair of clusters, kept up to date cheaply.
 
@@ -629,17 +651,9 @@ class _MoveCosts:
         self.E = np.full((K, K), math.inf)
         self.who = np.full((K, K), -1, dtype=np.int64)
         self.lists: dict[tuple[int, int], list] = {}  # (a, b) -> [costs, points, complete?]
-        order = np.argsort(labels, kind="stable")
-        ends = np.cumsum(np.bincount(labels, minlength=K))
-        for a in range(K):
-            members = order[(ends[a - 1] if a else 0):ends[a]]
-            if len(members) == 0:
-                continue
-            loss = S[a, members][None, :] - S[:, members]  # (K, n_a)
-            best = loss.argmin(1)
-            self.E[a] = loss[np.arange(K), best]
-            self.who[a] = members[best]
-            self.E[a, a], self.who[a, a] = math.inf, -1
+        E32 = np.full((K, K), np.float32(np.inf))
+        _cheapest_moves(S, labels, E32, self.who)
+        self.E[:] = E32
 
     def _build(self, a: int, b: int) -> None:
         members = np.flatnonzero(self.labels == a)
@@ -697,6 +711,30 @@ class _Uncertain(Exception):
     """The working set cannot certify the next move: redo the repair on every point."""
 
 
+@numba.njit(nogil=True, cache=True)
+def _relax(E: np.ndarray, dist: np.ndarray, prev: np.ndarray, rounds: int) -> bool:  # pragma: no cover (compiled)
+    """Up to ``rounds`` Bellman–Ford rounds on the K-node graph with edge costs E (K, K),
+    each from the previous round's distances (reach b through the first a with the least
+    dist[a] + E[a, b]; only an improvement by more than 1e-9 counts), updating ``dist`` and
+    ``prev`` in place; True when a round changes nothing."""
+    K = E.shape[0]
+    best = np.empty(K)
+    via = np.empty(K, np.int64)
+    for _ in range(rounds):
+        for b in range(K):
+            best[b], via[b] = dist[0] + E[0, b], 0
+            for a in range(1, K):
+                if dist[a] + E[a, b] < best[b]:
+                    best[b], via[b] = dist[a] + E[a, b], a
+        changed = False
+        for b in range(K):
+            if best[b] < dist[b] - 1e-9:
+                dist[b], prev[b], changed = best[b], via[b], True
+        if not changed:
+            return True
+    return False
+
+
 def _best_chain(E: np.ndarray, sources: np.ndarray, sinks: np.ndarray, bound: np.ndarray | None = None
                 ) -> tuple[float, list[int]]:
     """Cheapest chain of single moves from a source cluster to a sink cluster.
@@ -714,17 +752,7 @@ def _best_chain(E: np.ndarray, sources: np.ndarray, sinks: np.ndarray, bound: np
     Eb = E if bound is None else np.minimum(E, bound)
     dist = np.where(sources, 0.0, math.inf)
     prev = np.full(K, -1)
-    settled = False
-    for _ in range(K if bound is not None else K - 1):
-        cand = dist[:, None] + Eb  # cand[a, b]: reach b through a
-        a_best = cand.argmin(0)
-        best = cand[a_best, np.arange(K)]
-        better = best < dist - 1e-9
-        if not better.any():
-            settled = True
-            break
-        dist = np.where(better, best, dist)
-        prev = np.where(better, a_best, prev)
+    settled = _relax(np.ascontiguousarray(Eb, dtype=np.float64), dist, prev, K if bound is not None else K - 1)
     if bound is not None and not settled:
         raise _Uncertain("negative cycle under the locked points' bounds")
     cost = np.where(sinks & (prev >= 0), dist, math.inf)
@@ -963,18 +991,17 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
 def _label_gaps_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, a: int, b: int, out: np.ndarray
                        ) -> None:  # pragma: no cover (compiled; run through _label_gaps)
     K = A.shape[0]
-    other = np.empty(_BLOCK, np.float32)
-    for s in range(a, b, _BLOCK):
-        m = min(_BLOCK, b - s)
-        other[:m] = -np.inf
-        for k in range(K):
-            pk = p[k]
-            for i in range(m):
-                if labels[s + i] != k:
-                    other[i] = max(other[i], A[k, s + i] - pk)
+    T = np.empty((_TBLOCK, K), np.float32)
+    for s in range(a, b, _TBLOCK):
+        m = min(_TBLOCK, b - s)
+        _reduced_block(A, p, s, m, T)
         for i in range(m):
             c = labels[s + i]
-            out[s + i] = (A[c, s + i] - p[c]) - other[i]
+            other = np.float32(-np.inf)
+            for j in range(K):
+                if j != c:
+                    other = max(other, T[i, j])
+            out[s + i] = T[i, c] - other
 
 
 def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> torch.Tensor:

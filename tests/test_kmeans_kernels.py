@@ -9,8 +9,10 @@ from ddfm.kmeans import (
     _label_gaps,
     _Limits,
     _locked_room,
+    _MoveCosts,
     _near_boundary,
     _price_sweep,
+    _relax,
     _select_threshold,
     _top2,
     _update_sums,
@@ -162,3 +164,50 @@ def test_incremental_sums_over_threads_match_a_recount():
                 torch.testing.assert_close(_update_sums(X, labels, prev, sums, 6), want, rtol=1e-5, atol=1e-3)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("K,n", [(1, 5), (3, 40), (16, 5000)])
+def test_cheapest_moves_match_numpy(K, n):
+    S, _, rng = scores(K, n, 11 * K + n, ties=True)
+    labels = rng.integers(0, max(1, K - 1), n)  # the last cluster (K > 1) is empty
+    costs = _MoveCosts(S, labels.copy())
+    E, who = np.full((K, K), np.inf), np.full((K, K), -1)
+    for a in range(K):
+        members = np.flatnonzero(labels == a)
+        if len(members):
+            loss = S[a, members][None, :] - S[:, members]  # (K, n_a) float32
+            best = loss.argmin(1)  # the first (lowest-numbered) point on ties
+            E[a], who[a] = loss[np.arange(K), best], members[best]
+            E[a, a], who[a, a] = np.inf, -1
+    np.testing.assert_array_equal(costs.E, E)
+    np.testing.assert_array_equal(costs.who, who)
+
+
+def numpy_relax(E, dist, prev, rounds):
+    """Bellman–Ford rounds as ddfm had them in numpy: the reference for _relax."""
+    for _ in range(rounds):
+        cand = dist[:, None] + E
+        a_best = cand.argmin(0)
+        best = cand[a_best, np.arange(len(dist))]
+        better = best < dist - 1e-9
+        if not better.any():
+            return dist, prev, True
+        dist, prev = np.where(better, best, dist), np.where(better, a_best, prev)
+    return dist, prev, False
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_relax_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    K = int(rng.integers(1, 12))
+    E = np.round(rng.random((K, K)) * 4, 1) - (0.3 if seed % 2 else 0)  # ties; some negative edges
+    E[rng.random((K, K)) < 0.3] = np.inf
+    np.fill_diagonal(E, np.inf)
+    sources = rng.random(K) < 0.3
+    for rounds in (K - 1, K, 2):
+        dist, prev = np.where(sources, 0.0, np.inf), np.full(K, -1)
+        want = numpy_relax(E, dist.copy(), prev.copy(), max(rounds, 0))
+        settled = _relax(E, dist, prev, max(rounds, 0))
+        np.testing.assert_array_equal(dist, want[0])
+        np.testing.assert_array_equal(prev, want[1])
+        assert settled == want[2]
