@@ -46,15 +46,17 @@ the price-induced plan, optimal for its own sizes) and skip the repair; every la
 and always the last is exact. And with ``algorithm="bounds"`` a step scores only the
 points whose cluster could change (Hamerly's bounds, see :meth:`BalancedKMeans.fit`).
 
-The per-point loops over the K rows of scores (top-2, gaps, boundary counts, the price
-sweeps) are numba kernels that release the GIL and run on a range of points per torch
-thread; each does the float32 operations of a numpy pass per cluster, in the same order
+The per-point loops over the K rows of scores (top-2, gaps, boundary counts, the locked
+room, the price sweeps, the repair's cheapest moves and Bellman–Ford rounds) are numba
+kernels that release the GIL and run on a range of points per torch thread; each does
+the float32/float64 operations of the numpy code it replaced, in the same order
 (``tests/test_kmeans_kernels.py`` checks them bit for bit against numpy). They compile
 on first use (about 9 s, once; cached on disk beside this file, or in numba's user cache
 when that is read-only).
 
 Memory: the score matrix is (K, N) float32 (one row per cluster), computed in chunks of
-X by BLAS matmuls, i.e. O(N·D + N·K) with K ≤ D; no (N, K, D) tensor ever exists.
+X by matmuls (oneDNN's for K ≥ 8 where torch has it, else the BLAS; :class:`_BlockScores`),
+i.e. O(N·D + N·K) with K ≤ D; no (N, K, D) tensor ever exists.
 :meth:`BalancedKMeans.predict` with ``balanced=False`` streams in chunks (O(chunk·K)).
 
 Both estimators are scikit-learn estimators (``BaseEstimator``, ``ClusterMixin``,
@@ -83,8 +85,6 @@ import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
 from sklearn.utils import assert_all_finite, check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, check_scalar, validate_data
-
-_NEG = float("-inf")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -290,7 +290,7 @@ def _in_parts(fn: Any, n: int, min_part: int = 32768) -> list:
     return list(_POOL[1].map(fn, edges[:-1], edges[1:]))
 
 
-_BLOCK = 512  # points per block in the kernels below: their K rows of scores stay in L1
+_BLOCK = 512  # points per block in _top2_kernel: their K rows of scores stay in L1
 _TBLOCK = 256  # points per transposed block (TBLOCK, K) of reduced scores
 
 
@@ -366,14 +366,6 @@ class _Limits:
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha = np.where(grow > 0, (self.room - used) / grow, math.inf)
         return float(np.clip(alpha.min(), 0.0, 1.0))
-
-    def clamp(self, prices: np.ndarray, k: int, price: float) -> float:
-        """Price λ_k moved as close to ``price`` as the limits allow, the others fixed."""
-        d = prices - self.anchor
-        others = np.arange(len(d)) != k
-        upper = (d[others] + self.room[k, others]).min()   # δ_k − δ_j < room[k, j]
-        lower = (d[others] - self.room[others, k]).max()   # δ_j − δ_k < room[j, k]
-        return float(self.anchor[k] + min(max(price - self.anchor[k], lower), upper))
 
     def bound(self) -> np.ndarray:
         """(K, K) lower bound on the cost s_ia − s_ib of moving any locked point a → b."""
@@ -482,7 +474,7 @@ def _price_sweep_kernel(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, bas
             count += np.float64(margin[i]) > prices[k]
         if count < lo or count > hi:
             price = _select_threshold(margin, min(max(count, lo), hi) - base[k], prices[k])
-            if limited:  # _Limits.clamp: δ_k − δ_j < room[k, j], δ_j − δ_k < room[j, k]
+            if limited:  # λ_k as close to the price as δ_k − δ_j < room[k, j], δ_j − δ_k < room[j, k] allow
                 upper, lower = np.inf, -np.inf
                 for j in range(K):
                     if j != k:
@@ -513,7 +505,7 @@ def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.n
     is O(n·K) (:func:`_price_sweep_kernel`).
     """
     K, n = S.shape
-    anchor = limits.anchor if limits is not None else prices.copy()
+    anchor = limits.anchor if limits is not None else prices  # unused without limits
     room = limits.room if limits is not None else np.full((K, K), np.inf)
     labels = np.zeros(n, dtype=np.int64)
     changed = _price_sweep_kernel(S, prices, int(lo), int(hi), np.asarray(base, np.int64), anchor, room,

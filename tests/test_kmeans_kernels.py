@@ -104,7 +104,12 @@ def numpy_price_sweep(S, prices, lo, hi, base, limits=None):
                 price = float(prices[k])
             else:
                 price = 0.5 * (srt[t - 1] + srt[t])
-            price = price if limits is None else limits.clamp(prices, k, price)
+            if limits is not None:  # as close as δ_k − δ_j < room[k, j] and δ_j − δ_k < room[j, k] allow
+                d = prices - limits.anchor
+                others = np.arange(K) != k
+                upper = (d[others] + limits.room[k, others]).min()
+                lower = (d[others] - limits.room[others, k]).max()
+                price = float(limits.anchor[k] + min(max(price - limits.anchor[k], lower), upper))
             changed += price != prices[k]
             prices[k] = price
         value = S[k] - np.float32(prices[k])
