@@ -203,44 +203,64 @@ def _scores_of(C: torch.Tensor, X: torch.Tensor, rows: torch.Tensor, chunk: int 
     return out
 
 
+@numba.njit(nogil=True, cache=True)
+def _sums_kernel(X: np.ndarray, labels: np.ndarray, weights: np.ndarray, a: int, b: int, out: np.ndarray
+                 ) -> None:  # pragma: no cover (compiled; run through _cluster_sums)
+    """out[labels[i]] += weights[i] · x_i for a ≤ i < b, in float64 (out (K, D))."""
+    for i in range(a, b):
+        c, w = labels[i], np.float64(weights[i])
+        for d in range(X.shape[1]):
+            out[c, d] += w * np.float64(X[i, d])
+
+
+@numba.njit(nogil=True, cache=True)
+def _moves_kernel(X: np.ndarray, labels: np.ndarray, prev: np.ndarray, rows: np.ndarray, a: int, b: int,
+                  out: np.ndarray) -> None:  # pragma: no cover (compiled; run through _update_sums)
+    """For the points i = rows[a:b]: out[labels[i]] += x_i and out[prev[i]] −= x_i, in float64."""
+    for r in range(a, b):
+        i = rows[r]
+        c, o = labels[i], prev[i]
+        for d in range(X.shape[1]):
+            v = np.float64(X[i, d])
+            out[c, d] += v
+            out[o, d] -= v
+
+
 def _cluster_sums(X: torch.Tensor, labels: torch.Tensor, K: int, weights: torch.Tensor | None = None
                   ) -> torch.Tensor:
-    """Σ_{i: label k} w_i x_i for every cluster, (K, D), as sparse (K, n) @ (n, D) products
-    (faster than ``index_add_`` on CPU and deterministic), one per contiguous range of
-    points on each torch thread (a single product runs on one thread), summed in order."""
-    values = torch.ones(X.shape[0], dtype=X.dtype) if weights is None else weights.to(X.dtype)
+    """Σ_{i: label k} w_i x_i for every cluster, (K, D) float64, accumulated in float64 by
+    :func:`_sums_kernel`, one contiguous range of points per torch thread, summed in order
+    (deterministic; one pass over X, 2x torch's sparse product)."""
+    Xn, labels = X.numpy(), labels.numpy()
+    w = np.ones(len(Xn), Xn.dtype) if weights is None else weights.numpy()
 
-    def part(a: int, b: int) -> torch.Tensor:
-        onehot = torch.sparse_coo_tensor(torch.stack([labels[a:b], torch.arange(b - a)]), values[a:b], (K, b - a),
-                                         is_coalesced=True, check_invariants=False)
-        return torch.sparse.mm(onehot, X[a:b])
+    def part(a: int, b: int) -> np.ndarray:
+        out = np.zeros((K, Xn.shape[1]))
+        _sums_kernel(Xn, labels, w, a, b, out)
+        return out
 
-    parts = _in_parts(part, X.shape[0])
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    return torch.from_numpy(sum(_in_parts(part, len(Xn), min_part=8192)))
 
 
 def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | None, sums: torch.Tensor | None,
                  K: int) -> torch.Tensor:
     """Member sums Σ_{i: label k} x_i (K, D) float64 for ``labels``, updated from the sums
     for ``prev`` by only the points that changed cluster (after the first iterations a few
-    percent), or recomputed when many did. The running sums are float64 so that they do
-    not drift; each update is summed in float32 first (it is small)."""
+    percent), or recomputed when many did. All in float64, so that the running sums do not
+    drift."""
     if prev is None or sums is None:
-        return _cluster_sums(X, labels, K).double()
-    changed = torch.nonzero(labels != prev).squeeze(1)
+        return _cluster_sums(X, labels, K)
+    changed = torch.nonzero(labels != prev).squeeze(1).numpy()
     if len(changed) > X.shape[0] // 10:
-        return _cluster_sums(X, labels, K).double()
+        return _cluster_sums(X, labels, K)
+    Xn, new, old = X.numpy(), labels.numpy(), prev.numpy()
 
-    def part(a: int, b: int) -> torch.Tensor:
-        # + x_i to the new cluster, − x_i to the old one: a sparse (K, N) @ (N, D) product
-        # that reads the changed rows in place (no gathered copy), one per thread
-        rows = changed[a:b]
-        index = torch.stack([torch.cat([labels[rows], prev[rows]]), torch.cat([rows, rows])])
-        values = torch.cat([torch.ones(len(rows)), -torch.ones(len(rows))]).to(X.dtype)
-        moves = torch.sparse_coo_tensor(index, values, (K, X.shape[0]), check_invariants=False).coalesce()
-        return torch.sparse.mm(moves, X)
+    def part(a: int, b: int) -> np.ndarray:  # + x_i to the new cluster, − x_i to the old one
+        out = np.zeros((K, Xn.shape[1]))
+        _moves_kernel(Xn, new, old, changed, a, b, out)
+        return out
 
-    return sums + sum(_in_parts(part, len(changed), min_part=2048)).double()
+    return sums + torch.from_numpy(sum(_in_parts(part, len(changed), min_part=2048)))
 
 
 def _nearest(C: torch.Tensor, X: torch.Tensor, spherical: bool, chunk_size: int) -> torch.Tensor:
@@ -294,31 +314,43 @@ _BLOCK = 512  # points per block in _top2_kernel: their K rows of scores stay in
 _TBLOCK = 256  # points per transposed block (TBLOCK, K) of reduced scores
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _top2_block(A: np.ndarray, p: np.ndarray, s: int, m: int, best: np.ndarray, second: np.ndarray,
+                lab: np.ndarray) -> None:  # pragma: no cover (compiled; inlined into the kernels below)
+    """For the points s ≤ s+i < s+m of A (K, n) float32 at prices p (K,) float32: the best
+    reduced score best[i], its cluster lab[i] (the first on ties) and the largest of the
+    others second[i] (−inf when K = 1). The same float32 operations, in the same order, as
+    a numpy pass per cluster."""
+    for i in range(m):
+        best[i] = A[0, s + i] - p[0]
+        second[i] = -np.inf
+        lab[i] = 0
+    for k in range(1, A.shape[0]):
+        pk = p[k]
+        row = A[k, s:s + m]
+        for i in range(m):
+            # selects, not branches, so that the loop vectorises (3x); each is the value
+            # Python's min/max would return, so the results are the same to the bit
+            v = row[i] - pk
+            old = best[i]
+            low = old if old < v else v  # min(v, old best)
+            sec = second[i]
+            second[i] = low if low > sec else sec  # the larger of the old second and it
+            lab[i] = k if v > old else lab[i]
+            best[i] = v if v > old else old
+
+
 @numba.njit(nogil=True, cache=True)
 def _top2_kernel(A: np.ndarray, p: np.ndarray, a: int, b: int, labels: np.ndarray, gaps: np.ndarray,
                  with_gaps: bool) -> None:  # pragma: no cover (compiled; run through _top2)
     """labels[i], gaps[i] for the points a ≤ i < b of A (K, n) float32 at prices p (K,)
-    float32: the best reduced score's cluster (the first on ties) and best − second best.
-    The same float32 operations, in the same order, as a numpy pass per cluster."""
-    K = A.shape[0]
+    float32: the best reduced score's cluster (the first on ties) and best − second best."""
     best = np.empty(_BLOCK, np.float32)
     second = np.empty(_BLOCK, np.float32)
-    lab = np.empty(_BLOCK, np.int64)
+    lab = np.empty(_BLOCK, np.int32)
     for s in range(a, b, _BLOCK):
         m = min(_BLOCK, b - s)
-        for i in range(m):
-            best[i] = A[0, s + i] - p[0]
-            second[i] = -np.inf
-            lab[i] = 0
-        for k in range(1, K):
-            pk = p[k]
-            for i in range(m):
-                v = A[k, s + i] - pk
-                old = best[i]
-                second[i] = max(second[i], min(v, old))  # the larger of the old second and min(v, old best)
-                if v > old:
-                    lab[i] = k
-                best[i] = max(old, v)
+        _top2_block(A, p, s, m, best, second, lab)
         for i in range(m):
             labels[s + i] = lab[i]
             if with_gaps:
@@ -395,8 +427,10 @@ def _locked_room_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, free: 
         for i in range(m):
             if not free[s + i]:
                 c = labels[s + i]
+                own = T[i, c]
                 for j in range(K):
-                    room[c, j] = min(room[c, j], T[i, c] - T[i, j])
+                    gap = own - T[i, j]
+                    room[c, j] = gap if gap < room[c, j] else room[c, j]  # min(room, gap), as a select
     return room
 
 
@@ -517,15 +551,18 @@ def _price_sweep(S: np.ndarray, prices: np.ndarray, lo: int, hi: int, base: np.n
 def _near_boundary_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, h: np.float32, a: int, b: int
                           ) -> np.ndarray:  # pragma: no cover (compiled; run through _near_boundary)
     K = A.shape[0]
-    W_t = np.zeros((K, K), np.int64)  # W_t[a, j] = W[j, a]
+    W_t = np.zeros((K, K), np.int32)  # W_t[a, j] = W[j, a] (a part has < 2³¹ points)
     T = np.empty((_TBLOCK, K), np.float32)
     for s in range(a, b, _TBLOCK):
         m = min(_TBLOCK, b - s)
         _reduced_block(A, p, s, m, T)
         for i in range(m):
             c = labels[s + i]
-            for j in range(K):
-                W_t[c, j] += (T[i, c] - T[i, j] < h) and j != c
+            own = T[i, c]
+            for j in range(K):  # branch-free, so that it vectorises; the diagonal is zeroed below
+                W_t[c, j] += own - T[i, j] < h
+    for c in range(K):
+        W_t[c, c] = 0
     return W_t.T.astype(np.float64)
 
 
@@ -982,18 +1019,17 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
 @numba.njit(nogil=True, cache=True)
 def _label_gaps_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, a: int, b: int, out: np.ndarray
                        ) -> None:  # pragma: no cover (compiled; run through _label_gaps)
-    K = A.shape[0]
-    T = np.empty((_TBLOCK, K), np.float32)
-    for s in range(a, b, _TBLOCK):
-        m = min(_TBLOCK, b - s)
-        _reduced_block(A, p, s, m, T)
+    # the best other cluster of a point labelled c is the second best when c is the (first)
+    # best, and the best otherwise (a tie for the best included): the same float32 maximum
+    best = np.empty(_BLOCK, np.float32)
+    second = np.empty(_BLOCK, np.float32)
+    lab = np.empty(_BLOCK, np.int32)
+    for s in range(a, b, _BLOCK):
+        m = min(_BLOCK, b - s)
+        _top2_block(A, p, s, m, best, second, lab)
         for i in range(m):
             c = labels[s + i]
-            other = np.float32(-np.inf)
-            for j in range(K):
-                if j != c:
-                    other = max(other, T[i, j])
-            out[s + i] = T[i, c] - other
+            out[s + i] = (A[c, s + i] - p[c]) - (second[i] if lab[i] == c else best[i])
 
 
 def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
@@ -1052,30 +1088,45 @@ def _seed(random_state: Any) -> int:
     return int(rng.randint(np.iinfo(np.int32).max))
 
 
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _pp_kernel(X: np.ndarray, x: np.ndarray, a: int, b: int, d2: np.ndarray
+               ) -> None:  # pragma: no cover (compiled; run through _kmeans_pp)
+    """d2[i] = min(d2[i], |x_i − x|²) for the rows a ≤ i < b of X, each squared distance
+    summed in float32 (reassociated, so that it vectorises) and kept in float64."""
+    for i in range(a, b):
+        acc = np.float32(0.0)
+        for d in range(X.shape[1]):
+            diff = X[i, d] - x[d]
+            acc += diff * diff
+        d2[i] = min(d2[i], np.float64(acc))
+
+
 def _kmeans_pp(X: torch.Tensor, k: int, spherical: bool, rng: np.random.Generator,
                sample_size: int = 10_000) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a seeded sample; (k, D)."""
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on a seeded sample; (k, D). Each
+    new centre costs one pass over the sample (:func:`_pp_kernel`), split over the threads;
+    the draw is numpy's ``Generator.choice(n, p=d2 / d2.sum())``, written out so that it
+    skips the checks of p."""
     N, sample_size = X.shape[0], max(sample_size, 32 * k)
-    idx = rng.choice(N, size=sample_size, replace=False) if N > sample_size else np.arange(N)
-    Xs = X[torch.from_numpy(np.sort(idx))]
-    sq = (Xs * Xs).sum(1)
+    rows = np.sort(rng.choice(N, size=sample_size, replace=False)) if N > sample_size else np.arange(N)
+    Xs = X.numpy()[rows]  # (n, D); numpy's gather, half torch's time here
+    d2 = np.full(len(Xs), np.inf)  # (n,) float64: squared distance to the nearest centre so far
 
-    dots = torch.empty(Xs.shape[0], dtype=Xs.dtype)
+    def add(j: int) -> None:
+        x = Xs[j].copy()
+        _in_parts(lambda a, b: _pp_kernel(Xs, x, a, b, d2), len(Xs), min_part=2048)
 
-    def dist2(j: int) -> torch.Tensor:  # |x − x_j|² for the sample, (n,) float64; one matvec
-        # split over the threads by rows: torch.mv itself runs on one (10,000 x 512: 1.2 vs 1.7 ms)
-        _in_parts(lambda a, b: torch.mv(Xs[a:b], Xs[j], out=dots[a:b]), len(dots), min_part=2048)
-        return (sq - 2 * dots + sq[j]).clamp_min(0).double()
-
-    centres = [int(rng.integers(Xs.shape[0]))]
-    d2 = dist2(centres[0])
+    centres = [int(rng.integers(len(Xs)))]
+    add(centres[0])
     for _ in range(1, k):
-        p = d2.numpy()
-        total = p.sum()
-        j = int(rng.choice(len(p), p=p / total)) if total > 0 else int(rng.integers(len(p)))
+        cdf = np.cumsum(d2)
+        if cdf[-1] > 0:
+            j = int(np.searchsorted(cdf / cdf[-1], rng.random(), side="right"))
+        else:
+            j = int(rng.integers(len(d2)))
         centres.append(j)
-        d2 = torch.minimum(d2, dist2(j))
-    C = Xs[centres].clone()
+        add(j)
+    C = torch.from_numpy(Xs[centres])
     return _normalise(C) if spherical else C
 
 
@@ -1421,7 +1472,7 @@ def _spherical_kmeans(Xt: torch.Tensor, k: int, *, n_iter: int, seed: int, use_f
         labels = _nearest(C, Xt, True, chunk_size)
         sums = _cluster_sums(Xt, labels, k)
         empty = torch.from_numpy(np.bincount(labels.numpy(), minlength=k) == 0)
-        C = torch.where(empty[:, None], C, _normalise(sums))
+        C = torch.where(empty[:, None], C, _normalise(sums).to(C.dtype))
     return C.numpy(), _nearest(C, Xt, True, chunk_size).numpy(), "torch"
 
 
@@ -1559,7 +1610,7 @@ class TwoStageKMeans(_CentroidModel):
             fine_to_coarse, n_iter, extra = self._weighted_stage(F, counts, K, seed)
         labels = torch.from_numpy(fine_to_coarse[fine_labels])
         sums = _cluster_sums(Xt, labels, K)
-        C = _normalise(sums)
+        C = _normalise(sums).to(Xt.dtype)
         sizes = np.bincount(labels.numpy(), minlength=K)
         self.fine_centers_, self.fine_labels_, self.fine_to_coarse_ = F, fine_labels, fine_to_coarse
         self.cluster_centers_ = C.numpy()
@@ -1587,6 +1638,6 @@ class TwoStageKMeans(_CentroidModel):
             if prev is not None and np.array_equal(labels, prev):
                 break
             prev = labels
-            C = _normalise(_cluster_sums(Ft, torch.from_numpy(labels), K, torch.from_numpy(w)))
+            C = _normalise(_cluster_sums(Ft, torch.from_numpy(labels), K, torch.from_numpy(w))).to(Ft.dtype)
         stats.pop("prices", None)
         return labels, it, {"stage2": {"objective": objective, **stats}}
