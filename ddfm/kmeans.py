@@ -287,11 +287,11 @@ def _bounds(n: int, k: int) -> tuple[int, int]:
 
 def _excess(sizes: np.ndarray, lo: int, hi: int) -> int:
     """Points that must move before every size is in [lo, hi]."""
-    return int(np.clip(sizes - hi, 0, None).sum() + np.clip(lo - sizes, 0, None).sum())
+    return int(np.maximum(sizes - hi, 0).sum() + np.maximum(lo - sizes, 0).sum())
 
 
 def _counts(labels: torch.Tensor, K: int) -> np.ndarray:
-    return torch.bincount(labels, minlength=K).numpy().astype(np.int64)
+    return np.bincount(labels.numpy(), minlength=K)
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
@@ -581,7 +581,7 @@ def _laplacian(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor, band: 
     and divided by h. Also returns the widest gap: beyond it every point could change sides."""
     n = S.shape[1]
     gaps = _label_gaps(S, prices, labels)  # (n,) ≥ 0: how far the nearest other cluster is
-    h = float(gaps.kthvalue(min(band, n)).values) + 1e-9
+    h = _kth_smallest(gaps, min(band, n)) + 1e-9
     W = _near_boundary(S, prices, labels, h) / h
     rho = (W + W.T) / 2
     return np.diag(rho.sum(1)) - rho, float(gaps.max()) + 1e-9
@@ -1042,13 +1042,46 @@ def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> to
     return torch.from_numpy(out)
 
 
+@numba.njit(nogil=True, cache=True)
+def _kth_kernel(x: np.ndarray, k: int) -> np.float32:  # pragma: no cover (compiled; run through _kth_smallest)
+    keys = x.view(np.uint32)
+    flip_negative, flip_positive, shift = np.uint32(0xFFFFFFFF), np.uint32(0x80000000), np.uint32(20)
+    hist = np.zeros(4096, np.int64)
+    for i in range(x.shape[0]):
+        u = keys[i]
+        hist[(u ^ (flip_negative if u >> np.uint32(31) else flip_positive)) >> shift] += 1
+    below, bucket = 0, 0
+    while below + hist[bucket] < k:
+        below += hist[bucket]
+        bucket += 1
+    members = np.empty(hist[bucket], np.float32)
+    j = 0
+    for i in range(x.shape[0]):
+        u = keys[i]
+        if (u ^ (flip_negative if u >> np.uint32(31) else flip_positive)) >> shift == bucket:
+            members[j] = x[i]
+            j += 1
+    return np.partition(members, k - below - 1)[k - below - 1]
+
+
+def _kth_smallest(x: torch.Tensor, k: int) -> float:
+    """The k-th smallest of x (n,) float32, 1 ≤ k ≤ n (``x.kthvalue(k)``, 6-10x faster): a
+    histogram of the top 12 bits of the float32 values as order-preserving integers (sign
+    flipped for positive numbers, all bits for negative ones) finds the bucket that holds
+    it, and a selection among that bucket's members the value."""
+    values = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    if not 1 <= k <= len(values):
+        raise ValueError(f"k = {k} is outside [1, {len(values)}]")
+    return float(_kth_kernel(values, k))
+
+
 def _smallest(gaps: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
     """The working set: indices (sorted) of every point whose gap is below H, H chosen so
     that there are about ``n`` of them; returns (indices, H). All points and H = inf when
     n ≥ N or the gaps do not separate."""
     N = len(gaps)
     if n < N:
-        H = float(gaps.kthvalue(n + 1).values)
+        H = _kth_smallest(gaps, n + 1)
         free = torch.nonzero(gaps < H).squeeze(1)
         if H > 0 and len(free):
             return free, H
@@ -1368,7 +1401,7 @@ class BalancedKMeans(_CentroidModel):
         want = max(4096, N // 16, 2 * int((bound <= 0).sum()), min(N // 4, int((bound < 2 * last_move).sum())))
         if 4 * want > N:  # a quarter of the points, gathered, costs half a full pass
             return None
-        T = float(bound.kthvalue(want).values)
+        T = _kth_smallest(bound, want)
         if not T > 0:
             return None
         scored = torch.nonzero(bound < T).squeeze(1)

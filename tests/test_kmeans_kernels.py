@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from ddfm.kmeans import (
+    _cluster_sums,
+    _kmeans_pp,
+    _kth_smallest,
     _label_gaps,
     _Limits,
     _locked_room,
     _MoveCosts,
     _near_boundary,
+    _pp_kernel,
     _price_sweep,
     _relax,
     _select_threshold,
@@ -216,3 +220,49 @@ def test_relax_matches_numpy(seed):
         np.testing.assert_array_equal(dist, want[0])
         np.testing.assert_array_equal(prev, want[1])
         assert settled == want[2]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_kth_smallest_matches_a_sort(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5000))
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+    if seed % 3 == 0:
+        x[: n // 2] = 0  # one bucket holds half the values
+    if seed % 5 == 0:
+        x[::3] = np.inf if seed % 2 else -np.inf
+    if seed % 7 == 0:
+        x[::2] = -0.0
+    if seed % 11 == 0:
+        x[:] = 1.5  # all equal
+    ks = {1, n, int(rng.integers(1, n + 1))}
+    for k in ks:
+        assert _kth_smallest(torch.from_numpy(x), k) == float(np.sort(x)[k - 1]) == float(torch.from_numpy(x).kthvalue(k).values)
+    for bad in (0, n + 1):
+        with pytest.raises(ValueError, match="outside"):
+            _kth_smallest(torch.from_numpy(x), bad)
+
+
+def test_kmeans_pp_distances_match_numpy():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((3000, 37)).astype(np.float32)
+    d2 = np.full(3000, np.inf)
+    d2[::2] = 0.5
+    want = np.minimum(d2, ((X.astype(np.float64) - X[7].astype(np.float64)) ** 2).sum(1))
+    _pp_kernel(X, X[7].copy(), 0, 1000, d2)
+    _pp_kernel(X, X[7].copy(), 1000, 3000, d2)  # two ranges, as on two threads
+    np.testing.assert_allclose(d2, want, rtol=1e-5, atol=1e-5)
+    C = _kmeans_pp(torch.from_numpy(X), 6, False, np.random.default_rng(0))
+    assert len({tuple(c) for c in C.numpy().tolist()}) == 6  # distinct points of X: d2 = 0 is never drawn again
+    assert all(np.any(np.all(X == c, axis=1)) for c in C.numpy())
+
+
+def test_cluster_sums_are_float64_and_weighted():
+    rng = np.random.default_rng(6)
+    X = torch.from_numpy(rng.standard_normal((20_000, 9)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 4, 20_000))
+    w = torch.from_numpy(rng.random(20_000))
+    got = _cluster_sums(X, labels, 4, w)
+    assert got.dtype == torch.float64
+    want = torch.zeros(4, 9, dtype=torch.float64).index_add_(0, labels, X.double() * w[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
