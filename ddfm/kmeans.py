@@ -250,10 +250,10 @@ def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | Non
     drift."""
     if prev is None or sums is None:
         return _cluster_sums(X, labels, K)
-    changed = torch.nonzero(labels != prev).squeeze(1).numpy()
+    Xn, new, old = X.numpy(), labels.numpy(), prev.numpy()
+    changed = np.flatnonzero(new != old)  # numpy: a torch op here would leave its OpenMP threads spinning
     if len(changed) > X.shape[0] // 10:
         return _cluster_sums(X, labels, K)
-    Xn, new, old = X.numpy(), labels.numpy(), prev.numpy()
 
     def part(a: int, b: int) -> np.ndarray:  # + x_i to the new cluster, − x_i to the old one
         out = np.zeros((K, Xn.shape[1]))
