@@ -70,7 +70,6 @@ clustering of the m fine centroids into K (by default exactly balanced in fine c
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 import numbers
@@ -644,7 +643,7 @@ def _newton_prices(S: torch.Tensor, prices: np.ndarray, lo: int, hi: int, base: 
 
 @numba.njit(nogil=True, cache=True)
 def _cheapest_moves(S: np.ndarray, labels: np.ndarray, E: np.ndarray, who: np.ndarray
-                    ) -> None:  # pragma: no cover (compiled; run through _MoveCosts)
+                    ) -> None:  # pragma: no cover (compiled; part of _repair_kernel)
     """E[a, b] = min over the points i of cluster a of s_ia − s_ib (float32) and who[a, b]
     the first such i (E inf and who −1 where a has no point; the diagonal stays so)."""
     K, n = S.shape
@@ -660,80 +659,6 @@ def _cheapest_moves(S: np.ndarray, labels: np.ndarray, E: np.ndarray, who: np.nd
                 if j != c and cost < E[c, j]:
                     E[c, j] = cost
                     who[c, j] = s + i
-
-
-class _MoveCosts:
-    """The cheapest single move between every pair of clusters, kept up to date cheaply.
-
-    ``E[a, b] = min_{i∈a}(s_ia − s_ib)`` and ``who[a, b]`` that point, over the points of
-    ``S`` (K, n); both start from one vectorised pass per cluster. The next-cheapest moves
-    of an edge are only needed once its cheapest point has moved, so each edge's sorted
-    short list of its ``depth`` cheapest candidates is built on first need (invariant: it
-    holds every member of a whose cost is at most its last entry). A moved point is dropped
-    lazily and inserted into its new cluster's edges, so a move costs O(K log depth)
-    instead of O(n); an edge whose list runs dry is rebuilt from its members.
-    """
-
-    def __init__(self, S: np.ndarray, labels: np.ndarray, depth: int = 64):
-        self.S, self.labels, self.depth = S, labels, depth
-        K, n = S.shape
-        self.E = np.full((K, K), math.inf)
-        self.who = np.full((K, K), -1, dtype=np.int64)
-        self.lists: dict[tuple[int, int], list] = {}  # (a, b) -> [costs, points, complete?]
-        E32 = np.full((K, K), np.float32(np.inf))
-        _cheapest_moves(S, labels, E32, self.who)
-        self.E[:] = E32
-
-    def _build(self, a: int, b: int) -> None:
-        members = np.flatnonzero(self.labels == a)
-        costs = self.S[a, members] - self.S[b, members]
-        idx = np.argpartition(costs, self.depth)[:self.depth] if len(costs) > self.depth else np.arange(len(costs))
-        idx = idx[np.argsort(costs[idx], kind="stable")]
-        self.lists[a, b] = [costs[idx].astype(np.float64).tolist(), members[idx].tolist(), len(costs) <= self.depth]
-
-    def _head(self, a: int, b: int) -> None:
-        """E[a, b] and who[a, b] after the current head of the edge left cluster a."""
-        if (a, b) not in self.lists:
-            self._build(a, b)
-        costs, points, complete = self.lists[a, b]
-        drop = 0
-        while drop < len(points) and self.labels[points[drop]] != a:
-            drop += 1
-        if drop:
-            del costs[:drop], points[:drop]
-        if not points and not complete:
-            self._build(a, b)
-            costs, points, complete = self.lists[a, b]
-        self.E[a, b] = costs[0] if points else math.inf
-        self.who[a, b] = points[0] if points else -1
-
-    def move(self, i: int, a: int, b: int) -> None:
-        """Point i leaves cluster a for b."""
-        self.labels[i] = b
-        K = self.S.shape[0]
-        for c in range(K):
-            if c != a and self.who[a, c] == i:
-                self._head(a, c)
-        col = self.S[:, i].astype(np.float64)
-        for c in range(K):
-            if c == b:
-                continue
-            cost = col[b] - col[c]
-            entry = self.lists.get((b, c))
-            if entry is None:  # not built yet: it will be built from the members, i included
-                if cost < self.E[b, c]:
-                    self.E[b, c], self.who[b, c] = cost, i
-                continue
-            costs, points, complete = entry
-            if complete or (costs and cost <= costs[-1]):
-                at = bisect.bisect_right(costs, cost)
-                costs.insert(at, cost)
-                points.insert(at, i)
-                if len(points) > 4 * self.depth:  # keep lists short; dropping the tail keeps the invariant
-                    del costs[2 * self.depth:], points[2 * self.depth:]
-                    entry[2] = False
-                if at == 0:
-                    self.E[b, c], self.who[b, c] = cost, i
 
 
 class _Uncertain(Exception):
@@ -764,73 +689,231 @@ def _relax(E: np.ndarray, dist: np.ndarray, prev: np.ndarray, rounds: int) -> bo
     return False
 
 
-def _best_chain(E: np.ndarray, sources: np.ndarray, sinks: np.ndarray, bound: np.ndarray | None = None
-                ) -> tuple[float, list[int]]:
-    """Cheapest chain of single moves from a source cluster to a sink cluster.
+_CERTAIN, _UNCERTAIN, _CYCLE = 0, 1, 2  # what _best_chain found
+_DEPTH = 64  # an edge's short list of move candidates: its 64 cheapest (kept ≤ 4·64, cut to 2·64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _build_edge(S: np.ndarray, labels: np.ndarray, a: int, b: int, depth: int, lc: np.ndarray, lp: np.ndarray,
+                head: np.ndarray, tail: np.ndarray, built: np.ndarray, complete: np.ndarray
+                ) -> None:  # pragma: no cover (compiled; part of _repair_kernel)
+    """The short list of edge a→b from the members of a: their ``depth`` cheapest moves
+    s_ia − s_ib (float32, kept as float64), sorted by cost and then by point; complete
+    when a has no more members than that."""
+    n = S.shape[1]
+    count = 0
+    for i in range(n):
+        count += labels[i] == a
+    members = np.empty(count, np.int64)
+    costs = np.empty(count, np.float32)
+    j = 0
+    for i in range(n):
+        if labels[i] == a:
+            members[j], costs[j] = i, S[a, i] - S[b, i]
+            j += 1
+    m = min(depth, count)
+    if count > depth:  # the m cheapest, ties at the m-th cost by point, still in point order
+        cut = np.partition(costs.copy(), m - 1)[m - 1]
+        keep = np.empty(m, np.int64)
+        j = 0
+        for r in range(count):
+            if costs[r] < cut:
+                keep[j] = r
+                j += 1
+        for r in range(count):
+            if j < m and costs[r] == cut:
+                keep[j] = r
+                j += 1
+        members, costs = members[keep], costs[keep]
+    order = np.argsort(costs, kind="mergesort")  # stable: ties stay in point order
+    for r in range(m):
+        lc[a, b, r], lp[a, b, r] = np.float64(costs[order[r]]), members[order[r]]
+    head[a, b], tail[a, b], built[a, b], complete[a, b] = 0, m, True, count <= depth
+
+
+@numba.njit(nogil=True, cache=True)
+def _edge_head(S: np.ndarray, labels: np.ndarray, a: int, b: int, depth: int, E: np.ndarray, who: np.ndarray,
+               lc: np.ndarray, lp: np.ndarray, head: np.ndarray, tail: np.ndarray, built: np.ndarray,
+               complete: np.ndarray) -> None:  # pragma: no cover (compiled; part of _repair_kernel)
+    """E[a, b] and who[a, b] after the current head of the edge left cluster a: entries of
+    points that left are dropped from the front; a list that runs dry is rebuilt."""
+    if not built[a, b]:
+        _build_edge(S, labels, a, b, depth, lc, lp, head, tail, built, complete)
+    h = head[a, b]
+    while h < tail[a, b] and labels[lp[a, b, h]] != a:
+        h += 1
+    head[a, b] = h
+    if h == tail[a, b] and not complete[a, b]:
+        _build_edge(S, labels, a, b, depth, lc, lp, head, tail, built, complete)
+        h = head[a, b]
+    if h < tail[a, b]:
+        E[a, b], who[a, b] = lc[a, b, h], lp[a, b, h]
+    else:
+        E[a, b], who[a, b] = np.inf, -1
+
+
+@numba.njit(nogil=True, cache=True)
+def _move_point(S: np.ndarray, labels: np.ndarray, i: int, a: int, b: int, depth: int, E: np.ndarray,
+                who: np.ndarray, lc: np.ndarray, lp: np.ndarray, head: np.ndarray, tail: np.ndarray,
+                built: np.ndarray, complete: np.ndarray) -> None:  # pragma: no cover (part of _repair_kernel)
+    """Point i leaves cluster a for b: the edges out of a whose head it was get their next
+    head, and it enters the lists of the edges out of b (sorted insertion, after equal
+    costs) where its cost is within the list; an edge not built yet only keeps its minimum."""
+    K = S.shape[0]
+    labels[i] = b
+    for c in range(K):
+        if c != a and who[a, c] == i:
+            _edge_head(S, labels, a, c, depth, E, who, lc, lp, head, tail, built, complete)
+    for c in range(K):
+        if c == b:
+            continue
+        cost = np.float64(S[b, i]) - np.float64(S[c, i])
+        if not built[b, c]:  # built later from the members, i included
+            if cost < E[b, c]:
+                E[b, c], who[b, c] = cost, i
+            continue
+        h, t = head[b, c], tail[b, c]
+        if not (complete[b, c] or (t > h and cost <= lc[b, c, t - 1])):
+            continue
+        if t == lc.shape[2]:  # no room behind: move the list to the front
+            for r in range(t - h):
+                lc[b, c, r], lp[b, c, r] = lc[b, c, h + r], lp[b, c, h + r]
+            h, t = 0, t - h
+        at, hi = h, t  # bisect right: after the entries of equal cost
+        while at < hi:
+            mid = (at + hi) // 2
+            if cost < lc[b, c, mid]:
+                hi = mid
+            else:
+                at = mid + 1
+        for r in range(t, at, -1):
+            lc[b, c, r], lp[b, c, r] = lc[b, c, r - 1], lp[b, c, r - 1]
+        lc[b, c, at], lp[b, c, at] = cost, i
+        t += 1
+        if t - h > 4 * depth:  # keep lists short; dropping the tail keeps the invariant
+            t = h + 2 * depth
+            complete[b, c] = False
+        head[b, c], tail[b, c] = h, t
+        if at == h:
+            E[b, c], who[b, c] = cost, i
+
+
+@numba.njit(nogil=True, cache=True)
+def _best_chain(E: np.ndarray, bound: np.ndarray, has_bound: bool, sources: np.ndarray, sinks: np.ndarray,
+                path: np.ndarray) -> tuple[int, float, int]:  # pragma: no cover (compiled; part of _repair_kernel)
+    """Cheapest chain of single moves from a source cluster to a sink cluster, written into
+    ``path`` (the clusters in order); returns (status, cost, its length; 0 when none), status
+    _CERTAIN, _UNCERTAIN or _CYCLE.
 
     Bellman–Ford on the K-node cluster graph with every source at distance 0. The plan
     stays optimal for its sizes throughout, so there is no negative cycle and K − 1
-    relaxation rounds suffice. ``bound`` (K, K), when given, is a lower bound on the cost of
-    moving any point *outside* the working set (the locked points); the search runs on
-    min(E, bound), and if the cheapest chain uses an edge where the bound is below the
+    relaxation rounds suffice (a chain that visits a cluster twice shows labels that were
+    not optimal for their sizes: _CYCLE). With ``has_bound``, ``bound`` (K, K) is a lower bound on the
+    cost of moving any point *outside* the working set (the locked points); the search runs
+    on min(E, bound), and if the cheapest chain uses an edge where the bound is below the
     working set's own cost — a locked point might be cheaper — or the bounded graph has a
-    negative cycle, :class:`_Uncertain` is raised. Otherwise the chain is the true optimum:
-    every real chain costs at least its bounded cost.
+    negative cycle, the chain is *uncertain*. Otherwise it is the true optimum: every real
+    chain costs at least its bounded cost.
     """
     K = E.shape[0]
-    Eb = E if bound is None else np.minimum(E, bound)
-    dist = np.where(sources, 0.0, math.inf)
-    prev = np.full(K, -1)
-    settled = _relax(np.ascontiguousarray(Eb, dtype=np.float64), dist, prev, K if bound is not None else K - 1)
-    if bound is not None and not settled:
-        raise _Uncertain("negative cycle under the locked points' bounds")
-    cost = np.where(sinks & (prev >= 0), dist, math.inf)
-    b = int(cost.argmin())
-    if not math.isfinite(cost[b]):
-        return math.inf, []
-    path = [b]
-    while prev[path[-1]] >= 0 and len(path) <= K:  # back to a source (prev −1)
-        path.append(int(prev[path[-1]]))
-    path = path[::-1]
-    if bound is not None and any(E[a, c] > bound[a, c] for a, c in zip(path[:-1], path[1:])):
-        raise _Uncertain("a locked point may be the cheaper move")
-    return float(cost[b]), path
+    Eb = np.minimum(E, bound) if has_bound else E.copy()
+    dist = np.where(sources, 0.0, np.inf)
+    prev = np.full(K, -1, np.int64)
+    settled = _relax(Eb, dist, prev, K if has_bound else K - 1)
+    if has_bound and not settled:
+        return _UNCERTAIN, np.inf, 0  # a negative cycle under the locked points' bounds
+    b, cost = -1, np.inf
+    for k in range(K):  # the first sink reached at the least cost
+        if sinks[k] and prev[k] >= 0 and dist[k] < cost:
+            b, cost = k, dist[k]
+    if b < 0:
+        return _CERTAIN, np.inf, 0
+    length = 1
+    path[0] = b
+    while prev[path[length - 1]] >= 0 and length <= K:  # back to a source (prev −1)
+        path[length] = prev[path[length - 1]]
+        length += 1
+    if length > K:
+        return _CYCLE, np.inf, 0
+    path[:length] = path[:length][::-1].copy()
+    if has_bound:
+        for r in range(length - 1):
+            if E[path[r], path[r + 1]] > bound[path[r], path[r + 1]]:
+                return _UNCERTAIN, np.inf, 0  # a locked point may be the cheaper move
+    return _CERTAIN, cost, length
 
 
-def _repair(S: np.ndarray, labels: np.ndarray, sizes: np.ndarray, lo: int, hi: int, max_moves: int,
-            bound: np.ndarray | None = None) -> dict:
-    """Successive shortest paths to sizes in [lo, hi], then negative-chain clean-up.
-
-    ``S`` (K, n) and ``labels`` (n,) are the points that may move (updated in place),
-    ``sizes`` (K,) the sizes of all clusters including locked points (updated in place),
-    ``bound`` the locked points' lower bounds for :func:`_best_chain`.
-    """
-    costs = _MoveCosts(S, labels)
+@numba.njit(nogil=True, cache=True)
+def _repair_kernel(S: np.ndarray, labels: np.ndarray, sizes: np.ndarray, lo: int, hi: int, max_moves: int,
+                   bound: np.ndarray, has_bound: bool, depth: int
+                   ) -> tuple[int, int, int]:  # pragma: no cover (compiled; run through _repair)
+    K = S.shape[0]
+    # E[a, b] = min_{i∈a}(s_ia − s_ib) and who[a, b] that point, from one pass over the points;
+    # an edge's short list of its cheapest candidates is built on first need (invariant: it
+    # holds every member of a whose cost is below its last entry), so that a move costs
+    # O(K log depth) instead of O(n); an edge whose list runs dry is rebuilt from its members
+    E32 = np.full((K, K), np.float32(np.inf))
+    who = np.full((K, K), -1, np.int64)
+    _cheapest_moves(S, labels, E32, who)
+    E = E32.astype(np.float64)
+    lc = np.empty((K, K, 4 * depth + 1))  # the lists: costs, points, live range [head, tail)
+    lp = np.empty((K, K, 4 * depth + 1), np.int64)
+    head, tail = np.zeros((K, K), np.int64), np.zeros((K, K), np.int64)
+    built, complete = np.zeros((K, K), np.bool_), np.zeros((K, K), np.bool_)
+    path, chain = np.empty(K + 1, np.int64), np.empty(K, np.int64)
     moves = improving = 0
     while moves + improving < max_moves:
+        improve_only = False
         if (sizes < lo).any():  # fill the under-full first, from anyone above lo
-            sources, sinks, improve_only = sizes > lo, sizes < lo, False
+            sources, sinks = sizes > lo, sizes < lo
         elif (sizes > hi).any():
-            sources, sinks, improve_only = sizes > hi, sizes < hi, False
+            sources, sinks = sizes > hi, sizes < hi
         else:  # feasible: apply only strictly improving chains (possible when hi > lo)
             sources, sinks, improve_only = sizes > lo, sizes < hi, True
         if not sources.any() or not sinks.any():
             break
-        if improve_only and bound is not None:
-            Eb = np.minimum(costs.E, bound)
-            if _best_chain(Eb, sources, sinks)[0] >= -1e-6:
+        if improve_only and has_bound:
+            if _best_chain(np.minimum(E, bound), bound, False, sources, sinks, path)[1] >= -1e-6:
                 break  # not even the lower bounds allow an improvement: done
-        cost, path = _best_chain(costs.E, sources, sinks, bound)
-        if not path or (improve_only and cost >= -1e-6):
+        status, cost, length = _best_chain(E, bound, has_bound, sources, sinks, path)
+        if status != _CERTAIN:
+            return moves, improving, status
+        if length == 0 or (improve_only and cost >= -1e-6):
             break
-        chain = [(int(costs.who[a, b]), a, b) for a, b in zip(path[:-1], path[1:])]
-        for i, a, b in chain:  # chosen before any move: distinct points
-            costs.move(i, a, b)
+        for r in range(length - 1):  # chosen before any move: distinct points
+            chain[r] = who[path[r], path[r + 1]]
+        for r in range(length - 1):
+            _move_point(S, labels, chain[r], path[r], path[r + 1], depth, E, who, lc, lp, head, tail, built,
+                        complete)
         sizes[path[0]] -= 1
-        sizes[path[-1]] += 1
+        sizes[path[length - 1]] += 1
         improving += improve_only
         moves += not improve_only
-    return {"repair_moves": moves, "improving_chains": improving}
+    return moves, improving, _CERTAIN
+
+
+def _repair(S: np.ndarray, labels: np.ndarray, sizes: np.ndarray, lo: int, hi: int, max_moves: int,
+            bound: np.ndarray | None = None) -> dict:
+    """Successive shortest paths to sizes in [lo, hi], then negative-chain clean-up
+    (:func:`_repair_kernel`, compiled).
+
+    ``S`` (K, n) float32 and ``labels`` (n,) int64 are the points that may move (updated in
+    place), ``sizes`` (K,) int64 the sizes of all clusters including locked points (updated
+    in place), ``bound`` the locked points' lower bounds for :func:`_best_chain`; raises
+    :class:`_Uncertain` when a chain may need a locked point (the moves made until then are
+    exact and stay made).
+    """
+    K = S.shape[0]
+    has_bound = bound is not None
+    bound = np.ascontiguousarray(bound, dtype=np.float64) if has_bound else np.zeros((K, K))
+    moves, improving, status = _repair_kernel(np.ascontiguousarray(S, dtype=np.float32), labels, sizes, int(lo),
+                                                 int(hi), int(max_moves), bound, has_bound, _DEPTH)
+    if status == _UNCERTAIN:
+        raise _Uncertain("a chain of moves may need a locked point")
+    if status == _CYCLE:
+        raise RuntimeError("balanced assignment: a negative cycle of moves, so the labels were not optimal for "
+                           "their own sizes (the repair starts from price-induced labels)")
+    return {"repair_moves": int(moves), "improving_chains": int(improving)}
 
 
 class _Outside(Exception):

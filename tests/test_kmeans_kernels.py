@@ -1,24 +1,29 @@
 """The compiled per-point kernels of ddfm.kmeans against plain numpy references: bit for bit,
 on random scores with ties, one cluster, a few points, and ranges split over threads."""
 
+import bisect
+
 import numpy as np
 import pytest
 import torch
 
 from ddfm.kmeans import (
+    _cheapest_moves,
     _cluster_sums,
     _kmeans_pp,
     _kth_smallest,
     _label_gaps,
     _Limits,
     _locked_room,
-    _MoveCosts,
     _near_boundary,
     _pp_kernel,
     _price_sweep,
     _relax,
+    _repair,
+    _repair_kernel,
     _select_threshold,
     _top2,
+    _Uncertain,
     _update_sums,
 )
 
@@ -179,7 +184,8 @@ def test_incremental_sums_over_threads_match_a_recount():
 def test_cheapest_moves_match_numpy(K, n):
     S, _, rng = scores(K, n, 11 * K + n, ties=True)
     labels = rng.integers(0, max(1, K - 1), n)  # the last cluster (K > 1) is empty
-    costs = _MoveCosts(S, labels.copy())
+    got_E, got_who = np.full((K, K), np.float32(np.inf)), np.full((K, K), -1)
+    _cheapest_moves(S, labels, got_E, got_who)
     E, who = np.full((K, K), np.inf), np.full((K, K), -1)
     for a in range(K):
         members = np.flatnonzero(labels == a)
@@ -188,8 +194,8 @@ def test_cheapest_moves_match_numpy(K, n):
             best = loss.argmin(1)  # the first (lowest-numbered) point on ties
             E[a], who[a] = loss[np.arange(K), best], members[best]
             E[a, a], who[a, a] = np.inf, -1
-    np.testing.assert_array_equal(costs.E, E)
-    np.testing.assert_array_equal(costs.who, who)
+    np.testing.assert_array_equal(got_E, E)
+    np.testing.assert_array_equal(got_who, who)
 
 
 def numpy_relax(E, dist, prev, rounds):
@@ -266,3 +272,190 @@ def test_cluster_sums_are_float64_and_weighted():
     assert got.dtype == torch.float64
     want = torch.zeros(4, 9, dtype=torch.float64).index_add_(0, labels, X.double() * w[:, None])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+class NumpyMoveCosts:
+    """The repair's move costs as ddfm had them in Python (the reference for _repair_kernel):
+    E[a, b] = min_{i∈a}(s_ia − s_ib), who[a, b] that point, and per edge a sorted short list
+    of its cheapest candidates, built on first need."""
+
+    def __init__(self, S, labels, depth=64):
+        self.S, self.labels, self.depth = S, labels, depth
+        K = S.shape[0]
+        E32, self.who = np.full((K, K), np.float32(np.inf)), np.full((K, K), -1, dtype=np.int64)
+        _cheapest_moves(S, labels, E32, self.who)
+        self.E, self.lists = E32.astype(np.float64), {}
+
+    def build(self, a, b):
+        members = np.flatnonzero(self.labels == a)
+        costs = self.S[a, members] - self.S[b, members]
+        idx = np.argsort(costs, kind="stable")[:self.depth]
+        self.lists[a, b] = [costs[idx].astype(np.float64).tolist(), members[idx].tolist(), len(costs) <= self.depth]
+
+    def head(self, a, b):
+        if (a, b) not in self.lists:
+            self.build(a, b)
+        costs, points, complete = self.lists[a, b]
+        while points and self.labels[points[0]] != a:
+            del costs[0], points[0]
+        if not points and not complete:
+            self.build(a, b)
+            costs, points, complete = self.lists[a, b]
+        self.E[a, b], self.who[a, b] = (costs[0], points[0]) if points else (np.inf, -1)
+
+    def move(self, i, a, b):
+        self.labels[i] = b
+        K = self.S.shape[0]
+        for c in range(K):
+            if c != a and self.who[a, c] == i:
+                self.head(a, c)
+        col = self.S[:, i].astype(np.float64)
+        for c in range(K):
+            if c == b:
+                continue
+            cost, entry = col[b] - col[c], self.lists.get((b, c))
+            if entry is None:
+                if cost < self.E[b, c]:
+                    self.E[b, c], self.who[b, c] = cost, i
+                continue
+            costs, points, complete = entry
+            if complete or (costs and cost <= costs[-1]):
+                at = bisect.bisect_right(costs, cost)
+                costs.insert(at, cost)
+                points.insert(at, i)
+                if len(points) > 4 * self.depth:
+                    del costs[2 * self.depth:], points[2 * self.depth:]
+                    entry[2] = False
+                if at == 0:
+                    self.E[b, c], self.who[b, c] = cost, i
+
+
+def numpy_best_chain(E, sources, sinks, bound=None):
+    K = len(E)
+    Eb = E if bound is None else np.minimum(E, bound)
+    dist, prev, settled = numpy_relax(Eb, np.where(sources, 0.0, np.inf), np.full(K, -1), K if bound is not None else K - 1)
+    if bound is not None and not settled:
+        raise _Uncertain()
+    cost = np.where(sinks & (prev >= 0), dist, np.inf)
+    b = int(cost.argmin())
+    if not np.isfinite(cost[b]):
+        return np.inf, []
+    path = [b]
+    while prev[path[-1]] >= 0 and len(path) <= K:
+        path.append(int(prev[path[-1]]))
+    path = path[::-1]
+    if bound is not None and any(E[a, c] > bound[a, c] for a, c in zip(path[:-1], path[1:])):
+        raise _Uncertain()
+    return float(cost[b]), path
+
+
+def numpy_repair(S, labels, sizes, lo, hi, max_moves, bound=None, depth=64):
+    costs = NumpyMoveCosts(S, labels, depth)
+    moves = improving = 0
+    while moves + improving < max_moves:
+        if (sizes < lo).any():
+            sources, sinks, improve_only = sizes > lo, sizes < lo, False
+        elif (sizes > hi).any():
+            sources, sinks, improve_only = sizes > hi, sizes < hi, False
+        else:
+            sources, sinks, improve_only = sizes > lo, sizes < hi, True
+        if not sources.any() or not sinks.any():
+            break
+        if improve_only and bound is not None and numpy_best_chain(np.minimum(costs.E, bound), sources, sinks)[0] >= -1e-6:
+            break
+        cost, path = numpy_best_chain(costs.E, sources, sinks, bound)
+        if not path or (improve_only and cost >= -1e-6):
+            break
+        for i, a, b in [(int(costs.who[a, b]), a, b) for a, b in zip(path[:-1], path[1:])]:
+            costs.move(i, a, b)
+        sizes[path[0]] -= 1
+        sizes[path[-1]] += 1
+        improving += improve_only
+        moves += not improve_only
+    return {"repair_moves": moves, "improving_chains": improving}
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_repair_matches_the_python_repair(seed):
+    """The same moves, in the same order, as the Python successive-shortest-paths repair:
+    from far-off and nearly balanced price-induced labels, with ties, with N not a multiple
+    of K (improving chains), a move budget, and locked points' bounds (the same uncertain
+    verdict)."""
+    rng = np.random.default_rng(seed)
+    K = int(rng.integers(2, 12))
+    n = int(rng.integers(K, 3000 if seed % 4 else 400))
+    S = rng.random((K, n), dtype=np.float32)
+    if seed % 3 == 0:
+        S = np.round(S * 8).astype(np.float32) / 8  # ties everywhere
+    # price-induced labels, optimal for their own sizes (the repair's precondition: no
+    # negative cycle): nearly balanced as after the price steps, or far off
+    prices = np.zeros(K, np.float32) if seed % 2 else (rng.random(K) * 0.8).astype(np.float32)
+    labels = (S - prices[:, None]).argmax(0)
+    lo, hi = n // K, -(-n // K)
+    bound = None
+    if seed % 5 == 4:
+        bound = (rng.random((K, K)) * (0.5 if seed % 10 == 4 else 3.0)).astype(np.float64)
+    max_moves = 10 * n if seed % 7 else 5
+    got_labels, want_labels = labels.copy(), labels.copy()
+    got_sizes = np.bincount(labels, minlength=K).astype(np.int64)
+    want_sizes = got_sizes.copy()
+    try:
+        want = numpy_repair(S, want_labels, want_sizes, lo, hi, max_moves, bound)
+    except _Uncertain:
+        want = "uncertain"
+    try:
+        got = _repair(S, got_labels, got_sizes, lo, hi, max_moves, bound)
+    except _Uncertain:
+        got = "uncertain"
+    assert got == want
+    np.testing.assert_array_equal(got_labels, want_labels)  # the moves made, also before an uncertain chain
+    np.testing.assert_array_equal(got_sizes, want_sizes)
+    if want != "uncertain" and max_moves > 5:
+        assert got_sizes.min() >= lo and got_sizes.max() <= hi
+        np.testing.assert_array_equal(got_sizes, np.bincount(got_labels, minlength=K))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_repair_with_short_lists_matches_the_python_repair(seed):
+    """Lists of depth 2: they run dry and are rebuilt, outgrow four times their depth and are
+    cut, and move to the front of their buffer, all often; the same moves as in Python."""
+    rng = np.random.default_rng(100 + seed)
+    K, n = int(rng.integers(3, 8)), int(rng.integers(200, 2000))
+    S = rng.random((K, n), dtype=np.float32)
+    labels = (S - (rng.random(K) * 0.8).astype(np.float32)[:, None]).argmax(0)
+    sizes = np.bincount(labels, minlength=K).astype(np.int64)
+    want_labels, want_sizes = labels.copy(), sizes.copy()
+    want = numpy_repair(S, want_labels, want_sizes, n // K, -(-n // K), 10 * n, depth=2)
+    moves, improving, uncertain = _repair_kernel(S, labels, sizes, n // K, -(-n // K), 10 * n, np.zeros((K, K)),
+                                                 False, 2)
+    assert (moves, improving, uncertain) == (want["repair_moves"], want["improving_chains"], 0)
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_array_equal(sizes, want_sizes)
+
+
+def test_repair_lists_run_dry_and_overflow():
+    """Many moves through one edge: its short list runs dry and is rebuilt, and lists that
+    grow past four times their depth are cut (the paths the random cases rarely reach)."""
+    rng = np.random.default_rng(1)
+    K, n = 3, 6000
+    S = rng.random((K, n), dtype=np.float32)
+    labels = (S - np.array([-1, 0, 0], np.float32)[:, None]).argmax(0)  # all in cluster 0: 4,000 moves out of it
+    for want_labels in (labels.copy(),):
+        sizes = np.bincount(labels, minlength=K).astype(np.int64)
+        want = numpy_repair(S, want_labels, sizes.copy(), n // K, n // K, 10 * n)
+        got_labels = labels.copy()
+        got = _repair(S, got_labels, sizes, n // K, n // K, 10 * n)
+        assert got == want and got["repair_moves"] > 3000
+        np.testing.assert_array_equal(got_labels, want_labels)
+
+
+def test_repair_refuses_labels_with_a_negative_cycle():
+    """Labels that are not optimal for their own sizes (not price-induced) can hold a
+    negative cycle of moves; the chain search sees a cluster twice and says so, rather than
+    moving points that are not where it thinks."""
+    rng = np.random.default_rng(2)
+    K, n = 10, 792
+    S = rng.random((K, n), dtype=np.float32)
+    labels = rng.integers(0, K // 2, n)  # random: not optimal for their sizes
+    with pytest.raises(RuntimeError, match="negative cycle"):
+        _repair(S, labels, np.bincount(labels, minlength=K).astype(np.int64), n // K, -(-n // K), 10 * n)
