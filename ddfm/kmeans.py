@@ -408,10 +408,9 @@ def _reduced_block(A: np.ndarray, p: np.ndarray, s: int, m: int, T: np.ndarray
                    ) -> None:  # pragma: no cover (compiled; inlined into the kernels below)
     """T[i, j] = s_{j,s+i} − λ_j for the points s ≤ s+i < s+m (float32): a block of the
     reduced scores transposed, so that a point's K of them are contiguous."""
-    for j in range(A.shape[0]):
-        pj = p[j]
-        for i in range(m):
-            T[i, j] = A[j, s + i] - pj
+    for i in range(m):  # writes in order; the K rows are read as K streams
+        for j in range(A.shape[0]):
+            T[i, j] = A[j, s + i] - p[j]
 
 
 @numba.njit(nogil=True, cache=True)
