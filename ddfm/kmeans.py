@@ -47,10 +47,14 @@ and always the last is exact. And with ``algorithm="bounds"`` a step scores only
 points whose cluster could change (Hamerly's bounds, see :meth:`BalancedKMeans.fit`).
 
 The per-point loops over the K rows of scores (top-2, gaps, boundary counts, the locked
-room, the price sweeps, the repair's cheapest moves and Bellman–Ford rounds) are numba
+room, the price sweeps) and the whole exact repair (:func:`_repair_kernel`) are numba
 kernels that release the GIL and run on a range of points per torch thread; each does
-the float32/float64 operations of the numpy code it replaced, in the same order
-(``tests/test_kmeans_kernels.py`` checks them bit for bit against numpy). They compile
+the float32/float64 operations of the numpy or Python code it replaced, in the same order
+(``tests/test_kmeans_kernels.py`` checks them bit for bit, and move for move for the
+repair, against that code). Three more are not bit-for-bit replacements, and their tests
+compare values: the member sums (:func:`_sums_kernel`, accumulated in float64 where
+torch's product summed in float32), k-means++'s distances (:func:`_pp_kernel`, float32
+sums reassociated) and the k-th smallest gap (:func:`_kth_smallest`, exact). They compile
 on first use (about 9 s, once; cached on disk beside this file, or in numba's user cache
 when that is read-only).
 
