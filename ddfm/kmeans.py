@@ -55,7 +55,7 @@ repair, against that code). Three more are not bit-for-bit replacements, and the
 compare values: the member sums (:func:`_sums_kernel`, accumulated in float64 where
 torch's product summed in float32), k-means++'s distances (:func:`_pp_kernel`, float32
 sums reassociated) and the k-th smallest gap (:func:`_kth_smallest`, exact). They compile
-on first use (about 9 s, once; cached on disk beside this file, or in numba's user cache
+on first use (about 22 s, once; cached on disk beside this file, or in numba's user cache
 when that is read-only).
 
 Memory: the score matrix is (K, N) float32 (one row per cluster), computed in chunks of
