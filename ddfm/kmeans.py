@@ -343,11 +343,17 @@ def _top2_block(A: np.ndarray, p: np.ndarray, s: int, m: int, best: np.ndarray, 
             best[i] = v if v > old else old
 
 
+_LABELS, _GAPS, _OWN_GAPS = 0, 1, 2  # what a _top2_kernel pass writes
+
+
 @numba.njit(nogil=True, cache=True)
 def _top2_kernel(A: np.ndarray, p: np.ndarray, a: int, b: int, labels: np.ndarray, gaps: np.ndarray,
-                 with_gaps: bool) -> None:  # pragma: no cover (compiled; run through _top2)
-    """labels[i], gaps[i] for the points a ≤ i < b of A (K, n) float32 at prices p (K,)
-    float32: the best reduced score's cluster (the first on ties) and best − second best."""
+                 mode: int) -> None:  # pragma: no cover (compiled; run through _top2 and _label_gaps)
+    """For the points a ≤ i < b of A (K, n) float32 at prices p (K,) float32: _LABELS writes
+    labels[i], the best reduced score's cluster (the first on ties); _GAPS also gaps[i],
+    best − second best; _OWN_GAPS reads labels[i] and writes gaps[i], its own reduced score
+    less the best other cluster's, which is the second best when the label is the (first)
+    best and the best otherwise (a tie for the best included): the same float32 maximum."""
     best = np.empty(_BLOCK, np.float32)
     second = np.empty(_BLOCK, np.float32)
     lab = np.empty(_BLOCK, np.int32)
@@ -355,8 +361,12 @@ def _top2_kernel(A: np.ndarray, p: np.ndarray, a: int, b: int, labels: np.ndarra
         m = min(_BLOCK, b - s)
         _top2_block(A, p, s, m, best, second, lab)
         for i in range(m):
+            if mode == _OWN_GAPS:
+                c = labels[s + i]
+                gaps[s + i] = (A[c, s + i] - p[c]) - (second[i] if lab[i] == c else best[i])
+                continue
             labels[s + i] = lab[i]
-            if with_gaps:
+            if mode == _GAPS:
                 gaps[s + i] = best[i] - second[i]
 
 
@@ -368,7 +378,7 @@ def _top2(S: torch.Tensor, prices: np.ndarray, gaps: bool = True) -> tuple[torch
     A, p = S.numpy(), prices.astype(np.float32)
     n = A.shape[1]
     labels, out = np.empty(n, dtype=np.int64), np.empty(n if gaps else 0, np.float32)
-    _in_parts(lambda a, b: _top2_kernel(A, p, a, b, labels, out, gaps), n)
+    _in_parts(lambda a, b: _top2_kernel(A, p, a, b, labels, out, _GAPS if gaps else _LABELS), n)
     return torch.from_numpy(labels), torch.from_numpy(out) if gaps else None
 
 
@@ -1102,29 +1112,13 @@ def _assign(S: torch.Tensor, prices: np.ndarray | None = None, *, outer: tuple[n
     return labels, prices, stats
 
 
-@numba.njit(nogil=True, cache=True)
-def _label_gaps_kernel(A: np.ndarray, p: np.ndarray, labels: np.ndarray, a: int, b: int, out: np.ndarray
-                       ) -> None:  # pragma: no cover (compiled; run through _label_gaps)
-    # the best other cluster of a point labelled c is the second best when c is the (first)
-    # best, and the best otherwise (a tie for the best included): the same float32 maximum
-    best = np.empty(_BLOCK, np.float32)
-    second = np.empty(_BLOCK, np.float32)
-    lab = np.empty(_BLOCK, np.int32)
-    for s in range(a, b, _BLOCK):
-        m = min(_BLOCK, b - s)
-        _top2_block(A, p, s, m, best, second, lab)
-        for i in range(m):
-            c = labels[s + i]
-            out[s + i] = (A[c, s + i] - p[c]) - (second[i] if lab[i] == c else best[i])
-
-
 def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> torch.Tensor:
     """Reduced gap of each point to its best *other* cluster, (n,) float32: (s_ai − λ_a) −
     max_{j≠a}(s_ji − λ_j) for its label a (negative when the repair moved it off its best;
     inf when K = 1). ``S`` is (K, n); one pass over its rows."""
     A, p, labels = S.numpy(), prices.astype(np.float32), labels.numpy()
     out = np.empty(A.shape[1], np.float32)
-    _in_parts(lambda a, b: _label_gaps_kernel(A, p, labels, a, b, out), A.shape[1])
+    _in_parts(lambda a, b: _top2_kernel(A, p, a, b, labels, out, _OWN_GAPS), A.shape[1])
     return torch.from_numpy(out)
 
 
