@@ -48,7 +48,8 @@ points whose cluster could change (Hamerly's bounds, see :meth:`BalancedKMeans.f
 
 The per-point loops over the K rows of scores (top-2, gaps, boundary counts, the locked
 room, the price sweeps) and the whole exact repair (:func:`_repair_kernel`) are numba
-kernels that release the GIL and run on a range of points per torch thread; each does
+kernels that release the GIL (the loops run on a range of points per torch thread, the
+repair on one); each does
 the float32/float64 operations of the numpy or Python code it replaced, in the same order
 (``tests/test_kmeans_kernels.py`` checks them bit for bit, and move for move for the
 repair, against that code). Three more are not bit-for-bit replacements, and their tests
