@@ -255,7 +255,7 @@ def _update_sums(X: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | Non
     if prev is None or sums is None:
         return _cluster_sums(X, labels, K)
     Xn, new, old = X.numpy(), labels.numpy(), prev.numpy()
-    changed = np.flatnonzero(new != old)  # numpy: a torch op here would leave its OpenMP threads spinning
+    changed = np.flatnonzero(new != old)  # (m,) sorted: the kernel reads these rows of X in place
     if len(changed) > X.shape[0] // 5:  # beyond N/5 scattered rows, one pass over X costs less
         return _cluster_sums(X, labels, K)
 
@@ -830,7 +830,7 @@ def _best_chain(E: np.ndarray, bound: np.ndarray, has_bound: bool, sources: np.n
     chain costs at least its bounded cost.
     """
     K = E.shape[0]
-    Eb = np.minimum(E, bound) if has_bound else E.copy()
+    Eb = np.minimum(E, bound) if has_bound else E  # _relax reads it only
     dist = np.where(sources, 0.0, np.inf)
     prev = np.full(K, -1, np.int64)
     settled = _relax(Eb, dist, prev, K if has_bound else K - 1)
@@ -1123,14 +1123,19 @@ def _label_gaps(S: torch.Tensor, prices: np.ndarray, labels: torch.Tensor) -> to
     return torch.from_numpy(out)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _bucket(u: np.uint32) -> np.uint32:  # pragma: no cover (compiled; inlined into _kth_kernel)
+    """The top 12 bits of a float32's bits ``u`` made order-preserving: all bits flipped for a
+    negative number, the sign bit for a positive one."""
+    return (u ^ (np.uint32(0xFFFFFFFF) if u >> np.uint32(31) else np.uint32(0x80000000))) >> np.uint32(20)
+
+
 @numba.njit(nogil=True, cache=True)
 def _kth_kernel(x: np.ndarray, k: int) -> np.float32:  # pragma: no cover (compiled; run through _kth_smallest)
     keys = x.view(np.uint32)
-    flip_negative, flip_positive, shift = np.uint32(0xFFFFFFFF), np.uint32(0x80000000), np.uint32(20)
     hist = np.zeros(4096, np.int64)
     for i in range(x.shape[0]):
-        u = keys[i]
-        hist[(u ^ (flip_negative if u >> np.uint32(31) else flip_positive)) >> shift] += 1
+        hist[_bucket(keys[i])] += 1
     below, bucket = 0, 0
     while below + hist[bucket] < k:
         below += hist[bucket]
@@ -1138,8 +1143,7 @@ def _kth_kernel(x: np.ndarray, k: int) -> np.float32:  # pragma: no cover (compi
     members = np.empty(hist[bucket], np.float32)
     j = 0
     for i in range(x.shape[0]):
-        u = keys[i]
-        if (u ^ (flip_negative if u >> np.uint32(31) else flip_positive)) >> shift == bucket:
+        if _bucket(keys[i]) == bucket:
             members[j] = x[i]
             j += 1
     return np.partition(members, k - below - 1)[k - below - 1]
@@ -1218,9 +1222,10 @@ def _pp_kernel(X: np.ndarray, x: np.ndarray, a: int, b: int, d2: np.ndarray
 def _kmeans_pp(X: torch.Tensor, k: int, spherical: bool, rng: np.random.Generator,
                sample_size: int = 10_000) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) on a seeded sample; (k, D). Each
-    new centre costs one pass over the sample (:func:`_pp_kernel`), split over the threads;
-    the draw is numpy's ``Generator.choice(n, p=d2 / d2.sum())``, written out so that it
-    skips the checks of p."""
+    new centre costs one pass over the sample (:func:`_pp_kernel`), split over the threads,
+    and is drawn with probability ∝ d2 by inverse CDF from one ``rng.random()``, the draw of
+    numpy's ``Generator.choice(n, p=d2 / d2.sum())`` without its checks of p (the CDF is
+    normalised after the sum rather than before, so a draw on a bucket's edge can differ)."""
     N, sample_size = X.shape[0], max(sample_size, 32 * k)
     rows = np.sort(rng.choice(N, size=sample_size, replace=False)) if N > sample_size else np.arange(N)
     Xs = X.numpy()[rows]  # (n, D); numpy's gather, half torch's time here
