@@ -494,7 +494,7 @@ def test_scores_in_onednn_blocks_match_the_blas_and_gathered_rows(threads, monke
         torch.set_num_threads(before)
 
 
-def test_cluster_sums_split_over_threads_match_one_product():
+def test_cluster_sums_split_over_threads_are_float64_sums():
     import torch
 
     from ddfm.kmeans import _cluster_sums
@@ -507,7 +507,9 @@ def test_cluster_sums_split_over_threads_match_one_product():
     try:
         for n in (1, 2):  # 70,000 points: one part on one thread, two on two
             torch.set_num_threads(n)
-            torch.testing.assert_close(_cluster_sums(X, labels, 5, w).double(), want, rtol=1e-5, atol=1e-3)
+            got = _cluster_sums(X, labels, 5, w)
+            assert got.dtype == torch.float64  # accumulated in float64, not summed in float32 first
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
     finally:
         torch.set_num_threads(threads)
 

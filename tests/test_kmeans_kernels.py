@@ -9,7 +9,6 @@ import torch
 
 from ddfm.kmeans import (
     _cheapest_moves,
-    _cluster_sums,
     _kmeans_pp,
     _kth_smallest,
     _label_gaps,
@@ -170,12 +169,14 @@ def test_incremental_sums_over_threads_match_a_recount():
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            for moved in (10, 3000):  # one part; a part per thread (each at least 2,048 changes)
+            for moved in (10, 3000, 20_000):  # one part; a part per thread (≥ 2,048 changes each); > N/5: a recount
                 labels = prev.clone()
                 rows = torch.randperm(50_000, generator=gen)[:moved]
                 labels[rows] = (labels[rows] + 1) % 6
                 want = torch.zeros(6, 8, dtype=torch.float64).index_add_(0, labels, X.double())
-                torch.testing.assert_close(_update_sums(X, labels, prev, sums, 6), want, rtol=1e-5, atol=1e-3)
+                got = _update_sums(X, labels, prev, sums, 6)
+                assert got.dtype == torch.float64
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)  # float64 throughout
     finally:
         torch.set_num_threads(threads)
 
@@ -261,17 +262,6 @@ def test_kmeans_pp_distances_match_numpy():
     C = _kmeans_pp(torch.from_numpy(X), 6, False, np.random.default_rng(0))
     assert len({tuple(c) for c in C.numpy().tolist()}) == 6  # distinct points of X: d2 = 0 is never drawn again
     assert all(np.any(np.all(X == c, axis=1)) for c in C.numpy())
-
-
-def test_cluster_sums_are_float64_and_weighted():
-    rng = np.random.default_rng(6)
-    X = torch.from_numpy(rng.standard_normal((20_000, 9)).astype(np.float32))
-    labels = torch.from_numpy(rng.integers(0, 4, 20_000))
-    w = torch.from_numpy(rng.random(20_000))
-    got = _cluster_sums(X, labels, 4, w)
-    assert got.dtype == torch.float64
-    want = torch.zeros(4, 9, dtype=torch.float64).index_add_(0, labels, X.double() * w[:, None])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
 
 
 class NumpyMoveCosts:
@@ -433,20 +423,20 @@ def test_repair_with_short_lists_matches_the_python_repair(seed):
     np.testing.assert_array_equal(sizes, want_sizes)
 
 
-def test_repair_lists_run_dry_and_overflow():
-    """Many moves through one edge: its short list runs dry and is rebuilt, and lists that
-    grow past four times their depth are cut (the paths the random cases rarely reach)."""
+def test_repair_lists_run_dry():
+    """4,000 moves out of one cluster at depth 64: its edges' short lists run dry and are
+    rebuilt from the members, again and again (lists of depth 2 are cut and compacted in the
+    test above)."""
     rng = np.random.default_rng(1)
     K, n = 3, 6000
     S = rng.random((K, n), dtype=np.float32)
-    labels = (S - np.array([-1, 0, 0], np.float32)[:, None]).argmax(0)  # all in cluster 0: 4,000 moves out of it
-    for want_labels in (labels.copy(),):
-        sizes = np.bincount(labels, minlength=K).astype(np.int64)
-        want = numpy_repair(S, want_labels, sizes.copy(), n // K, n // K, 10 * n)
-        got_labels = labels.copy()
-        got = _repair(S, got_labels, sizes, n // K, n // K, 10 * n)
-        assert got == want and got["repair_moves"] > 3000
-        np.testing.assert_array_equal(got_labels, want_labels)
+    labels = (S - np.array([-1, 0, 0], np.float32)[:, None]).argmax(0)  # price-induced: all in cluster 0
+    sizes = np.bincount(labels, minlength=K).astype(np.int64)
+    want_labels, got_labels = labels.copy(), labels.copy()
+    want = numpy_repair(S, want_labels, sizes.copy(), n // K, n // K, 10 * n)
+    got = _repair(S, got_labels, sizes, n // K, n // K, 10 * n)
+    assert got == want and got["repair_moves"] > 3000
+    np.testing.assert_array_equal(got_labels, want_labels)
 
 
 def test_repair_refuses_labels_with_a_negative_cycle():
