@@ -57,7 +57,8 @@ from common import fmnist_images, write_image_records  # noqa: E402
 
 def build_experts(root: Path, images, preset: str = "tiny-llava") -> list[str]:
     """Two experts of ``preset`` (``ddfm init``, seeds 0 and 1) sharing one tokenizer and one tower."""
-    from ddfm.models import InitConfig, init, load_model, save_checkpoint
+    from ddfm.init import InitConfig, init
+    from ddfm.model.checkpoint import load_model, save_checkpoint
 
     data = write_image_records(root, images)
     experts = [str(init(InitConfig(preset=preset, data=str(data), out=str(root / f"expert-{k}"),
@@ -86,7 +87,7 @@ def write_router(out: Path, encoder, images, k: int = 2) -> Path:
 
 def plain_inputs(processor, prompt: str, image):
     """The prompt as plain transformers sees it: the ONE prompt format + the processor."""
-    from ddfm.models import render_prompt
+    from ddfm.model.chat import render_prompt
 
     text = render_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
     return processor(text=text, images=[image], return_tensors="pt")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from ddfm.embed import get_encoder
+    from ddfm.features.registry import get_encoder
 
     images = fmnist_images(24)
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
@@ -257,7 +258,7 @@ def measure(experts: list[str], router: str, images, tmp: Path, args) -> dict:
 
 
 def _tower_router(tmp: Path, expert: str, images) -> str:
-    from ddfm.embed import get_encoder
+    from ddfm.features.registry import get_encoder
 
     return str(write_router(tmp / "router-tower", get_encoder(f"tower:{expert}"), images))
 

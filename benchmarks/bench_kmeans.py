@@ -67,7 +67,7 @@ def sphere_mixture(n: int, d: int, components: int = 64, noise: float = 0.7, see
 def fashion_mnist_features(encoder_spec: str, limit: int | None) -> np.ndarray:
     from PIL import Image
 
-    from ddfm.embed import get_encoder
+    from ddfm.features.registry import get_encoder
 
     with gzip.open(FMNIST / "train-images-idx3-ubyte.gz") as f:
         raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)

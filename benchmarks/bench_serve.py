@@ -58,8 +58,8 @@ def build_tiny_ensemble(root: Path, images) -> tuple[list[str], str]:
     """Two untrained tiny-llava experts (ddfm init) and a K=2 pixel-feature router."""
     from safetensors.numpy import save_file
 
-    from ddfm.embed import get_encoder
-    from ddfm.models import InitConfig, init
+    from ddfm.features.registry import get_encoder
+    from ddfm.init import InitConfig, init
 
     data = write_image_records(root, images)
     experts = [str(init(InitConfig(preset="tiny-llava", data=str(data),

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ddfm.models import InitConfig, init, load_model  # noqa: E402
+from ddfm.init import InitConfig, init
+from ddfm.model.checkpoint import load_model  # noqa: E402
 from ddfm.train import TrainConfig, collate, encode_shard, sample_order, train  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

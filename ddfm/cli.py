@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "features of every unique image (or text) with a registered encoder"),
     "partition": ("ddfm.partition:PartitionConfig:partition",
                   "balanced k-means into K shards + router file + report"),
-    "init": ("ddfm.models:InitConfig:init",
+    "init": ("ddfm.init:InitConfig:init",
              "write the initial checkpoint (tokenizer + model) from a preset"),
     "train": ("ddfm.train:TrainConfig:train",
               "train the dense baseline or one expert on one shard"),

@@ -243,7 +243,7 @@ def _records(path: Path) -> int:
 def stage_base(p: Pipeline, preset: dict) -> Path:
     """init, the optional language pretraining and the centralised alignment stage; returns
     the aligned checkpoint that the dense baseline and every expert start from."""
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
 
     p.run("init", {"model": preset["model"]},
           lambda d: init(InitConfig(preset=preset["model"], data=str(p.path("data") / "train.jsonl"), out=str(d),

@@ -109,13 +109,13 @@ class Items:
 
 
 def _features(path: str):
-    from ddfm.embed import load_features
+    from ddfm.features.store import load_features
 
     return load_features(path)
 
 
 def _record_key(record: Record, modality: str) -> str | None:
-    from ddfm.embed import record_key
+    from ddfm.features.store import record_key
 
     return record_key(record, modality)
 
@@ -173,7 +173,7 @@ def map_items(records: list[Record], keys: list[str], meta: dict, features_dir: 
 def item_features(feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The unique items' features ``feats[rows]`` (U, D), without a copy when it can.
 
-    ``feats`` is memory-mapped (:func:`ddfm.embed.load_features`), so it costs page cache,
+    ``feats`` is memory-mapped (:func:`ddfm.features.store.load_features`), so it costs page cache,
     not a copy. When the items are exactly its rows in order (the data file partitioned
     is the one embedded) it is returned as it is; otherwise the rows are gathered: one copy.
     """

@@ -11,7 +11,7 @@ with temperature τ; then the ``top_k`` largest weights are kept and renormalise
 (top-1 in the paper's main results: the compute of one dense model).
 
 Features come from the encoder the partition used (``router.json["encoder"]``, built with
-:func:`ddfm.embed.get_encoder` on first use), or from any object with the same
+:func:`ddfm.features.registry.get_encoder` on first use), or from any object with the same
 ``encode(items) -> (B, D)`` method given to :meth:`Router.use_encoder`, e.g. the experts'
 own vision tower (the paper's zero-overhead "shared encoder", see :mod:`ddfm.ensemble`).
 File format: docs/ARCHITECTURE.md ("Partition directory").
@@ -143,7 +143,7 @@ class Router:
         if self._encoder is None:
             if not self.encoder_spec:
                 raise ValueError(f"router {self.path or ''}: no encoder recorded; give one with use_encoder()")
-            from ddfm.embed import get_encoder
+            from ddfm.features.registry import get_encoder
 
             self._encoder = get_encoder(self.encoder_spec)
         return self._encoder

@@ -631,7 +631,7 @@ def text_features(fit_texts: list[str], texts: list[list[str]], kind: str = "tfi
     """Unit-norm feature rows for each list in ``texts``: tf-idf + LSA fitted on ``fit_texts``, or the
     ``minilm`` sentence encoder (ddfm.embed). Returns one (M_i, D) float32 array per list."""
     if kind == "minilm":
-        from ddfm.embed import get_encoder
+        from ddfm.features.registry import get_encoder
         encoder = get_encoder("minilm")
         return [encoder.encode(t) for t in texts]
     if kind != "tfidf":

@@ -30,7 +30,7 @@ image, reason); nothing else in the shard is dropped.
 
 Output directory: the final Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 processor files) + ``ddfm.json`` (shard, cluster id, init checkpoint -- paths relative to
-this directory, :func:`ddfm.models.read_meta` resolves them -- compute, seed, versions,
+this directory, :func:`ddfm.model.checkpoint.read_meta` resolves them -- compute, seed, versions,
 skipped records) + ``log.jsonl`` (one line per step) + ``resume/state.pt`` (latest
 resume state; under ``--fsdp`` without model and optimizer, which are in ``resume/sharded-STEP/``).
 """
@@ -52,24 +52,16 @@ from typing import Any, Optional
 from ddfm import fsdp
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, load_records, log_failed_images, open_image
-from ddfm.families import family_of, part_of, stack_vision
 from ddfm.io import atomic_path, atomic_write_text
-from ddfm.models import (
-    encode_conversation,
-    expand_image,
-    get_tokenizer,
-    image_token,
-    is_vision_language,
-    load_model,
-    read_meta,
-    save_checkpoint,
-    versions,
-)
+from ddfm.model.chat import encode_conversation, expand_image, get_tokenizer, image_token
+from ddfm.model.checkpoint import load_model, read_meta, save_checkpoint
+from ddfm.model.families import family_of, is_vision_language, part_of, stack_vision
+from ddfm.runtime.provenance import versions
 
 log = logging.getLogger(__name__)
 
 # the trainable parts; which parameters each holds is written per family in
-# ddfm/families.py (FAMILIES[model_type].parts)
+# ddfm/model/families.py (FAMILIES[model_type].parts)
 PARTS = ("vision", "projector", "language")
 # named recipes: LLaVA trains projector + LM with a frozen vision tower, InternVL everything,
 # "align" is LLaVA's first stage (projector only).
@@ -278,7 +270,7 @@ def sample_order(n: int, seed: int, start: int, count: int) -> list[int]:
 def collate(examples: list[Example], pixels: dict, pad_id: int) -> dict:
     """Right-padded batch: ``input_ids``/``labels``/``attention_mask`` (B, T) int64, the
     per-token inputs (B, T) padded with 0, and the image inputs of the examples with an
-    image, in order (``ddfm.families.stack_vision``: e.g. ``pixel_values`` (n, 3, H, W))."""
+    image, in order (``ddfm.model.families.stack_vision``: e.g. ``pixel_values`` (n, 3, H, W))."""
     import torch
 
     T = max(len(e.input_ids) for e in examples)
@@ -360,7 +352,7 @@ def ballast_example(examples: list[Example]) -> Example | None:
 def set_trainable(model, parts: tuple[str, ...]) -> dict[str, int]:
     """Freeze everything but ``parts``; return the parameter count of each part.
 
-    Parameters map to parts by the family's table (``ddfm.families.FAMILIES``); a
+    Parameters map to parts by the family's table (``ddfm.model.families.FAMILIES``); a
     parameter of no part, or a requested part the family lacks, is a ``ValueError``
     naming the family.
     """

@@ -5,7 +5,7 @@ the family's ``transformers`` config and model class (random weights), a byte-le
 tokenizer trained here on the test data with the family's special tokens, the family's
 image processor (PIL backend) and processor class, and a chat template written in the
 family's own format (role markers, image placeholder, end-of-turn token). The processor is
-saved with :func:`ddfm.families.images_only` (no video processor: torchvision is not in the
+saved with :func:`ddfm.model.families.images_only` (no video processor: torchvision is not in the
 default environment); ``processor_config.json`` names the family's own processor class.
 
 :data:`FAMILIES` maps a name to a builder; :func:`build` writes one checkpoint directory.
@@ -121,7 +121,7 @@ def tokenizer(texts, specials: list[str], *, bos: str | None, eos: str, pad: str
 
 
 def _texts(records):
-    from ddfm.models import corpus_text
+    from ddfm.model.build import corpus_text
 
     return list(corpus_text(records)) + [CHATML_SYSTEM, "USER: ASSISTANT: User: Assistant: user assistant system"]
 
@@ -169,7 +169,7 @@ def llava_onevision(records):
         SiglipVisionConfig,
     )
 
-    from ddfm.families import images_only
+    from ddfm.model.families import images_only
 
     tok = tokenizer(_texts(records), ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
                     bos=None, eos="<|im_end|>", pad="<|endoftext|>", template=ONEVISION_TEMPLATE,
@@ -198,7 +198,7 @@ def internvl(records):
         InternVLVisionConfig,
     )
 
-    from ddfm.families import images_only
+    from ddfm.model.families import images_only
 
     names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
              "video_token": "<video>"}
@@ -220,7 +220,7 @@ def _qwen_vl(records, version: str):
     import transformers
     from transformers import Qwen2VLImageProcessorPil
 
-    from ddfm.families import images_only
+    from ddfm.model.families import images_only
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -259,7 +259,7 @@ def qwen2_5_vl(records):
 def _idefics3_like(records, prefix: str):
     import transformers
 
-    from ddfm.families import images_only
+    from ddfm.model.families import images_only
 
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
     specials = ["<|endoftext|>", "<|begin_of_text|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
@@ -332,7 +332,7 @@ def conversations(data) -> list[tuple[list[dict], list]]:
 
 def hf_messages(conversation: list[dict], images: list) -> list[dict]:
     """Chat messages with the PIL images in their image parts (for apply_chat_template)."""
-    from ddfm.models import to_chat_messages
+    from ddfm.model.chat import to_chat_messages
 
     msgs, it = to_chat_messages(conversation), iter(images)
     return [{**m, "content": [{"type": "image", "image": next(it)} if p["type"] == "image" else p

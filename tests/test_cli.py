@@ -40,7 +40,7 @@ def test_no_library_chatter_on_stderr(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_models import make_data
 
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
 
     data = make_data(tmp_path, n_fashion=12, n_digits=0, n_text=4)
     model = init(InitConfig(preset="tiny-llava", data=str(data), out=str(tmp_path / "init")))

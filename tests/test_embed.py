@@ -12,7 +12,9 @@ from PIL import Image
 
 from ddfm.cli import main
 from ddfm.data import load_records
-from ddfm.embed import ENCODERS, EmbedConfig, embed, get_encoder, load_features, parse_spec, record_key
+from ddfm.embed import EmbedConfig, embed
+from ddfm.features.registry import ENCODERS, get_encoder, parse_spec
+from ddfm.features.store import load_features, record_key
 from ddfm.io import read_json
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -264,7 +266,7 @@ def test_cache_hit_and_miss(dataset, tmp_path, caplog):
 
 
 def test_cache_hit_loads_no_model(dataset, tmp_path, checkpoints, monkeypatch, caplog):
-    from ddfm.embed import HFImageEncoder
+    from ddfm.features.encoders import HFImageEncoder
 
     cfg = EmbedConfig(data=[str(dataset)], encoder=f"clip:{checkpoints / 'clip'}", out=str(tmp_path / "emb"))
     embed(cfg)
@@ -395,7 +397,7 @@ def test_slices_merge_into_the_bytes_of_one_process(many, tmp_path, spec):
 
 
 def test_merge_command_after_a_lost_merge_and_bad_slices(many, tmp_path, capsys, monkeypatch):
-    import ddfm.embed_parts as parts
+    import ddfm.features.parts as parts
 
     one = embed(EmbedConfig(data=[str(many)], encoder="pixels@8", out=str(tmp_path / "one"), batch_size=4))
     out = str(tmp_path / "sliced")

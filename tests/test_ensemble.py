@@ -21,7 +21,9 @@ from test_models import make_data  # noqa: E402
 
 from ddfm.embed import EmbedConfig, embed  # noqa: E402
 from ddfm.ensemble import Ensemble, EnsembleConfig, GenerateConfig, Request  # noqa: E402
-from ddfm.models import InitConfig, init, load_model, render_prompt  # noqa: E402
+from ddfm.init import InitConfig, init
+from ddfm.model.chat import render_prompt
+from ddfm.model.checkpoint import load_model  # noqa: E402
 from ddfm.partition import PartitionConfig, partition  # noqa: E402
 
 

@@ -196,7 +196,7 @@ def tiny_run(tmp_path_factory):
     """A real tiny-llava checkpoint trained a few steps on real images, and a test file."""
     from test_models import make_data
 
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
     from ddfm.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("eval")
@@ -272,7 +272,7 @@ def test_eval_prompt_is_the_training_prompt(tiny_run):
     from ddfm.data import open_image
     from ddfm.ensemble import Ensemble
     from ddfm.evaluate import to_request
-    from ddfm.models import encode_conversation
+    from ddfm.model.chat import encode_conversation
 
     ens = Ensemble.from_pretrained([str(tiny_run["model"])], mode="uniform")
     image = json.loads(tiny_run["test"].read_text().splitlines()[0])["image"]

@@ -29,8 +29,9 @@ import family_checkpoints  # noqa: E402
 from family_checkpoints import conversations, hf_messages  # noqa: E402
 
 from ddfm.data import load_records, open_image  # noqa: E402
-from ddfm.families import FAMILIES, family_of, part_of, tower_of  # noqa: E402
-from ddfm.models import encode_conversation, expand_image, load_model  # noqa: E402
+from ddfm.model.chat import encode_conversation, expand_image
+from ddfm.model.checkpoint import load_model  # noqa: E402
+from ddfm.model.families import FAMILIES, family_of, part_of, tower_of  # noqa: E402
 
 NAMES = list(family_checkpoints.FAMILIES)
 
@@ -181,7 +182,7 @@ def _requests(data):
 def _hf_generate(model, processor, requests, n: int) -> list[tuple[list[int], list[float]]]:
     """The family's own greedy generate on a left-padded batch of requests: per request
     the tokens and the log-probability of each under the model."""
-    from ddfm.models import render_prompt
+    from ddfm.model.chat import render_prompt
 
     texts = [render_prompt(processor, [{"role": "user", "content": ([{"type": "image"}] if r.image else [])
                                         + [{"type": "text", "text": r.prompt}]}]) for r in requests]
@@ -221,7 +222,7 @@ def test_family_end_to_end(family, data, tmp_path):
     from ddfm.embed import EmbedConfig, embed
     from ddfm.ensemble import DecodeBatch, Ensemble, EnsembleConfig, Sampling
     from ddfm.evaluate import EvalConfig, evaluate_cli
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
     from ddfm.partition import PartitionConfig, partition
     from ddfm.serve import ServeConfig, create_app
     from ddfm.train import RECIPES, TrainConfig, train

@@ -2,7 +2,7 @@
 
 The processors of LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL and SmolVLM carry a video
 processor that needs torchvision, which the default environment does not have; ddfm builds
-them without it (``ddfm.families.images_only``). This file runs where torchvision is
+them without it (``ddfm.model.families.images_only``). This file runs where torchvision is
 installed (``make venv-full``: PyPI's torch + torchvision) and is skipped elsewhere. For
 each such family it saves a checkpoint with the family's *full* processor (video
 processor and its config included, as a released checkpoint has it) and checks that
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import family_checkpoints  # noqa: E402
 from family_checkpoints import conversations, hf_messages  # noqa: E402
 
-from ddfm.families import load_processor, processor_class  # noqa: E402
-from ddfm.models import encode_conversation  # noqa: E402
+from ddfm.model.chat import encode_conversation  # noqa: E402
+from ddfm.model.families import load_processor, processor_class  # noqa: E402
 
 VIDEO = ["llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "smolvlm"]
 
@@ -87,7 +87,7 @@ def test_images_only_processor_matches_the_full_processor(family, data, tmp_path
 def test_trained_checkpoint_keeps_the_full_processor(family, data, tmp_path):
     from transformers import AutoProcessor
 
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
     from ddfm.train import TrainConfig, train
 
     source = full_checkpoint(family, data, tmp_path / "hf")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_models import make_data
 
-from ddfm.models import InitConfig, init
+from ddfm.init import InitConfig, init
 from ddfm.train import IGNORE, Example, TrainConfig, ballast_example, rank_groups, sample_order, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +294,7 @@ def test_consolidated_checkpoint_is_the_trained_model(init_dir, data, two_rank_r
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ddfm.data import load_records, open_image
-    from ddfm.models import encode_conversation
+    from ddfm.model.chat import encode_conversation
 
     state = torch.load(two_rank_run / "resume" / "state.pt", weights_only=True)
     assert state["step"] == 8 and state["sharded"] == "sharded-00000008"
@@ -381,7 +381,7 @@ FAMILY_NAMES = ["llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl"
 def test_every_family_trains_sharded_with_checkpointing(family, family_data, tmp_path):
     """Each family's blocks (vision and language) shard and recompute: the same losses as
     plain training, and the consolidated checkpoint loads with plain transformers."""
-    from ddfm.models import load_model
+    from ddfm.model.checkpoint import load_model
 
     init_dir = _family(family, family_data)
     kw = dict(steps=3, batch_size=4, lr=1e-2, warmup=0, train="internvl", device="cpu")

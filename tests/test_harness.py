@@ -55,7 +55,7 @@ def ddfm(*args: str) -> None:
 def docs(tmp_path_factory):
     """Held-out python-docs passages (`ddfm prepare python-docs`) and two tiny-lm experts
     from `ddfm init` (seeds 0 and 1: one tokenizer, different weights)."""
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
     from ddfm.prepare import PrepareConfig, prepare
 
     root = tmp_path_factory.mktemp("harness-docs")
@@ -170,8 +170,8 @@ def test_a_token_id_prompt_routes_on_its_text_under_a_text_router(docs, tmp_path
     """lm-eval sends token ids: a text router must see their text, not an empty prompt."""
     from safetensors.numpy import save_file
 
-    from ddfm.embed import get_encoder
     from ddfm.ensemble import Ensemble, Request
+    from ddfm.features.registry import get_encoder
 
     enc = get_encoder("minilm")
     centroids = enc.encode(["Sockets, servers and network protocols.", "Lists, tuples and dictionaries."])

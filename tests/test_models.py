@@ -12,15 +12,11 @@ import numpy as np
 import pytest
 
 from ddfm.data import load_records, open_image
-from ddfm.models import (
-    PRESETS,
-    InitConfig,
-    encode_conversation,
-    init,
-    load_model,
-    render_prompt,
-    to_chat_messages,
-)
+from ddfm.init import InitConfig, init
+from ddfm.model.build import BUILDERS
+from ddfm.model.chat import encode_conversation, render_prompt, to_chat_messages
+from ddfm.model.checkpoint import load_model
+from ddfm.model.presets import PRESETS
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FM_NAMES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -75,7 +71,7 @@ def llava_dir(data, tmp_path_factory):
 
 def test_presets_are_data():
     for name, preset in PRESETS.items():
-        assert preset["kind"] in ("llava", "lm", "llava-gguf"), name
+        assert preset["builder"] in BUILDERS and preset["kind"] in ("vlm", "lm"), name
         if "gguf" in preset:  # a pretrained language model: its own config and context
             assert set(preset["gguf"]) == {"package", "file"}
         else:
@@ -97,7 +93,7 @@ def test_init_loads_with_plain_transformers(llava_dir, data):
     meta = json.loads((llava_dir / "ddfm.json").read_text())
     assert meta["preset"] == "tiny-llava" and meta["stage"] == "init"
     # the data file relative to the checkpoint directory, resolved by read_meta
-    from ddfm.models import read_meta
+    from ddfm.model.checkpoint import read_meta
     assert not Path(meta["data"]).is_absolute()
     assert read_meta(llava_dir)["data"] == str(Path(data).resolve())
 
@@ -168,7 +164,8 @@ def test_smollm2_preset_is_the_real_pretrained_language_model(data, tmp_path):
     from transformers import AutoTokenizer
 
     from ddfm.ensemble import Ensemble, Request
-    from ddfm.models import SMOLLM2_CHAT_TEMPLATE, gguf_path
+    from ddfm.model.build import gguf_path
+    from ddfm.model.presets import SMOLLM2_CHAT_TEMPLATE
 
     out = init(InitConfig(preset="smollm2-llava", data=str(data), out=str(tmp_path / "smol")))
     model, processor = load_model(out)

@@ -86,7 +86,7 @@ def test_router_round_trip(mix, tmp_path):
     assert 1 <= router["temperature"] <= 100 and cal["temperature"] == router["temperature"]
     assert 1 / 3 < cal["mean_top_weight"] < 1  # neither uniform nor hard
     # the calibrated τ is a likelihood optimum of eq. 29 for the partition's labels
-    from ddfm.embed import load_features
+    from ddfm.features.store import load_features
     from ddfm.partition import calibrate_temperature
     X, _, _ = load_features(feats)
     labels = (X @ C.T).argmax(1)
@@ -358,7 +358,7 @@ def test_token_counts_with_a_real_tokenizer(mix, tmp_path):
 def _text_features(tmp_path, n, dim, seed=0):
     """n one-line text records and a features directory of n unit rows (a synthetic unit test
     of memory use: what the rows are does not matter, only how many bytes they take)."""
-    from ddfm.embed_parts import write_features
+    from ddfm.features.parts import write_features
 
     rows = [{"id": f"r{i}", "image": None, "conversations": [{"from": "human", "value": "Hi?"},
                                                              {"from": "gpt", "value": "Yes."}]} for i in range(n)]
@@ -376,7 +376,7 @@ def test_features_are_memory_mapped_and_gathered_at_most_once(tmp_path):
     are its rows in order, and one gathered copy otherwise (tracemalloc sees numpy's buffers)."""
     import tracemalloc
 
-    from ddfm.embed import load_features
+    from ddfm.features.store import load_features
     from ddfm.partition import item_features
 
     _, feats_dir, x = _text_features(tmp_path, 4000, 1024)

@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_models import make_data  # noqa: E402
 
-from ddfm.embed import EmbedConfig, embed, load_features  # noqa: E402
+from ddfm.embed import EmbedConfig, embed
+from ddfm.features.store import load_features  # noqa: E402
 from ddfm.partition import PartitionConfig, partition  # noqa: E402
 from ddfm.router import Router  # noqa: E402
 

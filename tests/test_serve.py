@@ -57,7 +57,7 @@ def write_router(out: Path, centroid_images: list[Image.Image], temperature: flo
     """A router file in the partition stage's format, centroids = pixel features of real images."""
     from safetensors.numpy import save_file
 
-    from ddfm.embed import get_encoder
+    from ddfm.features.registry import get_encoder
 
     enc = get_encoder("pixels")
     centroids = enc.encode(centroid_images).astype(np.float32)  # (K, D) unit rows
@@ -77,7 +77,7 @@ def assets(tmp_path_factory):
 
 def make_assets(root: Path) -> dict:
     """Two tiny-llava experts (ddfm init, seeds 0 and 1), a K=2 router, the images."""
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
 
     images, labels = fmnist_images(24)
     (root / "images").mkdir()
@@ -475,7 +475,7 @@ def test_remote_and_local_images_only_when_enabled(assets, ensemble):
 
 def test_text_only_experts_answer_text_and_refuse_images(assets, tmp_path):
     from ddfm.ensemble import Ensemble
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
 
     rows = [{"id": f"t-{i}", "conversations": [{"from": "human", "value": f"Name garment {i}."},
                                                 {"from": "gpt", "value": NAMES[i % 10]}]} for i in range(20)]

@@ -484,7 +484,8 @@ def test_text_only_experts_and_the_posterior_router_see_plain_text_too(tmp_path)
     """The tokenizer path (text-only experts) and the answers-only evidence of the
     posterior router: the same ids as transformers' sanitized template."""
     from ddfm.ensemble import Ensemble, Request
-    from ddfm.models import InitConfig, encode_conversation, init, render_prompt
+    from ddfm.init import InitConfig, init
+    from ddfm.model.chat import encode_conversation, render_prompt
 
     rows = [{"id": f"t-{i}", "conversations": [{"from": "human", "value": f"Name thing {i}."},
                                                 {"from": "gpt", "value": f"Thing {i}."}]} for i in range(20)]
@@ -518,7 +519,8 @@ def test_every_family_reads_typed_control_tokens_as_text(family, tmp_path):
     import family_checkpoints
 
     from ddfm.ensemble.prompts import PromptEncoder
-    from ddfm.models import encode_chat, encode_prompt, load_model, render_prompt
+    from ddfm.model.chat import encode_chat, encode_prompt, render_prompt
+    from ddfm.model.checkpoint import load_model
 
     data = family_checkpoints.family_data(tmp_path)
     _, processor = load_model(family_checkpoints.build(family, data["records"], tmp_path / family))
@@ -648,7 +650,7 @@ def test_sliding_window_experts_wait_for_the_batch_to_drain_instead_of_failing(t
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
     from ddfm.ensemble import DecodeBatch, Ensemble, Request, Sampling
-    from ddfm.models import InitConfig, init
+    from ddfm.init import InitConfig, init
     from ddfm.serve.batcher import Batcher, Generate, Inbox
 
     rows = [{"id": f"t-{i}", "conversations": [{"from": "human", "value": f"Name thing {i}."},

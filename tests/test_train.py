@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from test_models import make_data
 
-from ddfm.models import InitConfig, init, load_model
+from ddfm.init import InitConfig, init
+from ddfm.model.checkpoint import load_model
 from ddfm.train import TrainConfig, parse_match, sample_order, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_train_end_to_end(init_dir, data, tmp_path):
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]  # it learns
     lrs = [r["lr"] for r in rows]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up then cosine decay
-    from ddfm.models import read_meta
+    from ddfm.model.checkpoint import read_meta
 
     meta = read_meta(out)
     assert meta["cluster"] == 3 and meta["init"] == str(Path(init_dir).resolve())
@@ -249,7 +250,7 @@ def test_records_whose_image_failed_are_skipped_and_reported(init_dir, data, tmp
     shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING, logger="ddfm"):
         out = train(_cfg(init_dir, shard, tmp_path / "run", steps=3))
-    from ddfm.models import read_meta
+    from ddfm.model.checkpoint import read_meta
 
     raw = json.loads((out / "ddfm.json").read_text())
     assert raw["skipped_images"]["records"][0]["file"] == "../shard.jsonl"  # relative to the run directory
@@ -339,7 +340,7 @@ def test_ddfm_json_paths_are_relative_to_the_run_directory(data, tmp_path, monke
     so a tree of runs moved elsewhere still points at its own files."""
     import shutil
 
-    from ddfm.models import read_meta
+    from ddfm.model.checkpoint import read_meta
 
     root = tmp_path / "project"
     shutil.copytree(data.parent, root / "data")
@@ -427,7 +428,7 @@ def test_held_out_loss_is_logged_and_leaves_training_unchanged(init_dir, data, t
 def test_half_precision_checkpoint_trains_with_fp32_master_weights(init_dir, data, tmp_path):
     """A bf16 initial checkpoint (as released 7B experts are) is trained in fp32: AdamW's
     updates below bf16's resolution are not lost; --bf16 is the compute dtype, not the storage."""
-    from ddfm.models import save_checkpoint
+    from ddfm.model.checkpoint import save_checkpoint
 
     model, proc = load_model(init_dir)
     half = save_checkpoint(model.to(torch.bfloat16), proc, tmp_path / "bf16-init")

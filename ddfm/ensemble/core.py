@@ -344,7 +344,7 @@ def _device(device: str) -> str:
 
 
 def _load_expert(path: str, device: str, dtype: str = "auto"):
-    from ddfm.models import load_model
+    from ddfm.model.checkpoint import load_model
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"expert checkpoint directory not found: {path}")
@@ -387,7 +387,7 @@ def _first_difference(a: Any, b: Any, name_a: str, name_b: str) -> str:
 def check_compatible(names: Sequence[str], processors: Sequence[Any], models: Sequence[Any]) -> None:
     """Raise ``ValueError`` naming the expert and the difference unless all experts share
     tokenizer (vocabulary, special tokens, chat template) and image processing."""
-    from ddfm.models import get_tokenizer
+    from ddfm.model.chat import get_tokenizer
 
     ref = {**_describe_tokenizer(get_tokenizer(processors[0])), **_describe_images(processors[0], models[0])}
     for name, proc, model in zip(names[1:], processors[1:], models[1:]):
@@ -404,7 +404,7 @@ def init_identity(path: str | os.PathLike) -> Optional[str]:
     ``ddfm.json`` (``ddfm train`` keeps a copy as ``init_meta``; a checkpoint written by
     ``ddfm init`` is its own start), else the initial checkpoint's path; None for a
     checkpoint that ddfm did not write."""
-    from ddfm.models import read_meta
+    from ddfm.model.checkpoint import read_meta
 
     meta = read_meta(path)  # paths resolved, so copies at other depths compare equal
     if meta is None:

@@ -64,10 +64,10 @@ def prefill(model, batch: Batch, rows: list[int], *, encoder_outputs: Any = None
 
     Positions are explicit: 1-D RoPE counts each row's real tokens (left padding skipped);
     M-RoPE families (Qwen2-VL, Qwen2.5-VL) take the model's own 3-D positions
-    (:func:`ddfm.families.rope_positions`), and every later token of a row the position
+    (:func:`ddfm.model.families.rope_positions`), and every later token of a row the position
     after its largest one — what ``generate`` does with its rope deltas.
     """
-    from ddfm.families import rope_positions, stack_vision
+    from ddfm.model.families import rope_positions, stack_vision
 
     dev = model.device
     idx = torch.tensor(rows, dtype=torch.long)

@@ -30,7 +30,7 @@ class Request:
     An ``<image>`` in the prompt marks where the image goes (as in LLaVA records) unless
     ``literal``: then the prompt is text the way a chat API's user typed it (``ddfm
     serve``). Either way, control tokens spelled in the text (``</s>``, ``<|assistant|>``)
-    are plain text (:func:`~ddfm.models.encode_chat`).
+    are plain text (:func:`~ddfm.model.chat.encode_chat`).
     A *raw* request (OpenAI's completions API) skips the chat template: ``token_ids`` are
     the prompt as given, or, with ``raw=True``, ``prompt`` is tokenized as plain text
     (with the tokenizer's own special tokens, e.g. a leading bos). ``encoded``: the request
@@ -96,7 +96,7 @@ def _messages(request: Request, with_image: bool) -> list[dict]:
     placeholder stands (as LLaVA records place it; not in a ``literal`` prompt), else
     before the prompt's text, unless an earlier turn already holds it."""
     from ddfm.data import IMAGE_TOKEN
-    from ddfm.models import to_chat_messages
+    from ddfm.model.chat import to_chat_messages
 
     history = to_chat_messages(request.history or [])
     has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
@@ -118,7 +118,7 @@ class PromptEncoder:
     """
 
     def __init__(self, processor, evidence: str = "prompt", image_token_id: int | None = None):
-        from ddfm.models import get_tokenizer, image_token
+        from ddfm.model.chat import get_tokenizer, image_token
 
         self.processor, self.evidence = processor, evidence
         self.tokenizer = get_tokenizer(processor)
@@ -126,7 +126,7 @@ class PromptEncoder:
         self.image_token_id = image_token_id
 
     def encode(self, request: Request) -> Encoded:
-        from ddfm.models import encode_chat, encode_prompt, render_prompt, spells_control_tokens
+        from ddfm.model.chat import encode_chat, encode_prompt, render_prompt, spells_control_tokens
 
         if request.encoded is not None:
             return request.encoded
@@ -159,7 +159,7 @@ class PromptEncoder:
     def _evidence(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
         if self.evidence == "prompt":
             return [t != self.image_token_id for t in ids]
-        from ddfm.models import encode_conversation, spells_control_tokens
+        from ddfm.model.chat import encode_conversation, spells_control_tokens
 
         if spells_control_tokens(self.processor, messages):
             return self._answers_by_prefixes(messages, ids, images)
@@ -172,10 +172,10 @@ class PromptEncoder:
         return answer[:n] + [False] * (len(ids) - n)
 
     def _answers_by_prefixes(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
-        """The earlier answers' tokens in a prompt encoded by :func:`~ddfm.models.encode_chat`
+        """The earlier answers' tokens in a prompt encoded by :func:`~ddfm.model.chat.encode_chat`
         (no offsets to map a template's answer spans): answer i spans from the conversation
         before it with the generation prompt to the conversation through it."""
-        from ddfm.models import encode_chat
+        from ddfm.model.chat import encode_chat
 
         def length(msgs: list[dict], gen: bool) -> int:
             n = sum(isinstance(m["content"], list) and sum(p.get("type") == "image" for p in m["content"])
@@ -192,7 +192,7 @@ class PromptEncoder:
 
     def target_ids(self, request: Request, target: str, eos_ids: set[int]) -> list[int]:
         """Token ids of ``target`` as the assistant's answer, closing eos included (as trained)."""
-        from ddfm.models import assistant_spans, render_prompt
+        from ddfm.model.chat import assistant_spans, render_prompt
 
         msgs = _messages(request, request.image is not None)
         prompt = render_prompt(self.processor, msgs, add_generation_prompt=True)

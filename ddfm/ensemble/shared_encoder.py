@@ -2,7 +2,7 @@
 
 The tower of the first expert computes the routing features: each image's tower states
 (the layer the family projects, before its projector), averaged over its tokens and tiles
-(:func:`ddfm.families.tower_features`, the same features as ``ddfm.embed``'s
+(:func:`ddfm.model.families.tower_features`, the same features as ``ddfm.embed``'s
 ``tower:PATH`` encoder), for every family with a vision tower: LLaVA-1.5,
 LLaVA-OneVision, InternVL, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM. For LLaVA-1.5 the tower
 states are also reused by every expert whose tower has identical weights (LLaVA trains
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ddfm.ensemble.prompts import Batch, open_request_image
-from ddfm.families import FAMILIES, tower_features, tower_of
+from ddfm.model.families import FAMILIES, tower_features, tower_of
 
 __all__ = ["SharedTower", "tower_of"]
 

@@ -9,6 +9,7 @@
 from ddfm.runtime.device import DEVICE_HELP, check_device, resolve_device
 from ddfm.runtime.distributed import is_main_process, local_rank, rank, world_size
 from ddfm.runtime.progress import Progress, progress, track
+from ddfm.runtime.provenance import provenance, versions
 
 __all__ = ["DEVICE_HELP", "check_device", "resolve_device", "Progress", "progress", "track", "is_main_process",
-           "local_rank", "rank", "world_size"]
+           "local_rank", "rank", "world_size", "provenance", "versions"]

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Family", "FAMILIES", "family_of", "part_of", "images_only", "load_processor", "stack_vision",
+__all__ = ["Family", "FAMILIES", "is_vision_language", "family_of", "part_of", "images_only", "load_processor", "stack_vision",
            "rope_positions", "tower_of", "tower_features"]
 
 
@@ -76,10 +76,15 @@ FAMILIES: dict[str, Family] = {
 CAUSAL_LM = Family("causal LM", {"language": ("",)}, kind="lm")
 
 
+def is_vision_language(config) -> bool:
+    """True if ``config`` belongs to an image-text-to-text model (LLaVA, InternVL, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def family_of(config) -> Family:
     """The :class:`Family` of a model config; a VLM of another family is a ``ValueError``."""
-    from ddfm.models import is_vision_language
-
     if config.model_type in FAMILIES:
         return FAMILIES[config.model_type]
     if not is_vision_language(config):
@@ -300,7 +305,7 @@ def tower_features(config, tower, visions: list[dict]) -> tuple[torch.Tensor, li
     """Routing features of n images from a VLM's vision tower.
 
     ``visions``: the family's image-processor outputs of each image (one dict per image,
-    as :func:`ddfm.models.encode_prompt` returns them). Returns ``features`` (n, D)
+    as :func:`ddfm.model.chat.encode_prompt` returns them). Returns ``features`` (n, D)
     float32 — each image's tower states (the selected layer, before any projector)
     averaged over its tokens and tiles — and ``states``, each image's token states
     (tokens, D), which LLaVA-1.5 experts take instead of running their own tower.
