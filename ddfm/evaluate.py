@@ -71,6 +71,7 @@ __all__ = ["EvalConfig", "evaluate_cli", "evaluate", "evaluate_paths", "normaliz
 # records whose reference answer has at most this many words are question-answer records
 # (accuracy + perplexity); longer ones get perplexity only. --qa-max-words changes it.
 QA_MAX_WORDS = SHORT_ANSWER_WORDS
+EVAL_MAX_NEW_TOKENS = 12  # eval's own answer length: references are a few words
 
 # ------------------------------------------------------------------------------ aggregation
 
@@ -216,7 +217,8 @@ def route_clusters(router, records: Sequence[Record]) -> list[str]:
     return labels
 
 
-def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32, max_new_tokens: int = 12,
+def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32,
+             max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
              cluster_router=None, chance: dict[str, float] | None = None, qa_max_words: int = QA_MAX_WORDS,
              desc: str = "eval") -> dict[str, Any]:
     """Evaluate an :class:`~ddfm.ensemble.Ensemble` (one model = an ensemble of one) on records.
@@ -493,7 +495,9 @@ class EvalConfig:
     qa_max_words: int = arg("a reference answer of at most this many words is scored by accuracy too "
                             "(question-answer); longer ones by perplexity only", default=QA_MAX_WORDS)
     batch_size: int = arg("requests per generate/score call", default=32)
-    max_new_tokens: int = arg("tokens generated per answer at most", default=12)
+    max_new_tokens: int = arg("tokens generated per answer at most (eval's own default: its answers are a few "
+                              "words; generate and serve default to ddfm.sampling.MAX_NEW_TOKENS)",
+                              default=EVAL_MAX_NEW_TOKENS)
     limit: Optional[int] = arg("evaluate only the first N records", default=None)
     text: bool = arg("score each record's reference answer as plain text (no chat template) in lm-evaluation-"
                      "harness's loglikelihood_rolling windows: perplexity per token, word and byte, as lm-eval "

@@ -132,6 +132,16 @@ class Router:
         cos = torch.nn.functional.normalize(f.double(), dim=1) @ self.centroids.double().T  # (B, K)
         return torch.log_softmax(self.temperature * cos, dim=1)
 
+    def prior_log(self, items: Sequence[Any]) -> torch.Tensor:
+        """Log-weights (B, K) float64 of requests before any token: eq. 29 of each request's
+        image (or, under a text router, its text); the cluster shares log π_k for a request
+        with nothing the encoder can see (``None``: a text request under an image router)."""
+        log_w = self.cluster_shares.double().log().expand(len(items), -1).clone()
+        rows = [i for i, item in enumerate(items) if item is not None]
+        if rows:
+            log_w[rows] = self.log_probabilities(self.features([items[i] for i in rows]))
+        return log_w
+
     def weights(self, features, top_k: int | None = None) -> torch.Tensor:
         """Routing weights (B, K): eq. 29, then the ``top_k`` largest kept and renormalised."""
         return top_k_renormalise(self.probabilities(features), top_k or self.top_k)

@@ -44,10 +44,12 @@ Python API::
 """
 
 from ddfm.ensemble.cli import GenerateConfig, generate_cli
-from ddfm.ensemble.config import ALL, EVIDENCE, MODES, EnsembleConfig, Routing, routing_mode
+from ddfm.ensemble.config import EnsembleConfig
 from ddfm.ensemble.core import Ensemble, check_compatible
-from ddfm.ensemble.decode import DecodeBatch, Generation, Sampling
+from ddfm.ensemble.decode import DecodeBatch, Generation
 from ddfm.ensemble.prompts import Request
+from ddfm.routing import ALL, EVIDENCE, MODES, Routing, routing_mode
+from ddfm.sampling import Sampling
 
 __all__ = ["ALL", "EVIDENCE", "MODES", "DecodeBatch", "Ensemble", "EnsembleConfig", "GenerateConfig", "Generation",
            "Request", "Routing", "Sampling", "check_compatible", "generate_cli", "routing_mode"]

@@ -11,13 +11,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ddfm.ensemble.config import EnsembleConfig, Routing, resolve_top_k, routing_mode
-from ddfm.ensemble.decode import DecodeBatch, Generation, Sampling
+from ddfm.ensemble.config import EnsembleConfig
+from ddfm.ensemble.decode import DecodeBatch, Generation
 from ddfm.ensemble.experts import full_log_probs, prefill
 from ddfm.ensemble.prompts import Batch, PromptEncoder, Request, left_pad, open_request_image
 from ddfm.ensemble.shared_encoder import SharedTower
 from ddfm.mixture import mixture_log_probs, normalise_log, top_k_log
 from ddfm.router import Router
+from ddfm.routing import EVIDENCE, Routing, parse_top_k, resolve_top_k, routing_mode
+from ddfm.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +31,13 @@ class Ensemble:
 
     Attributes: ``experts`` (K models, ``None`` for a left-out expert), ``expert_names``,
     ``processor`` (shared), ``router`` (or None), ``routing`` (the mode, a
-    :class:`~ddfm.ensemble.config.Routing`), ``top_k`` (experts mixed per token, 1..K),
+    :class:`~ddfm.routing.Routing`), ``top_k`` (experts mixed per token, 1..K),
     ``left_out``.
     """
 
     def __init__(self, experts: list, processor, router: Router | None = None, *, names: list[str] | None = None,
                  mode: str = "centroid", top_k: Union[int, str, None] = None, shared_encoder: bool = False,
                  left_out: list[str] | None = None, evidence: str = "prompt"):
-        from ddfm.ensemble.config import EVIDENCE, parse_top_k
-
         K = len(experts)
         if K == 0 or all(m is None for m in experts):
             raise ValueError("ensemble: no expert to run")
@@ -168,36 +168,28 @@ class Ensemble:
             return torch.full((B, K), float("-inf"), dtype=torch.float64).index_fill_(1, torch.tensor([self.routing.expert]), 0.0)
         if prior == "uniform" or self.router is None:
             return torch.zeros(B, K, dtype=torch.float64)
-        router = self.router
-        if router.modality == "text":  # a token-id prompt (completions API) is routed on its text
-            texts = [r.prompt if r.token_ids is None else self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
-                     for r in requests]
-            return router.log_probabilities(router.features(texts))
-        log_w = router.cluster_shares.double().log().expand(B, -1).clone()  # π_k: no image, no evidence
-        rows = [i for i, im in enumerate(images) if im is not None]
-        if rows:
-            log_w[rows] = router.log_probabilities(router.features([images[i] for i in rows]))
-        return log_w
+        if self.router.modality == "text":  # a token-id prompt (completions API) is routed on its text
+            return self.router.prior_log([r.prompt if r.token_ids is None else
+                                          self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                                          for r in requests])
+        return self.router.prior_log(images)
 
     def mixing(self, log_w: torch.Tensor) -> torch.Tensor:
         """The log-weights that mix: the top-k of ``log_w`` (B, K), renormalised."""
         return log_w if self.top_k >= log_w.shape[1] else top_k_log(log_w, self.top_k)
 
     # -------------------------------------------------------------- generation
-    def generate(self, requests: Request | Sequence[Request], *, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str | int] | None = None,
-                 seed: int | None = None, logprobs: int | None = None,
-                 on_token: Callable[[int, str], None] | None = None) -> list[Generation]:
+    def generate(self, requests: Request | Sequence[Request], sampling: Sampling | None = None, *,
+                 on_token: Callable[[int, str], None] | None = None, **overrides) -> list[Generation]:
         """Generate for a batch of requests (which may route to different experts).
 
-        ``stop``: strings (the text is cut before them) and/or token ids; eos always stops.
-        ``seed`` seeds every request's sampling (the same request and seed give the same
-        text in any batch). ``logprobs``: see :class:`~ddfm.ensemble.decode.Sampling`.
+        ``sampling``: the :class:`~ddfm.sampling.Sampling` of every request (default
+        ``Sampling()``); keyword ``overrides`` replace its fields, as ``transformers``'
+        ``generate(generation_config, **kwargs)`` does (``max_new_tokens=16``, ``seed=0``, ...).
         ``on_token(i, delta_text)`` streams the text of request ``i`` as it grows.
         """
         requests = [requests] if isinstance(requests, Request) else list(requests)
-        sampling = Sampling(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                            top_p=top_p, seed=seed, stop=list(stop or []), logprobs=logprobs)
+        sampling = (sampling or Sampling()).override(**overrides)
         if not requests:
             return []
         deltas = [(lambda d, i=i: on_token(i, d)) for i in range(len(requests))] if on_token else None

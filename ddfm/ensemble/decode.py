@@ -23,44 +23,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ddfm.ensemble.experts import ExpertRun, prefill
 from ddfm.ensemble.prompts import Batch, Request, left_pad
 from ddfm.mixture import Mixture, normalise_log, posterior_update
+from ddfm.sampling import Sampling
 
 __all__ = ["Sampling", "Generation", "DecodeBatch"]
-
-
-@dataclass
-class Sampling:
-    """One request's generation parameters (its own, whatever else shares the batch).
-
-    ``stop``: strings (the text is cut before them) and/or token ids; eos always stops.
-    ``logprobs``: None for none, N >= 0 for the chosen token's mixture log-probability
-    and the N most likely tokens at every step.
-    """
-
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: Sequence[Union[str, int]] = ()
-    logprobs: Optional[int] = None
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
-        self.stop = list(self.stop or [])
 
 
 @dataclass

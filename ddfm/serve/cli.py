@@ -11,6 +11,7 @@ from typing import Optional
 
 from ddfm.config import arg
 from ddfm.ensemble.config import EnsembleConfig
+from ddfm.sampling import MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ServeConfig:
                                   "refused: a processor would scale the short side up)", default=20.0)
     max_prompt_tokens: int = arg("longest prompt in tokens (image tokens included)", default=2048)
     max_output_tokens: int = arg("largest max_tokens a request may ask for", default=512)
-    default_max_tokens: Optional[int] = arg("chat max_tokens when a request gives none (default: 64, at most "
+    default_max_tokens: Optional[int] = arg("chat max_tokens when a request gives none (default: ddfm.sampling.MAX_NEW_TOKENS, at most "
                                             "max_output_tokens; /v1/completions defaults to 16 as OpenAI's)",
                                             default=None)
     max_concurrent: int = arg("completion requests in flight before new ones get 429 (idle connections do not "
@@ -75,7 +76,7 @@ class ServeConfig:
             raise ValueError("serve: --experts and --upstream exclude each other (gateway mode forwards, "
                              "it does not load experts)")
         if self.default_max_tokens is None:
-            self.default_max_tokens = min(64, self.max_output_tokens)
+            self.default_max_tokens = min(MAX_NEW_TOKENS, self.max_output_tokens)
         for name in ("port", "max_body_bytes", "max_image_pixels", "max_prompt_tokens", "max_output_tokens",
                      "default_max_tokens", "max_concurrent", "max_connections", "max_header_bytes", "max_batch_size",
                      "header_timeout", "keep_alive_timeout"):

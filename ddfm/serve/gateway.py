@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 
+from ddfm.mixture import top_k_renormalise
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob, extension
 from ddfm.serve.errors import ApiError
 from ddfm.serve.images import MIN_SIDE
@@ -94,19 +95,14 @@ class GatewayBackend:
             p.weights = self._route(p.request)
 
     def _route(self, request: Any) -> list[float]:
-        from ddfm.mixture import top_k_renormalise
-
+        """Top-1 of the router's prior (:meth:`ddfm.router.Router.prior_log`), as the ensemble routes."""
         if self.router is None:
             return [1.0]
-        if self.router.modality == "text":
-            if request.token_ids is not None:  # the gateway holds no tokenizer to read them
-                raise ApiError(400, "prompt: a gateway with a text router routes on the prompt's text; send the "
-                               "prompt as a string, not token ids", param="prompt", code="unsupported_value")
-            w = self.router.route([request.prompt], top_k=1)[0]
-        elif request.image is not None:
-            w = self.router.route([request.image], top_k=1)[0]
-        else:  # no image for an image router: top-1 of the prior p(S_k) = π_k, as the ensemble does
-            w = top_k_renormalise(self.router.cluster_shares[None], 1)[0]
+        if self.router.modality == "text" and request.token_ids is not None:  # no tokenizer here to read them
+            raise ApiError(400, "prompt: a gateway with a text router routes on the prompt's text; send the "
+                           "prompt as a string, not token ids", param="prompt", code="unsupported_value")
+        item = request.prompt if self.router.modality == "text" else request.image
+        w = top_k_renormalise(self.router.prior_log([item]).exp(), 1)[0]
         return [round(float(x), 6) for x in w]
 
     def _expert(self, p: Prompt) -> int:

@@ -1,5 +1,5 @@
 """What both completion endpoints do the same way: check the model id and the token limits,
-turn a request's generation parameters into its own :class:`~ddfm.ensemble.Sampling`, and
+turn a request's generation parameters into its own :class:`~ddfm.sampling.Sampling`, and
 stop working for a client that has gone (:func:`while_connected`)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any, Optional
 
+from ddfm.sampling import Sampling
 from ddfm.serve.errors import ApiError, bad
 
 __all__ = ["check_model", "check_max_tokens", "sampling", "new_id", "while_connected"]
@@ -28,9 +29,7 @@ def check_max_tokens(value: int, param: str, limit: int) -> int:
 
 
 def sampling(body: Any, max_tokens: int, logprobs: Optional[int]):
-    """The request's :class:`~ddfm.ensemble.Sampling`: temperature 0 is greedy (OpenAI's default is 1)."""
-    from ddfm.ensemble import Sampling
-
+    """The request's :class:`~ddfm.sampling.Sampling`: temperature 0 is greedy (OpenAI's default is 1)."""
     temperature = 1.0 if body.temperature is None else body.temperature
     return Sampling(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
                     top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=list(body.stop or []),
