@@ -16,7 +16,7 @@ changes:
                 prompt, or only answer tokens)
 
 Beyond the paper's tables, the groups that explain the gap between dense and experts
-(issue 13; :data:`STUDIES`):
+(:data:`STUDIES`):
 
     diagnostics every expert alone on every cluster's test items (the K×K matrix), and the
                 dense baseline trained at the experts' batch B/K for the same steps (batch vs
@@ -27,7 +27,7 @@ Beyond the paper's tables, the groups that explain the gap between dense and exp
                 (0 = the experts start from the pretrained LM, or from init)
     seeds       the whole demo again at other seeds: the spread of the headline row
 
-Every stage runs through the demo's :class:`~ddfm.demo.Pipeline`, so finished stages
+Every stage runs through :class:`~ddfm.pipeline.Pipeline`, as the demo's do, so finished stages
 (the demo's own and earlier ablation rows) are never redone. Output: ``OUT/ablate/``
 ``ABLATE.md`` (one table, one row per setting, dense first), ``ablate.json`` and
 ``ablate.png``.
@@ -42,7 +42,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ddfm.config import arg
+from ddfm.data import load_records, write_records
+from ddfm.demo import PRESETS, resolve_preset, run_core
 from ddfm.io import atomic_write_text, read_json, save_figure, write_json
+from ddfm.pipeline import (
+    Pipeline,
+    base_start,
+    slug,
+    stage_base_step,
+    stage_dense,
+    stage_eval,
+    stage_experts,
+    stage_partition,
+)
+from ddfm.report import fmt
+from ddfm.routing import ROUTINGS
+from ddfm.runtime.device import DEVICE_HELP, check_device
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +73,7 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-# studies of issue 13 (their sizes are the preset's "studies" entry): name -> runner
+# the studies (their sizes are the preset's "studies" entry): name -> runner
 STUDIES = ("diagnostics", "scale-data", "scale-base", "seeds")
 GROUPS = (*ABLATIONS, *STUDIES)
 
@@ -76,8 +91,6 @@ def _encoder_spec(p, name: str) -> str:
 
 
 def _run_variant(p, preset: dict, setting: dict, demo_names: dict) -> Path:
-    from ddfm.demo import ROUTINGS, slug, stage_eval, stage_experts, stage_partition
-
     same_partition = (setting["encoder"], setting["k"], setting["algorithm"]) == \
         (preset["encoder"], preset["k"], preset["algorithm"])
     if same_partition:  # the demo's own partition, experts and evaluations
@@ -98,8 +111,6 @@ def _label(group: str, setting: dict) -> str:
 
 def ablation_table(rows: list[dict], dense: dict, metric: str, chance: dict) -> str:
     """Markdown: dense first, then one row per (group, setting); columns = tasks, overall, Δ."""
-    from ddfm.report import fmt
-
     pct = metric == "accuracy"
     tasks = sorted(t for t, g in dense["by_task"].items() if g.get(metric) is not None)
     head = ["group", "setting", "K", "encoder", "clustering", "routing", *tasks, "overall", "Δ vs dense"]
@@ -150,10 +161,10 @@ class AblateConfig:
     seed: int = arg("seed of every stage", default=0)
     groups: list[str] = arg("ablation groups: " + ", ".join(GROUPS), default_factory=lambda: list(GROUPS))
     threads: Optional[int] = arg("torch threads (default: torch's choice)", default=None)
+    device: str = arg(DEVICE_HELP + "; every stage runs on it", default="auto")
 
     def __post_init__(self):
-        from ddfm.demo import PRESETS
-
+        check_device(self.device)
         if self.preset not in PRESETS:
             raise ValueError(f"--preset: unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         unknown = [g for g in self.groups if g not in GROUPS]
@@ -165,14 +176,12 @@ def ablate(cfg: AblateConfig) -> Path:
     """Run the demo (cached) and every ablation row; write OUT/ablate/ABLATE.md and return it."""
     import torch
 
-    from ddfm.demo import Pipeline, resolve_preset, run_core
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     preset = resolve_preset(cfg.preset, cfg.quick)
     groups = [g for g in cfg.groups if g not in preset.get("skip_ablations", ())]
     t0 = time.perf_counter()
-    p = Pipeline(cfg.out, cfg.seed)
+    p = Pipeline(cfg.out, cfg.seed, device=cfg.device)
     names = run_core(p, preset)
     metric = preset["metric"]
     dense = read_json(names["evals"]["dense"] / "eval.json")
@@ -203,7 +212,7 @@ def ablate(cfg: AblateConfig) -> Path:
     return report
 
 
-# ------------------------------------------------------------------------------ issue 13's studies
+# ------------------------------------------------------------------------------ studies
 
 def _acc(e: dict | None, key: str = "overall") -> float | None:
     return None if e is None else (e[key] if key == "overall" else e).get("accuracy")
@@ -237,8 +246,6 @@ def run_studies(p, preset: dict, names: dict, studies: list[str], out: Path) -> 
 def study_diagnostics(p, preset: dict, names: dict) -> dict:
     """Every expert alone on all test items (grouped by the cluster their features fall in),
     and dense at the experts' batch B/K for the same steps."""
-    from ddfm.demo import stage_dense, stage_eval
-
     k, part = preset["k"], names["partition"]
     alone = {}
     for j, expert in enumerate(names["experts"]):
@@ -259,8 +266,6 @@ def study_diagnostics(p, preset: dict, names: dict) -> dict:
 
 
 def diagnostics_markdown(d: dict, k: int) -> list[str]:
-    from ddfm.report import fmt
-
     clusters = sorted({c for row in d["matrix"].values() for c in row}, key=lambda c: (not c.isdigit(), c))
     lines = ["## Diagnostics: where the gap comes from", "",
              "**Every expert on every cluster's test items** (accuracy %; rows: the expert, alone; columns: the "
@@ -289,8 +294,6 @@ def stage_subset(p, fraction: float) -> str:
     of a kept image) and the same fraction of the text records, seeded."""
     import numpy as np
 
-    from ddfm.data import load_records, write_records
-
     name = f"ablate/data-{fraction:g}"
 
     def run(d: Path) -> None:
@@ -310,8 +313,6 @@ def _gap_point(p, preset: dict, prefix: str, source: str, base: str, part_prefix
     """Dense and K experts on stage ``source``'s records from checkpoint ``base``, evaluated
     (dense, top-1, posterior-answers). The partition of those records is ``part_prefix``'s
     (shared by the points on the same records)."""
-    from ddfm.demo import ROUTINGS, stage_dense, stage_eval, stage_experts, stage_partition
-
     k = preset["k"]
     part = stage_partition(p, preset, encoder=preset["encoder"], k=k, algorithm=preset["algorithm"],
                            prefix=prefix if part_prefix is None else part_prefix, source=source, features="embed")
@@ -329,8 +330,6 @@ def study_scale(p, preset: dict, names: dict, group: str) -> list[dict]:
     """The gap at each point of a sweep: ``scale-data`` over training-image fractions (one
     pass each, from the demo's base), ``scale-base`` over alignment-step fractions (on the
     preset's ``base_data`` fraction of the images)."""
-    from ddfm.demo import base_start, stage_base_step
-
     study = preset["studies"]
     demo_point = {"images_per_expert": _images_per_expert(p, names["partition"], preset["k"]),
                   "dense_steps": read_json(p.path("dense") / "ddfm.json")["compute"]["steps"],
@@ -362,8 +361,6 @@ def _images_per_expert(p, part: str, k: int) -> float:
 
 
 def scale_markdown(scale: dict) -> list[str]:
-    from ddfm.report import fmt
-
     lines = ["## The gap as the data and the shared base grow", ""]
     for group, points in scale.items():
         what = ("training images (one pass each)" if group == "scale-data"
@@ -407,11 +404,9 @@ def study_seeds(p, preset: dict, names: dict) -> dict:
     """The whole demo at other seeds (each in ``ablate/seed-S``): the headline row's spread."""
     import statistics
 
-    from ddfm.demo import Pipeline, run_core
-
     runs = {p.seed: {n: _acc(_eval(d)) for n, d in names["evals"].items()}}
     for s in preset["studies"]["seeds"]:
-        child = Pipeline(p.root / "ablate" / f"seed-{s}", s)
+        child = Pipeline(p.root / "ablate" / f"seed-{s}", s, device=p.device)
         runs[s] = {n: _acc(_eval(d)) for n, d in run_core(child, preset)["evals"].items()}
     summary = {}
     for n in runs[p.seed]:
@@ -424,8 +419,6 @@ def study_seeds(p, preset: dict, names: dict) -> dict:
 
 
 def seeds_markdown(seeds: dict) -> list[str]:
-    from ddfm.report import fmt
-
     names = list(seeds["summary"])
     lines = [f"## Over {len(seeds['runs'])} seeds (the whole demo at each)", "",
              "| seed | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]

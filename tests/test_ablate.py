@@ -16,9 +16,13 @@ def test_variants_change_one_setting_of_the_baseline():
     rows = variants(preset, list(ABLATIONS))
     assert len(rows) == sum(len(v) for v in ABLATIONS.values())
     base = {"encoder": preset["encoder"], "k": preset["k"], "algorithm": preset["algorithm"], "routing": "top-1"}
-    for _group, setting in rows:
-        changed = {k for k in base if setting[k] != base[k]}
-        assert len(changed) <= 1
+    field = {"K": "k", "encoder": "encoder", "clustering": "algorithm", "routing": "routing"}
+    for group, setting in rows:  # a row moves only its group's setting ...
+        assert {k for k in base if setting[k] != base[k]} <= {field[group]}, (group, setting)
+    for group, entries in ABLATIONS.items():  # ... to each of the group's values, the baseline's among them once
+        values = [s[field[group]] for g, s in rows if g == group]
+        assert values == [e[field[group]] for e in entries] and len(set(values)) == len(values), group
+        assert values.count(base[field[group]]) == 1, group
     assert ("K", {**base, "k": 4}) in rows
     assert ("encoder", {**base, "encoder": "tower"}) in rows
     with pytest.raises(ValueError, match="groups"):
