@@ -56,9 +56,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ddfm.config import arg, to_dict
-from ddfm.data import SHORT_ANSWER_WORDS, Record, check_images, load_records, log_failed_images
+from ddfm.data import SHORT_ANSWER_WORDS, Record, check_images, load_records, log_failed_images, open_image
+from ddfm.ensemble import Ensemble, Request
 from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
+from ddfm.router import Router
 from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
@@ -155,8 +157,6 @@ def to_request(record: Record):
     """The record's first human turn as an ensemble :class:`~ddfm.ensemble.Request`, with
     the turns before it (a system prompt) as history: the prompt training saw before the
     reference answer."""
-    from ddfm.ensemble import Request
-
     first = next(i for i, t in enumerate(record.conversations) if t["from"] == "human")
     # the <image> placeholder stays where the record puts it (LLaVA data has both
     # "<image>\nWhat is this?" and "What is this?\n<image>")
@@ -198,8 +198,6 @@ def route_clusters(router, records: Sequence[Record]) -> list[str]:
     """Cluster of each record under ``router`` (argmax of eq. 29: the nearest centroid);
     text records under an image router are 'text'. Images are decoded 256 at a time."""
     import torch
-
-    from ddfm.data import open_image
 
     if router is None:
         return ["-"] * len(records)
@@ -368,8 +366,6 @@ def evaluate_text(ensemble, records: Sequence[Record], *, max_length: int | None
     "by_source", "predictions", "n_records", "max_length", "prefix_token_id", "elapsed_s"}``
     (:func:`aggregate_text` groups; per record ``nll``, ``n_tokens``, ``n_words``, ``n_bytes``).
     """
-    from ddfm.ensemble import Request
-
     with_image = [r for r in records if r.image is not None]
     if with_image:
         r = with_image[0]
@@ -528,9 +524,6 @@ class EvalConfig:
 def evaluate_paths(cfg: EvalConfig) -> dict[str, Any]:
     """Load the model/ensemble and the test file named by ``cfg`` and evaluate (no files written)."""
     import torch
-
-    from ddfm.ensemble import Ensemble
-    from ddfm.router import Router
 
     torch.manual_seed(0)
     records = load_records(cfg.data, check_images=False).records  # evaluate() reports failed images

@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ddfm.config import arg
-from ddfm.data import IMAGE_TOKEN, Record, load_records
+from ddfm.data import IMAGE_TOKEN, Record, check_images, load_records
 from ddfm.evaluate import QA_MAX_WORDS, is_qa
 from ddfm.io import atomic_write_text, write_json, write_jsonl
 
@@ -257,8 +257,6 @@ def _write_docs(cfg: TasksConfig, out: Path) -> dict[str, Any]:
 
 
 def _write_images(cfg: TasksConfig, out: Path) -> dict[str, Any]:
-    from ddfm.data import check_images
-
     records, failed = check_images(_load(cfg.images, cfg.limit))
     for f in failed[:5]:
         log.warning("tasks: left out %s", f)

@@ -45,7 +45,9 @@ import numpy as np
 
 from ddfm.config import arg, to_dict
 from ddfm.data import FailedImage, Record, check_images, load_records, log_failed_images, write_records
+from ddfm.features.store import load_features, record_key
 from ddfm.io import atomic_path, atomic_write_text, save_figure, write_json
+from ddfm.kmeans import BalancedKMeans, TwoStageKMeans
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +111,10 @@ class Items:
 
 
 def _features(path: str):
-    from ddfm.features.store import load_features
-
     return load_features(path)
 
 
 def _record_key(record: Record, modality: str) -> str | None:
-    from ddfm.features.store import record_key
-
     return record_key(record, modality)
 
 
@@ -186,8 +184,6 @@ def item_features(feats: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def make_model(cfg: PartitionConfig):
     """The clustering estimator named by ``cfg.algorithm`` (presets as data). Two-stage
     adapts the number of fine clusters to the data (:class:`ddfm.kmeans.TwoStageKMeans`)."""
-    from ddfm.kmeans import BalancedKMeans, TwoStageKMeans
-
     if cfg.algorithm == "balanced":
         return BalancedKMeans(cfg.k, random_state=cfg.seed, max_iter=cfg.max_iter)
     return TwoStageKMeans(cfg.k, n_fine=cfg.fine_clusters, balance_by=cfg.balance_by,

@@ -15,7 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ddfm.data import load_records
 from ddfm.io import atomic_write_text, read_json, save_figure
+from ddfm.vqa import exact_match, normalize_answer
 
 __all__ = ["write_report", "comparison_table", "compute_table", "plot_losses", "plot_tasks", "fmt"]
 
@@ -201,9 +203,6 @@ def router_only_baseline(shards: list[Path], predictions: list[dict]) -> dict[st
     ``correct`` (None for perplexity-only rows). Returns ``{"by_task": {task: acc}, "overall": acc}``.
     """
     from collections import Counter, defaultdict
-
-    from ddfm.data import load_records
-    from ddfm.vqa import exact_match, normalize_answer
 
     majority: dict[tuple[str, str], str] = {}
     for k, shard in enumerate(shards):

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ddfm.features.registry import get_encoder
 from ddfm.io import read_json
 from ddfm.mixture import top_k_renormalise
 
@@ -153,7 +154,6 @@ class Router:
         if self._encoder is None:
             if not self.encoder_spec:
                 raise ValueError(f"router {self.path or ''}: no encoder recorded; give one with use_encoder()")
-            from ddfm.features.registry import get_encoder
 
             self._encoder = get_encoder(self.encoder_spec)
         return self._encoder

@@ -12,11 +12,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ddfm.ensemble.config import EnsembleConfig
-from ddfm.ensemble.decode import DecodeBatch, Generation
+from ddfm.ensemble.decode import DecodeBatch, Generation, _evidence_log_likelihood
 from ddfm.ensemble.experts import full_log_probs, prefill
 from ddfm.ensemble.prompts import Batch, PromptEncoder, Request, left_pad, open_request_image
 from ddfm.ensemble.shared_encoder import SharedTower
 from ddfm.mixture import mixture_log_probs, normalise_log, top_k_log
+from ddfm.model.chat import get_tokenizer
+from ddfm.model.checkpoint import load_model, read_meta
 from ddfm.router import Router
 from ddfm.routing import EVIDENCE, Routing, parse_top_k, resolve_top_k, routing_mode
 from ddfm.sampling import Sampling
@@ -241,7 +243,6 @@ class Ensemble:
             pre = prefill(model, batch, rows, encoder_outputs=shared.for_expert(k, rows) if shared else None,
                           want_tokens=True)
             if self.routing.update:  # the prompt's evidence, as in generation
-                from ddfm.ensemble.decode import _evidence_log_likelihood
 
                 log_w[rows, k] += _evidence_log_likelihood(pre.tokens, batch, rows)
             for j, r in enumerate(rows):
@@ -336,8 +337,6 @@ def _device(device: str) -> str:
 
 
 def _load_expert(path: str, device: str, dtype: str = "auto"):
-    from ddfm.model.checkpoint import load_model
-
     if not Path(path).is_dir():
         raise FileNotFoundError(f"expert checkpoint directory not found: {path}")
     return load_model(path, device=device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
@@ -379,8 +378,6 @@ def _first_difference(a: Any, b: Any, name_a: str, name_b: str) -> str:
 def check_compatible(names: Sequence[str], processors: Sequence[Any], models: Sequence[Any]) -> None:
     """Raise ``ValueError`` naming the expert and the difference unless all experts share
     tokenizer (vocabulary, special tokens, chat template) and image processing."""
-    from ddfm.model.chat import get_tokenizer
-
     ref = {**_describe_tokenizer(get_tokenizer(processors[0])), **_describe_images(processors[0], models[0])}
     for name, proc, model in zip(names[1:], processors[1:], models[1:]):
         this = {**_describe_tokenizer(get_tokenizer(proc)), **_describe_images(proc, model)}
@@ -396,8 +393,6 @@ def init_identity(path: str | os.PathLike) -> Optional[str]:
     ``ddfm.json`` (``ddfm train`` keeps a copy as ``init_meta``; a checkpoint written by
     ``ddfm init`` is its own start), else the initial checkpoint's path; None for a
     checkpoint that ddfm did not write."""
-    from ddfm.model.checkpoint import read_meta
-
     meta = read_meta(path)  # paths resolved, so copies at other depths compare equal
     if meta is None:
         return None

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ddfm.ensemble.prompts import Batch
+from ddfm.model.families import rope_positions, stack_vision
 
 __all__ = ["ExpertRun", "Prefill", "full_log_probs", "prefill", "token_log_probs"]
 
@@ -67,8 +68,6 @@ def prefill(model, batch: Batch, rows: list[int], *, encoder_outputs: Any = None
     (:func:`ddfm.model.families.rope_positions`), and every later token of a row the position
     after its largest one — what ``generate`` does with its rope deltas.
     """
-    from ddfm.model.families import rope_positions, stack_vision
-
     dev = model.device
     idx = torch.tensor(rows, dtype=torch.long)
     mask = batch.attention_mask[idx]

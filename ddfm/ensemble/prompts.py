@@ -18,6 +18,19 @@ from typing import Any, Optional
 
 import torch
 
+from ddfm.data import IMAGE_TOKEN, open_image
+from ddfm.model.chat import (
+    assistant_spans,
+    encode_chat,
+    encode_conversation,
+    encode_prompt,
+    get_tokenizer,
+    image_token,
+    render_prompt,
+    spells_control_tokens,
+    to_chat_messages,
+)
+
 __all__ = ["Request", "Encoded", "Batch", "PromptEncoder", "left_pad", "open_request_image"]
 
 
@@ -82,7 +95,6 @@ def open_request_image(image):
     """A request's image as an RGB PIL image (path or PIL), or None."""
     if image is None:
         return None
-    from ddfm.data import open_image
 
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
@@ -95,9 +107,6 @@ def _messages(request: Request, with_image: bool) -> list[dict]:
     """The chat messages of a request. The image goes where the prompt's ``<image>``
     placeholder stands (as LLaVA records place it; not in a ``literal`` prompt), else
     before the prompt's text, unless an earlier turn already holds it."""
-    from ddfm.data import IMAGE_TOKEN
-    from ddfm.model.chat import to_chat_messages
-
     history = to_chat_messages(request.history or [])
     has_image_part = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
                          for m in history)
@@ -118,16 +127,12 @@ class PromptEncoder:
     """
 
     def __init__(self, processor, evidence: str = "prompt", image_token_id: int | None = None):
-        from ddfm.model.chat import get_tokenizer, image_token
-
         self.processor, self.evidence = processor, evidence
         self.tokenizer = get_tokenizer(processor)
         self.is_vlm = image_token(processor) is not None
         self.image_token_id = image_token_id
 
     def encode(self, request: Request) -> Encoded:
-        from ddfm.model.chat import encode_chat, encode_prompt, render_prompt, spells_control_tokens
-
         if request.encoded is not None:
             return request.encoded
         if request.token_ids is not None or request.raw:
@@ -159,7 +164,6 @@ class PromptEncoder:
     def _evidence(self, messages: list[dict], ids: list[int], images: list | None) -> list[bool]:
         if self.evidence == "prompt":
             return [t != self.image_token_id for t in ids]
-        from ddfm.model.chat import encode_conversation, spells_control_tokens
 
         if spells_control_tokens(self.processor, messages):
             return self._answers_by_prefixes(messages, ids, images)
@@ -175,8 +179,6 @@ class PromptEncoder:
         """The earlier answers' tokens in a prompt encoded by :func:`~ddfm.model.chat.encode_chat`
         (no offsets to map a template's answer spans): answer i spans from the conversation
         before it with the generation prompt to the conversation through it."""
-        from ddfm.model.chat import encode_chat
-
         def length(msgs: list[dict], gen: bool) -> int:
             n = sum(isinstance(m["content"], list) and sum(p.get("type") == "image" for p in m["content"])
                     for m in msgs)
@@ -192,8 +194,6 @@ class PromptEncoder:
 
     def target_ids(self, request: Request, target: str, eos_ids: set[int]) -> list[int]:
         """Token ids of ``target`` as the assistant's answer, closing eos included (as trained)."""
-        from ddfm.model.chat import assistant_spans, render_prompt
-
         msgs = _messages(request, request.image is not None)
         prompt = render_prompt(self.processor, msgs, add_generation_prompt=True)
         answered = msgs + [{"role": "assistant", "content": [{"type": "text", "text": target}]}]

@@ -11,10 +11,13 @@ from fastapi import APIRouter, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 
+from ddfm.ensemble import Ensemble
+from ddfm.router import Router
 from ddfm.serve import chat, completions, errors
 from ddfm.serve import protocol as P
 from ddfm.serve.admission import Admission, Slots
 from ddfm.serve.backends import Backend, LocalBackend
+from ddfm.serve.gateway import GatewayBackend, parse_upstreams
 from ddfm.serve.metrics import CountRequests, Metrics
 
 __all__ = ["create_app", "ServerState"]
@@ -88,15 +91,9 @@ def _info_router() -> APIRouter:
 
 def _backend(cfg, metrics: Metrics, slots: Slots, ensemble: Any, router: Any) -> Backend:
     if cfg.upstream:
-        from ddfm.serve.gateway import GatewayBackend, parse_upstreams
-
         if router is None and cfg.ensemble.router is not None:
-            from ddfm.router import Router
-
             router = Router.load(cfg.ensemble.router, temperature=cfg.ensemble.router_temperature)
         return GatewayBackend(router, parse_upstreams(cfg.upstream), cfg)
     if ensemble is None:
-        from ddfm.ensemble import Ensemble
-
         ensemble = Ensemble.from_config(cfg.ensemble)
     return LocalBackend(ensemble, cfg, metrics, pending=lambda: slots.used)

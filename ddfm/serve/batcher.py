@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from ddfm.ensemble import DecodeBatch
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Batcher", "Generate", "Score", "Inbox", "Tagged"]
@@ -147,8 +149,6 @@ class Batcher:
     # -------------------------------------------------------------- the thread
     def _run(self) -> None:
         import torch
-
-        from ddfm.ensemble import DecodeBatch
 
         with torch.inference_mode():
             self.batch = DecodeBatch(self.ens)
@@ -282,8 +282,6 @@ class Batcher:
             work.logprobs_sent = len(entries)
 
     def _fail_all(self, err: Exception) -> None:
-        from ddfm.ensemble import DecodeBatch
-
         for work in self._active.values():
             work.inbox.put("error", err)
         self._active.clear()

@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 
+from ddfm.ensemble import Request
 from ddfm.serve import protocol as P
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob
 from ddfm.serve.errors import ApiError, JsonRoute, bad
@@ -55,8 +56,6 @@ def chat_job(body: P.ChatCompletionRequest, cfg: Any, model_ids: list[str], imag
     """The validated request as a :class:`Job`: checks what depends on the server (model,
     limits, image policy) and on several fields together (turn order, one image);
     ``image_side``: shrink an image to this short side (:func:`~ddfm.serve.images.image_side`)."""
-    from ddfm.ensemble import Request
-
     check_model(body.model, model_ids)
     key = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

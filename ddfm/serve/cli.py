@@ -12,6 +12,9 @@ from typing import Optional
 from ddfm.config import arg
 from ddfm.ensemble.config import EnsembleConfig
 from ddfm.sampling import MAX_NEW_TOKENS
+from ddfm.serve.app import create_app
+from ddfm.serve.connections import uvicorn_config
+from ddfm.serve.gateway import parse_upstreams
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +99,6 @@ class ServeConfig:
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise FileNotFoundError(f"image_root: not a directory: {self.image_root}")
         if self.upstream:
-            from ddfm.serve.gateway import parse_upstreams
-
             if len(parse_upstreams(self.upstream)) > 1 and self.ensemble.router is None:
                 raise ValueError("upstream: gateway mode with several experts needs --router to route requests")
         self.allowed_hosts = [str(h) for h in self.allowed_hosts]
@@ -133,9 +134,6 @@ def serve(cfg: ServeConfig) -> None:
     """Run the server until interrupted (``ddfm serve``); on SIGINT/SIGTERM it stops accepting,
     finishes the responses in flight (streams included), then stops the batcher."""
     import uvicorn
-
-    from ddfm.serve.app import create_app
-    from ddfm.serve.connections import uvicorn_config
 
     if cfg.api_key and any(cfg.api_key in a for a in sys.argv):
         log.warning("the API key was given with --api-key: every user of this machine can read it in the process "

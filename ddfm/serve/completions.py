@@ -22,6 +22,7 @@ from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 
+from ddfm.ensemble import Request
 from ddfm.serve import protocol as P
 from ddfm.serve.backends import Delta, Job, Output, Prompt, TokenLogprob
 from ddfm.serve.errors import ApiError, JsonRoute, bad
@@ -49,8 +50,6 @@ async def completions(body: P.CompletionRequest, http: HttpRequest):
 
 
 def completion_job(body: P.CompletionRequest, cfg: Any, model_ids: list[str]) -> Job:
-    from ddfm.ensemble import Request
-
     check_model(body.model, model_ids)
     given = body.max_tokens
     max_tokens = check_max_tokens(min(DEFAULT_MAX_TOKENS, cfg.max_output_tokens) if given is None else given,

@@ -7,6 +7,8 @@ from typing import Any, AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from ddfm.serve.errors import ApiError
+
 __all__ = ["sse", "DONE", "event_stream"]
 
 DONE = b"data: [DONE]\n\n"
@@ -26,8 +28,6 @@ async def opened(events: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[tuple[
     """A backend stream whose first event has arrived: an error before anything was
     generated (an upstream that is down, a prompt the ensemble refuses) is raised here,
     while the response status can still say so; later errors are sent in-band."""
-    from ddfm.serve.errors import ApiError
-
     try:
         first = await events.__anext__()
     except StopAsyncIteration:
