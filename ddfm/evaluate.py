@@ -48,7 +48,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from ddfm.ensemble import Ensemble, Request
 from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 from ddfm.router import Router
+from ddfm.runtime.progress import progress
 from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
@@ -170,30 +170,6 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[i:i + size]
 
 
-class _Progress:
-    """tqdm on a terminal, a plain log line every ~10 % otherwise."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.done, self.next_log = total, desc, 0, 0.1
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="rec", dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.total and self.done / self.total >= self.next_log:
-            log.info("%s: %d/%d", self.desc, self.done, self.total)
-            self.next_log = self.done / self.total + 0.1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def route_clusters(router, records: Sequence[Record]) -> list[str]:
     """Cluster of each record under ``router`` (argmax of eq. 29: the nearest centroid);
     text records under an image router are 'text'. Images are decoded 256 at a time."""
@@ -241,7 +217,7 @@ def evaluate(ensemble, records: Sequence[Record], *, batch_size: int = 32,
     rows = [{"id": r.id, "task": r.task, "source": r.source, "cluster": c, "reference": r.answer(),
              "prediction": None, "correct": None} for r, c in zip(records, clusters)]
     qa = [i for i, r in enumerate(records) if is_qa(r, qa_max_words)]
-    bar = _Progress(len(qa) + len(records), desc)
+    bar = progress(len(qa) + len(records), desc, unit="rec")
     for chunk in _batches(qa, batch_size):
         gens = ensemble.generate([to_request(records[i]) for i in chunk], max_new_tokens=max_new_tokens)
         for i, g in zip(chunk, gens):
@@ -386,7 +362,7 @@ def evaluate_text(ensemble, records: Sequence[Record], *, max_length: int | None
                      "n_words": count_words(text), "n_bytes": len(text.encode("utf-8")), "windows": 0})
         windows += [(i, w, n) for w, n in rolling_windows(ids, prefix, max_length)]
     windows.sort(key=lambda w: len(w[1]))  # similar lengths batch together
-    bar = _Progress(len(windows), desc + " (text windows)")
+    bar = progress(len(windows), desc + " (text windows)", unit="window")
     for chunk in _batches(windows, batch_size):
         scores = ensemble.score_tokens([Request(prompt="", token_ids=w) for _, w, _ in chunk])
         for (i, _, n), s in zip(chunk, scores):

@@ -443,47 +443,21 @@ def partition(cfg: PartitionConfig) -> Path:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     token_label, count_tokens = _token_counter(cfg.tokenizer)  # fail early, before any output
-    feats, keys, meta = _features(cfg.features)
-    records = load_records(cfg.data, check_images=False).records
-    records, left_out = leave_out_failed_images(records, keys, meta)
-    log_failed_images("partition", left_out, f"{cfg.out}/report.json")
-    items = map_items(records, keys, meta, cfg.features)
-    if len(items.keys) < cfg.k:
-        raise ValueError(f"k={cfg.k} is larger than the number of unique items with features "
-                         f"({len(items.keys)}) in {cfg.data}")
-    X = item_features(feats, items.rows)  # (U, D)
+    records, left_out, items, X, meta = _load_items(cfg)
     seconds["load"] = time.perf_counter() - t0
-    log.info("partition: %d records, %d unique %s items, %d text-only without a row; fitting %s k-means, K=%d",
-             len(records), len(X), meta["modality"], int((items.record_item < 0).sum()), cfg.algorithm, cfg.k)
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings():  # X may be the read-only memory map: k-means only reads it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        model = make_model(cfg).fit(X)
-    item_labels = model.labels_
+    model = _fit(cfg, X)
     seconds["fit"] = time.perf_counter() - t0
-    log.info("partition: %d iterations in %.1f s, unique items per cluster %s",
-             model.n_iter_, seconds["fit"], np.bincount(item_labels, minlength=cfg.k).tolist())
-    if "n_fine" in model.fit_info_ and model.fit_info_["n_fine"] < cfg.fine_clusters:
-        log.info("partition: two-stage used m = min(--fine-clusters, max(k, N // %d)) = %d fine clusters for "
-                 "N = %d items (k-means needs at least %d points per fine cluster to train one)", model.min_fine_size,
-                 model.fit_info_["n_fine"], len(X), model.min_fine_size)
-
-    labels = np.empty(len(records), dtype=np.int64)
-    has = items.record_item >= 0
-    labels[has] = item_labels[items.record_item[has]]
-    labels[~has] = spread_free(int((~has).sum()), cfg.k, cfg.seed)
+    item_labels = model.labels_
+    labels = record_labels(items, item_labels, cfg.k, cfg.seed)
     centroids = model.cluster_centers_
     if cfg.temperature is None:
-        calibration = calibrate_temperature(X, centroids, item_labels, seed=cfg.seed)
-        calibration["source"] = "calibrated"
+        calibration = {**calibrate_temperature(X, centroids, item_labels, seed=cfg.seed), "source": "calibrated"}
     else:
         calibration = {"temperature": float(cfg.temperature), "source": "given (--temperature)"}
     shares = (np.bincount(labels, minlength=cfg.k) / len(records)).tolist()
-    algorithm = {"name": cfg.algorithm, **model.get_params(),
-                 "n_iter": int(model.n_iter_), "inertia": float(model.inertia_)}
-    if "n_fine" in model.fit_info_:  # two-stage: the fine clusters m it used (adapted to the data)
-        algorithm["n_fine_used"] = int(model.fit_info_["n_fine"])
+    algorithm = _algorithm_record(cfg, model)
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -508,3 +482,53 @@ def partition(cfg: PartitionConfig) -> Path:
     atomic_write_text(out / "report.md", report_markdown(report))
     log.info("partition: wrote %d shards, router and report to %s", cfg.k, out)
     return out
+
+
+def _load_items(cfg: PartitionConfig):
+    """The records (failed images left out), their unique items and the items' features (U, D)."""
+    feats, keys, meta = _features(cfg.features)
+    records = load_records(cfg.data, check_images=False).records
+    records, left_out = leave_out_failed_images(records, keys, meta)
+    log_failed_images("partition", left_out, f"{cfg.out}/report.json")
+    items = map_items(records, keys, meta, cfg.features)
+    if len(items.keys) < cfg.k:
+        raise ValueError(f"k={cfg.k} is larger than the number of unique items with features "
+                         f"({len(items.keys)}) in {cfg.data}")
+    X = item_features(feats, items.rows)  # (U, D)
+    log.info("partition: %d records, %d unique %s items, %d text-only without a row; fitting %s k-means, K=%d",
+             len(records), len(X), meta["modality"], int((items.record_item < 0).sum()), cfg.algorithm, cfg.k)
+    return records, left_out, items, X, meta
+
+
+def _fit(cfg: PartitionConfig, X: np.ndarray):
+    """The fitted k-means estimator of ``cfg`` on the items' features ``X`` (U, D)."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # X may be the read-only memory map: k-means only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        model = make_model(cfg).fit(X)
+    log.info("partition: %d iterations in %.1f s, unique items per cluster %s", model.n_iter_,
+             time.perf_counter() - t0, np.bincount(model.labels_, minlength=cfg.k).tolist())
+    if "n_fine" in model.fit_info_ and model.fit_info_["n_fine"] < cfg.fine_clusters:
+        log.info("partition: two-stage used m = min(--fine-clusters, max(k, N // %d)) = %d fine clusters for "
+                 "N = %d items (k-means needs at least %d points per fine cluster to train one)", model.min_fine_size,
+                 model.fit_info_["n_fine"], len(X), model.min_fine_size)
+    return model
+
+
+def record_labels(items, item_labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster of every record (R,): its item's, or, for a record without an item (text-only
+    under an image encoder), spread randomly and equally over the K clusters (paper §5.1)."""
+    labels = np.empty(len(items.record_item), dtype=np.int64)
+    has = items.record_item >= 0
+    labels[has] = item_labels[items.record_item[has]]
+    labels[~has] = spread_free(int((~has).sum()), k, seed)
+    return labels
+
+
+def _algorithm_record(cfg: PartitionConfig, model) -> dict:
+    """router.json's ``algorithm``: the estimator's parameters, iterations and objective."""
+    algorithm = {"name": cfg.algorithm, **model.get_params(), "n_iter": int(model.n_iter_),
+                 "inertia": float(model.inertia_)}
+    if "n_fine" in model.fit_info_:  # two-stage: the fine clusters m it used (adapted to the data)
+        algorithm["n_fine_used"] = int(model.fit_info_["n_fine"])
+    return algorithm

@@ -246,7 +246,7 @@ def _read_predictions(eval_dir: Path) -> list[dict]:
 
 
 def diagnostics_section(p, names: dict, evals: dict[str, dict], metric: str) -> list[str]:
-    """Where the gap between dense and the experts comes from (issue 13's diagnostics)."""
+    """Where the gap between dense and the experts comes from (per cluster, K x K, router only)."""
     if metric != "accuracy":
         return []
     k = len(names["experts"])

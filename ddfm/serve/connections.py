@@ -4,7 +4,7 @@ sockets never lock out requests.
 uvicorn (0.54) arms no timer on a new connection and none while a request head is
 arriving: a socket that sends nothing, or half a header, stays open for ever. Its own
 ``limit_concurrency`` counts open *connections*, so enough idle sockets make every
-request, ``/health`` included, a 503 (issue 16, point 1). This module is uvicorn's
+request, ``/health`` included, a 503. This module is uvicorn's
 httptools protocol (``uvicorn.Config(http=...)`` takes a protocol class) with two rules:
 
 * ``header_timeout``: from the moment a connection opens, and from the first byte of each

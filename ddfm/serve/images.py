@@ -3,7 +3,7 @@
 ``data:image/...;base64,...`` is always accepted; ``http(s)://`` only with
 ``--allow-remote-images``; ``file://`` URLs and plain paths only under ``--image-root``.
 
-An image costs what the model will see, not what the client sent (issue 16, point 3):
+An image costs what the model will see, not what the client sent:
 
 * the pixel count (``--max-image-pixels``) and the aspect ratio (``--max-image-aspect``)
   are checked from the image header, before anything is decoded. A processor scales an
