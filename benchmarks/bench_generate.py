@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -52,7 +51,7 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import fmnist_images, write_image_records  # noqa: E402
+from common import fmnist_images, write_image_records, write_results  # noqa: E402
 
 
 def build_experts(root: Path, images, preset: str = "tiny-llava") -> list[str]:
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"== {name} experts ({size:.0f} MB of weights each) ==")
         results[name] = measure(experts, router, images, tmp / name, args)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.json, results)
     return results
 
 

@@ -34,3 +34,12 @@ def write_image_records(root: Path, images) -> Path:
             {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A garment."}]})
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "train.jsonl"
+
+
+def write_results(path: str | Path, results) -> None:
+    """``--json`` output of a benchmark: its results with :func:`ddfm.runtime.provenance.provenance`
+    (commit, versions, CPU, threads, date) beside them, written atomically."""
+    from ddfm.io import write_json
+    from ddfm.runtime.provenance import provenance
+
+    write_json(Path(path), {"results": results, "provenance": provenance()})

@@ -58,6 +58,7 @@ from ddfm.pipeline import (
 from ddfm.report import fmt
 from ddfm.routing import ROUTINGS
 from ddfm.runtime.device import DEVICE_HELP, check_device
+from ddfm.runtime.provenance import provenance, provenance_lines
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def ablate(cfg: AblateConfig) -> Path:
     plot_ablation(out / "ablate.png", rows, dense, metric)
     write_json(out / "ablate.json", {"metric": metric, "dense": dense["overall"],
                                      "rows": [{k: v for k, v in r.items() if k != "eval"} | {"overall": r["eval"]["overall"]}
-                                              for r in rows]})
+                                              for r in rows], "provenance": provenance()})
     studies = [g for g in groups if g in STUDIES]
     sections = run_studies(p, preset, names, studies, out) if studies and metric == "accuracy" else []
     report = out / "ABLATE.md"
@@ -206,7 +207,7 @@ def ablate(cfg: AblateConfig) -> Path:
         f"Run directory `{p.root}`, seed {cfg.seed}; {metric} on the demo's test set. Each row changes one "
         "setting of the baseline ensemble (first row of each group = the demo's); experts are retrained, "
         "compute-matched to the dense baseline, whenever the partition changes.", "",
-        table, "", "![ablations](ablate.png)", "", *sections]))
+        table, "", "![ablations](ablate.png)", "", *sections, "", "## Provenance", "", *provenance_lines(), ""]))
     print(table)
     print(f"\nablate: finished in {time.perf_counter() - t0:.0f} s; report: {report.resolve()}")
     return report

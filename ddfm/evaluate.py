@@ -61,6 +61,7 @@ from ddfm.ensemble.config import EnsembleConfig
 from ddfm.io import atomic_write_text, read_json, write_json, write_jsonl
 from ddfm.router import Router
 from ddfm.runtime.progress import progress
+from ddfm.runtime.provenance import provenance
 from ddfm.vqa import exact_match, normalize_answer, vqa_accuracy
 
 log = logging.getLogger(__name__)
@@ -448,7 +449,7 @@ def write_result(out: str | Path, result: dict, title: str, meta: dict | None = 
     write_jsonl(out / "predictions.jsonl", result["predictions"])
     summary = {k: v for k, v in result.items() if k != "predictions"}
     atomic_write_text(out / "eval.md", report(result, title) + "\n")
-    write_json(out / "eval.json", {**summary, **({"meta": meta} if meta else {})})
+    write_json(out / "eval.json", {**summary, **({"meta": meta} if meta else {}), "provenance": provenance()})
     return out
 
 

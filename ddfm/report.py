@@ -17,6 +17,7 @@ from typing import Any
 
 from ddfm.data import load_records
 from ddfm.io import atomic_write_text, read_json, save_figure
+from ddfm.runtime.provenance import provenance_lines
 from ddfm.vqa import exact_match, normalize_answer
 
 __all__ = ["write_report", "comparison_table", "compute_table", "plot_losses", "plot_tasks", "fmt"]
@@ -385,7 +386,9 @@ def write_report(p, preset: dict, names: dict, *, title: str, command: str, this
               f"evaluated: {evals['dense']['n_records']} test records.", "",
               "## Partition", "", *_partition_section(p.path(names["partition"])), "",
               "## Plots", "",
-              "![partition](partition.png)", "", "![training loss](loss.png)", "", "![per task](tasks.png)", ""]
+              "![partition](partition.png)", "", "![training loss](loss.png)", "", "![per task](tasks.png)", "",
+              "## Provenance", "", "What produced these numbers (the same command, lock and thread count on the "
+              "same machine print the same tables):", "", *provenance_lines(), ""]
     report = root / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return report
