@@ -14,6 +14,9 @@ from PIL import Image
 from ddfm import prepare as P
 from ddfm.data import load_records
 from ddfm.io import read_json
+from ddfm.prepare import images as image_sources
+from ddfm.prepare import rst, sources
+from ddfm.prepare.offline import FASHION_MNIST_DIR
 
 SMALL = {"train_size": 60, "test_size": 30}
 IMAGE_TASKS = {"fmnist-name", "fmnist-category", "fmnist-yesno", "fmnist-caption",
@@ -61,16 +64,16 @@ def test_mix_each_image_serves_several_short_answer_tasks(mix_dir):
     for answers in by_image.values():  # answers of one image agree with each other
         if "fmnist-name" in answers:
             assert answers["fmnist-caption"].endswith(answers["fmnist-name"])
-            cat = P.FMNIST_CATEGORIES[P.FMNIST_NAMES.index(answers["fmnist-name"])]
+            cat = image_sources.FMNIST_CATEGORIES[image_sources.FMNIST_NAMES.index(answers["fmnist-name"])]
             assert answers["fmnist-category"] == cat
         else:
             d = int(answers["digits-read"])
             assert answers["digits-parity"] == ("even" if d % 2 == 0 else "odd")
-            assert answers["digits-caption"].endswith(P.DIGIT_WORDS[d])
+            assert answers["digits-caption"].endswith(image_sources.DIGIT_WORDS[d])
     # a yes/no answer says whether the image's class has the property asked about
     for r in train:
         if r.task.endswith("-yesno"):
-            props = P.IMAGE_SOURCES[r.source]["properties"]
+            props = image_sources.IMAGE_SOURCES[r.source]["properties"]
             [labels] = [labels for phrasings, labels in props if r.prompt().split("\n")[-1] in phrasings]
             assert r.answer() == ("yes" if r.extra["label"] in labels else "no")
 
@@ -139,9 +142,9 @@ def test_rerun_is_skipped_force_rebuilds_new_config_drops_stale_images(tmp_path,
 def test_fashion_mnist_pixels_and_official_split(tmp_path):
     out = _prepare(tmp_path / "f", "fashion-mnist", train_size=50, test_size=20, tasks_per_image=2)
     train, test = _load(out)
-    raw = {s: P._read_idx(Path(P.FASHION_MNIST_DIR) / f"{p}-images-idx3-ubyte.gz")
+    raw = {s: image_sources._read_idx(Path(FASHION_MNIST_DIR) / f"{p}-images-idx3-ubyte.gz")
            for s, p in (("train", "train"), ("test", "t10k"))}
-    labels = P._read_idx(Path(P.FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz")
+    labels = image_sources._read_idx(Path(FASHION_MNIST_DIR) / "t10k-labels-idx1-ubyte.gz")
     assert raw["train"].shape == (60000, 28, 28) and raw["test"].shape == (10000, 28, 28)
     for split, recs in (("train", train), ("test", test)):
         assert Counter(r.image for r in recs).most_common(1)[0][1] == 2  # tasks_per_image
@@ -158,7 +161,7 @@ def test_fashion_mnist_pixels_and_official_split(tmp_path):
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
-    data = P._load_digits("")
+    data = image_sources._load_digits("")
     x_tr, y_tr = data["train"]
     x_te, y_te = data["test"]
     assert len(x_tr) == 1437 and len(x_te) == 360 and x_tr.shape[1:] == (8, 8)
@@ -234,8 +237,8 @@ Guide
         ("eat(n)", ["Eat *n* cans, see the guide.", "Changed in version 3.8: Accepts floats."]),
         ("Guide", ["Note: Keep it cold.", ">>> eat(1)\n1"]),
     ]
-    assert P._chunks(["a b c", "d e", "f g h i j"], 5) == ["a b c\nd e", "f g h i j"]
-    assert P._chunks(["w " * 12], 5) == ["w w w w w", "w w w w w", "w w"]
+    assert rst.chunks(["a b c", "d e", "f g h i j"], 5) == ["a b c\nd e", "f g h i j"]
+    assert rst.chunks(["w " * 12], 5) == ["w w w w w", "w w w w w", "w w"]
 
 
 def test_missing_sources_name_the_debian_package(tmp_path):
@@ -323,7 +326,7 @@ def test_val_align_and_pretrain_splits_are_disjoint_where_images_last(tmp_path):
 
 def test_mix_gives_a_short_source_deficit_to_the_others():
     # 9,000 train images at 2:1 would ask 3,000 digits of 1,437: Fashion-MNIST takes the rest
-    sizes = P._mix_sizes({"train_size": 9000, "test_size": 100, "val_size": 300, "align_size": None},
+    sizes = sources._mix_sizes({"train_size": 9000, "test_size": 100, "val_size": 300, "align_size": None},
                          P.SOURCES["mix"]["images"])
     assert sizes["digits"]["train"] == 1437 and sizes["fashion-mnist"]["train"] == 9000 - 1437
     assert sizes["digits"]["val"] == 0 and sizes["fashion-mnist"]["val"] == 300  # no digits left for val
