@@ -107,19 +107,19 @@ def test_sharded_and_plain_resume_states_are_not_mixed(init_dir, data, plain_run
 
 
 def test_fsdp_in_one_process_resumes_exactly(init_dir, data, fsdp_run, tmp_path, monkeypatch):
-    import ddfm.train as train_mod
+    from ddfm.train.state import TrainLog
 
-    report = train_mod._report
+    write = TrainLog.write
 
-    def interrupt_after_5(bar, row, cfg):
-        report(bar, row, cfg)
+    def interrupt_after_5(self, row):
+        write(self, row)
         if row["step"] == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_report", interrupt_after_5)
+    monkeypatch.setattr(TrainLog, "write", interrupt_after_5)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(init_dir, data, tmp_path / "run", fsdp=True, save_every=2))
-    monkeypatch.setattr(train_mod, "_report", report)
+    monkeypatch.setattr(TrainLog, "write", write)
     assert torch.load(tmp_path / "run" / "resume" / "state.pt", weights_only=True)["step"] == 4
     out = train(_cfg(init_dir, data, tmp_path / "run", fsdp=True, save_every=2, resume=True))
     assert _losses(out) == _losses(fsdp_run)  # bit for bit
@@ -131,8 +131,8 @@ def test_fsdp_in_one_process_resumes_exactly(init_dir, data, fsdp_run, tmp_path,
 def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init_dir, data, tmp_path, monkeypatch):
     """With --activation-checkpointing each decoder block runs its forward twice per group
     (forward, then again in backward), and the run is the same bit for bit."""
-    import ddfm.train as train_mod
-    from ddfm.fsdp import transformer_blocks
+    import ddfm.train.loop as train_mod
+    from ddfm.train.fsdp import transformer_blocks
 
     calls = {"n": 0}
     set_trainable = train_mod.set_trainable
@@ -160,7 +160,7 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init
 def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(init_dir, data, tmp_path, monkeypatch):
     """On CPU too, --fsdp --bf16 is FSDP's MixedPrecisionPolicy: blocks see bf16 weights,
     the master weights and the saved checkpoint stay fp32."""
-    import ddfm.fsdp as fsdp_mod
+    import ddfm.train.fsdp as fsdp_mod
 
     seen = set()
     shard = fsdp_mod.shard_model
@@ -197,13 +197,13 @@ def test_fsdp_keeps_fp32_master_weights_of_a_half_precision_checkpoint(init_dir,
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
-def test_readme_memory_estimate_counts_the_real_llava_7b():
-    """The README's per-rank memory of a LLaVA-1.5-7B expert under FSDP starts from these
+def test_memory_estimate_counts_the_real_llava_7b():
+    """docs/training.md's per-rank memory of a LLaVA-1.5-7B expert under FSDP starts from these
     parameter counts: the model built from its configuration on the meta device (no weights)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from ddfm.fsdp import transformer_blocks
     from ddfm.train import set_trainable
+    from ddfm.train.fsdp import transformer_blocks
 
     config = LlavaConfig(  # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336, 2-layer MLP projector, Vicuna-7B
         vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -216,7 +216,7 @@ def test_readme_memory_estimate_counts_the_real_llava_7b():
     counts = set_trainable(model, ("projector", "language"))
     blocks = transformer_blocks(model)
     root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for b in blocks for p in b.parameters())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "training.md").read_text()
     for name, n in [("vision", 303_507_456), ("projector", 20_979_712), ("language", 6_738_939_904)]:
         assert counts[name] == n and f"{n:,}" in readme, name
     assert sum(counts.values()) == 7_063_427_072 and "7,063,427,072" in readme

@@ -282,21 +282,21 @@ def _check_log_after_resume(rows, steps, meta):
 def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_path, monkeypatch):
     """Interrupted after step 7 with a checkpoint at step 4: the resumed run's log holds each
     step once (steps 5-7 of the lost work are dropped) and time keeps counting from step 4."""
-    import ddfm.train as train_mod
+    from ddfm.train.state import TrainLog
 
     ref = _log(train(_cfg(init_dir, data, tmp_path / "ref", steps=10, save_every=4)))
-    report = train_mod._report
+    write = TrainLog.write
 
-    def interrupt_after_7(bar, row, cfg):
-        report(bar, row, cfg)
+    def interrupt_after_7(self, row):
+        write(self, row)
         if row["step"] == 7:
             time.sleep(0.3)  # lost work: must not show up in the resumed run's elapsed time
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_report", interrupt_after_7)
+    monkeypatch.setattr(TrainLog, "write", interrupt_after_7)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4))
-    monkeypatch.setattr(train_mod, "_report", report)
+    monkeypatch.setattr(TrainLog, "write", write)
     first = _log(tmp_path / "run")
     assert [r["step"] for r in first] == list(range(1, 8))
     t0 = time.perf_counter()
@@ -379,22 +379,22 @@ def test_resume_refuses_a_shard_that_changed_and_names_a_finished_run(init_dir, 
     """The resume state belongs to the examples it was trained on: a shard rewritten in
     between (here: one record fewer, same path, same options) would silently continue on
     another data order, so it is refused. A finished run is not called unfinished."""
-    import ddfm.train as train_mod
+    from ddfm.train.state import TrainLog
 
     shard = tmp_path / "shard.jsonl"
     lines = data.read_text().splitlines()
     shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n" for line in lines))
-    report = train_mod._report
+    write = TrainLog.write
 
-    def interrupt_after_3(bar, row, cfg):
-        report(bar, row, cfg)
+    def interrupt_after_3(self, row):
+        write(self, row)
         if row["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_report", interrupt_after_3)
+    monkeypatch.setattr(TrainLog, "write", interrupt_after_3)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(init_dir, shard, tmp_path / "run", steps=4, save_every=2))
-    monkeypatch.setattr(train_mod, "_report", report)
+    monkeypatch.setattr(TrainLog, "write", write)
     shard.write_text("".join(line.replace('"images/', f'"{data.parent}/images/') + "\n"
                              for line in lines[1:]))
     with pytest.raises(ValueError, match=r"training examples .* changed"):
@@ -440,3 +440,48 @@ def test_half_precision_checkpoint_trains_with_fp32_master_weights(init_dir, dat
     delta = (weights[name] - before[name].float()).abs()
     # lr 1e-5 moves weights far less than bf16's spacing near 0.02 (~1e-4): an fp32 master keeps it
     assert 0 < float(delta.max()) < 1e-3
+
+
+def test_a_causal_lm_trains_without_train_option(data, tmp_path):
+    """`ddfm train --init LM --data D --out O --steps 2 --batch-size 4`: no --train, so the
+    causal LM's recipe (its one part, language) trains, and ddfm.json records it."""
+    from ddfm.cli import main
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(line + "\n" for line in data.read_text().splitlines() if '"image": null' in line))
+    lm = init(InitConfig(preset="tiny-lm", data=str(text), out=str(tmp_path / "lm")))
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(lm), "--data", str(text), "--out", str(out), "--steps", "2",
+                 "--batch-size", "4"]) == 0
+    meta = json.loads((out / "ddfm.json").read_text())
+    assert meta["config"]["train"] == "language" and meta["trainable"]["parts"] == ["language"]
+    before, after = load_file(Path(lm) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))
+
+
+def test_a_vlm_without_train_option_trains_its_family_recipe(init_dir, data, tmp_path):
+    """tiny-llava without --train: the LLaVA recipe, projector + language model; after one
+    step every vision-tower parameter is unchanged and the others moved."""
+    out = train(_cfg(init_dir, data, tmp_path / "run", steps=1, warmup=0))
+    meta = json.loads((out / "ddfm.json").read_text())
+    assert meta["config"]["train"] == "llava" and meta["trainable"]["parts"] == ["projector", "language"]
+    before, after = load_file(Path(init_dir) / "model.safetensors"), load_file(out / "model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    for part in ("multi_modal_projector", "language_model"):
+        assert any(not torch.equal(before[k], after[k]) for k in before if part in k), part
+
+
+def test_every_family_recipe_names_only_parts_it_has():
+    """The default of --train follows the model: each family's recipe parses and trains only
+    parts that family has; an explicit --train is kept as given."""
+    from ddfm.model.families import CAUSAL_LM, FAMILIES
+    from ddfm.train import parse_parts, resolve_recipe
+
+    for family in [*FAMILIES.values(), CAUSAL_LM]:
+        assert set(parse_parts(family.recipe)) <= set(family.parts), family.name
+    assert (FAMILIES["llava"].recipe, FAMILIES["internvl"].recipe, CAUSAL_LM.recipe) == ("llava", "internvl",
+                                                                                         "language")
+    given = TrainConfig(init="x", data="y", out="z", train="align")
+    assert resolve_recipe(given, None) is given and given.parts == ("projector",)
+    assert TrainConfig(init="x", data="y", out="z").train is None  # resolved once the model is loaded

@@ -77,7 +77,7 @@ def save_checkpoint(model, processor, out: str | os.PathLike, meta: dict | None 
     """Save model (safetensors) + processor/tokenizer as a HF directory, then ``ddfm.json``.
 
     ``state_dict``: the weights to write instead of the model's own (a sharded model's,
-    gathered by :func:`ddfm.fsdp.full_state_dict`).
+    gathered by :func:`ddfm.train.fsdp.full_state_dict`).
 
     Files are written into a temporary sibling directory and each moved into ``out`` with
     an atomic rename; ``ddfm.json`` comes last, so its presence marks a complete

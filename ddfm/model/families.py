@@ -8,6 +8,8 @@ written down here once, in :data:`FAMILIES` (keyed by the config's ``model_type`
   projector + language, InternVL's everything, ``align`` the projector). Qwen2-VL's
   projector (``visual.merger``) sits inside its vision module: the longest matching
   prefix decides.
+* ``recipe`` — what ``ddfm train`` trains when ``--train`` is not given: the recipe of the
+  family's instruction-tuning stage (a recipe name or a comma list of parts).
 * the processor — the family's own class, loaded without its video processor where it has
   one (:func:`images_only`: no torchvision needed), which expands each image placeholder
   to that image's own token count (tiles, grids, any resolution).
@@ -51,29 +53,43 @@ class Family:
     mrope: bool = False
     reuse_tower: bool = False
     kind: str = "vlm"  # "vlm" | "lm"
+    recipe: str = "llava"  # train's default --train: a recipe (ddfm.train.RECIPES) or a comma list of parts
 
 
 _LANGUAGE = ("model.language_model.", "lm_head.")
 FAMILIES: dict[str, Family] = {
     "llava": Family("LLaVA-1.5", {"vision": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",),
-                                  "language": _LANGUAGE}, tower="model.vision_tower", reuse_tower=True),
+                                  "language": _LANGUAGE}, tower="model.vision_tower", reuse_tower=True,
+                       # LLaVA (Liu et al. 2023, §4.2) instruction tuning: projector + LLM, CLIP frozen
+                       recipe="llava"),
     "llava_onevision": Family("LLaVA-OneVision", {
         "vision": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.", "model.image_newline"),
-        "language": _LANGUAGE}, tower="model.vision_tower", features="anyres"),
+        "language": _LANGUAGE}, tower="model.vision_tower", features="anyres",
+        recipe="llava"),  # the LLaVA recipe, as LLaVA-1.5
     "internvl": Family("InternVL", {"vision": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",),
-                                    "language": _LANGUAGE}, tower="model.vision_tower", features="tiles"),
+                                    "language": _LANGUAGE}, tower="model.vision_tower", features="tiles",
+                       # InternVL 1.5 (Chen et al. 2024) stage 2, fine-tuning: ViT + MLP + LLM all train
+                       recipe="internvl"),
     "qwen2_vl": Family("Qwen2-VL", {"vision": ("model.visual.",), "projector": ("model.visual.merger.",),
-                                    "language": _LANGUAGE}, tower="model.visual", features="grid", mrope=True),
+                                    "language": _LANGUAGE}, tower="model.visual", features="grid", mrope=True,
+                       # Qwen2-VL (Wang et al. 2024, §2.2) stage 3: ViT locked, LLM fine-tuned; the paper
+                       # does not say whether the merger (the projector here) trains: here it does
+                       recipe="llava"),
     "qwen2_5_vl": Family("Qwen2.5-VL", {"vision": ("model.visual.",), "projector": ("model.visual.merger.",),
-                                        "language": _LANGUAGE}, tower="model.visual", features="grid", mrope=True),
+                                        "language": _LANGUAGE}, tower="model.visual", features="grid", mrope=True,
+                         recipe="llava"),  # Qwen2.5-VL post-training keeps the ViT frozen, as Qwen2-VL
     "idefics3": Family("Idefics3", {"vision": ("model.vision_model.",), "projector": ("model.connector.",),
                                     "language": ("model.text_model.", "lm_head.")},
-                       tower="model.vision_model", features="idefics3"),
+                       tower="model.vision_model", features="idefics3",
+                       # Idefics3 (Laurençon et al. 2024) fine-tunes with adapters (DoRA) on the backbones,
+                       # which no full-parameter recipe matches: projector + LLM, a choice, not the paper's
+                       recipe="llava"),
     "smolvlm": Family("SmolVLM", {"vision": ("model.vision_model.",), "projector": ("model.connector.",),
                                   "language": ("model.text_model.", "lm_head.")},
-                      tower="model.vision_model", features="idefics3"),
+                      tower="model.vision_model", features="idefics3",
+                      recipe="llava"),  # as Idefics3, whose architecture it is: a choice, not the paper's
 }
-CAUSAL_LM = Family("causal LM", {"language": ("",)}, kind="lm")
+CAUSAL_LM = Family("causal LM", {"language": ("",)}, kind="lm", recipe="language")  # its one part: all of it
 
 
 def is_vision_language(config) -> bool:

@@ -9,10 +9,10 @@ tower's encoder layers) becomes one ``fully_shard`` unit, the rest of the model 
 projector, norms, head) the root unit. Each rank holds 1/world of every parameter, of
 its gradient and of the AdamW state (of the trainable parameters only); a block's
 parameters are all-gathered just before it runs and freed after. The helpers here are
-the pieces ``ddfm.train`` calls: shard the model, switch on activation checkpointing
-(also without FSDP), measure what a rank holds, save and load the sharded resume state
-(torch.distributed.checkpoint, one file per rank) and gather the final consolidated
-Hugging Face checkpoint.
+the pieces the training loop (:mod:`ddfm.train.loop`) calls: shard the model, switch on
+activation checkpointing (also without FSDP), measure what a rank holds, save and load
+the sharded resume state (torch.distributed.checkpoint, one file per rank) and gather the
+final consolidated Hugging Face checkpoint.
 """
 
 from __future__ import annotations
