@@ -17,10 +17,10 @@ under every other mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 __all__ = ["ALL", "EVIDENCE", "Routing", "MODES", "MODE_NAMES", "routing_mode", "parse_top_k", "resolve_top_k",
-           "RoutingSetting", "ROUTINGS", "DIAGNOSTIC_ROUTERS", "describe"]
+           "RoutingSetting", "ROUTINGS", "DIAGNOSTIC_ROUTERS", "describe", "check_router_names"]
 
 ALL = "all"  # top_k: every expert
 # which prompt tokens the posterior router counts: every text token of the prompt (the
@@ -152,3 +152,10 @@ def describe(name: str) -> str:
     if name in DIAGNOSTIC_ROUTERS:
         return DIAGNOSTIC_ROUTERS[name]
     raise ValueError(f"router: unknown name {name!r}; known: {', '.join([*ROUTINGS, *DIAGNOSTIC_ROUTERS])}")
+
+
+def check_router_names(names: Iterable[str]) -> None:
+    """Raise ``ValueError`` unless every name is a routing setting or a diagnostic router: the
+    check of a table keyed by router names (``ddfm theory``'s) against this vocabulary."""
+    for name in names:
+        describe(name)

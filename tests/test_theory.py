@@ -1,14 +1,21 @@
 """The paper's identities (§2–3), checked exactly on random finite problems (hypothesis),
 and the n-gram equivalence on the real Python documentation."""
 
+import contextlib
+import io
 import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddfm import theory as th
+from ddfm.cli import main
+from ddfm.io import read_json
+from ddfm.mixture import posterior_update
+from ddfm.routing import DIAGNOSTIC_ROUTERS, ROUTINGS
 
 TOL = 1e-12
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,7 +61,7 @@ def test_extra_one_over_k_of_eq28_is_wrong(problem):
 @FAST
 @given(problems(min_steps=2, min_k=2, support=1.0))
 def test_time_independent_router_is_exact_only_when_clusters_follow_the_prompt(problem):
-    err = th.router_error(problem, "prompt")
+    err = th.router_error(problem, "soft")            # p(S_k | prompt), fixed for every step
     if th.clusters_follow_prompt(problem):
         assert err["tv"] < TOL
     else:
@@ -84,15 +91,55 @@ def test_running_posterior_is_exact_for_whole_sequence_experts(problem):
     assert err["tv"] < TOL and err["velocity_error"] < TOL
 
 
+def _brute_force_paths(problem, t):
+    """Straight from q and the labels, sharing no code with the module's paths: the mixture
+    marginal p_t(z) (S,) and each cluster's joint pi_k p_t(z | S_k) (K, S), z = the target with
+    every position after the first P + t masked."""
+    sp = problem.space
+    x = sp.targets.copy()
+    x[:, problem.prompt_len + t:] = sp.mask
+    z = sp.index(x)
+    joint = np.stack([np.bincount(z, problem.q * (problem.labels == k), minlength=sp.size) for k in range(problem.k)])
+    return np.bincount(z, problem.q, minlength=sp.size), joint
+
+
+@FAST
+@given(problems())
+def test_router_sums_to_one_because_the_experts_mix_to_the_marginal(problem):
+    # eq. 27: sum_k w_k(z) = 1 holds because sum_k pi_k p_t(z|S_k) = p_t(z). The experts'
+    # paths (each from its own cluster's coupling), the shares and the routers are the
+    # module's; the marginal and the joints are counted here from q, so a wrong expert, share
+    # or router weight fails
+    np.testing.assert_allclose(problem.cluster_shares, np.bincount(problem.labels, problem.q, minlength=problem.k),
+                               atol=TOL)
+    for t in range(problem.n_steps + 1):
+        marginal, joint = _brute_force_paths(problem, t)
+        mass = marginal > 0
+        experts = problem.cluster_shares[:, None] * problem.expert_paths(t)              # (K, S)
+        np.testing.assert_allclose(experts, joint, atol=TOL)
+        np.testing.assert_allclose(experts.sum(0)[mass] / marginal[mass], 1.0, atol=TOL)   # the router sum
+        for w in (problem.posterior_router(t), problem.running_posterior):                 # (S, K)
+            np.testing.assert_allclose(w[mass] * marginal[mass, None], joint.T[mass], atol=TOL)
+
+
+def test_theory_routers_are_named_in_the_shared_vocabulary():
+    for table in (th.ROUTERS, th.TEXT_ROUTERS):
+        assert {"posterior", "soft", "top-1"} <= set(table)
+        assert all(name in ROUTINGS or name in DIAGNOSTIC_ROUTERS for name in table), list(table)
+    with pytest.raises(ValueError, match="unknown name"):
+        th.router_log_weights("prompt", th.DocumentEval(np.zeros(3, np.int64), 0, np.ones(1)), np.ones(1),
+                              np.zeros((2, 1)), np.zeros((2, 1)))
+
+
 def test_single_step_prompt_router_is_the_posterior():
     # N - P = 1: the state never changes before the only step, so p(S_k|prompt) = p_0(S_k|z).
     problem = th.random_problem(np.random.default_rng(3), 3, 3, 2, 3)
-    assert th.router_error(problem, "prompt")["tv"] < TOL
+    assert th.router_error(problem, "soft")["tv"] < TOL
 
 
 def test_top1_prompt_router_loses_mass_of_other_clusters():
     problem = th.random_problem(np.random.default_rng(0), 2, 3, 0, 2)
-    err = th.router_error(problem, "prompt-top1")
+    err = th.router_error(problem, "top-1")
     assert math.isinf(err["kl"]) and err["tv"] > 0.1
 
 
@@ -174,11 +221,6 @@ def test_counts_table_matches_brute_force():
 @pytest.fixture(scope="module")
 def theory_run(tmp_path_factory):
     """`ddfm theory` with a quick text check (K=2, 600 training / 40 test samples): (JSON, report)."""
-    import contextlib
-    import io
-
-    from ddfm.cli import main
-    from ddfm.io import read_json
     out = tmp_path_factory.mktemp("theory") / "theory.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -198,7 +240,7 @@ def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result)
     assert r["context-posterior"]["max_abs_diff"] < TOL
     assert r["context-posterior"]["gap"] == pytest.approx(0.0, abs=1e-9)
     # the departures the paper makes are measured, not exact
-    for name in ("naive-smoothing", "prefix-posterior", "centroid", "centroid-top1", "prior"):
+    for name in ("naive-smoothing", "posterior", "soft", "top-1", "prior"):
         assert r[name]["max_abs_diff"] > 1e-3, name
         assert math.isfinite(r[name]["ppl"]) and r[name]["ppl"] > 1
     assert sum(text_result["setup"]["samples_per_cluster"]) == text_result["setup"]["train_samples"]
@@ -206,7 +248,7 @@ def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result)
 
 def test_context_posterior_is_exact_for_ngrams_and_prefix_posterior_for_sequences(text_result):
     r = text_result["routers"]
-    ctx, pre = r["context-posterior"], r["prefix-posterior"]
+    ctx, pre = r["context-posterior"], r["posterior"]          # posterior: given the whole prefix
     # n-gram experts: the posterior given the context h_t is the centralised n-gram ...
     assert ctx["max_abs_diff"] < TOL and abs(ctx["kl"]) < TOL
     # ... the posterior given the whole prefix (the ensemble's --mode posterior) is not
@@ -219,15 +261,15 @@ def test_context_posterior_is_exact_for_ngrams_and_prefix_posterior_for_sequence
     exact = text_result["exact"]
     assert exact["context-posterior"]["reproduces"] == "the centralised n-gram"
     assert exact["context-posterior"]["residual"] == ctx["max_abs_diff"]
-    assert "whole-sequence" in exact["prefix-posterior"]["experts"]
-    assert exact["prefix-posterior"]["residual"] == pre["seq_mixture_dll"]
+    assert "whole-sequence" in exact["posterior"]["experts"]
+    assert exact["posterior"]["residual"] == pre["seq_mixture_dll"]
 
 
 def test_report_says_which_router_is_exact_and_prints_the_other_error(theory_run):
     data, printed = theory_run
-    pre = data["text"]["routers"]["prefix-posterior"]
+    pre = data["text"]["routers"]["posterior"]
     assert "n-gram experts (state = the last n-1 bytes): context-posterior reproduces the centralised n-gram" in printed
-    assert "whole-sequence experts (state = the whole prefix): prefix-posterior reproduces the sequence mixture" in printed
+    assert "whole-sequence experts (state = the whole prefix): posterior reproduces the sequence mixture" in printed
     assert (f"--mode posterior) with n-gram experts is not the centralised n-gram: max|p-p_c| "
             f"{pre['max_abs_diff']:.2g}, KL(p_c|p) {pre['kl']:.2e} nats/byte, ppl gap {pre['gap']:+.2%}") in printed
     assert "running_posterior" in printed and data["finite"]["running_posterior"] < TOL
@@ -235,8 +277,6 @@ def test_report_says_which_router_is_exact_and_prints_the_other_error(theory_run
 
 
 def test_cli_prints_table_and_writes_json(tmp_path, capsys):
-    from ddfm.cli import main
-    from ddfm.io import read_json
     out = tmp_path / "theory.json"
     assert main(["theory", "--no-text", "--vocab", "2", "--length", "3", "--seeds", "0", "1",
                  "--out", str(out)]) == 0
@@ -253,7 +293,7 @@ def test_drawn_samples_follow_the_computed_pmf():
     # exact PMF that generate() computes, for the exact router and for a wrong one
     problem = th.random_problem(np.random.default_rng(1), 2, 3, 1, 2)
     rng = np.random.default_rng(0)
-    for router in ("posterior", "prompt"):
+    for router in ("posterior", "soft"):
         drawn = np.bincount(th.sample(problem, 40_000, rng, router), minlength=problem.space.size) / 40_000
         assert th.total_variation(drawn, th.generate(problem, router)) < 0.02
     exact = np.bincount(th.sample(problem, 40_000, rng), minlength=problem.space.size) / 40_000
@@ -263,14 +303,11 @@ def test_drawn_samples_follow_the_computed_pmf():
 def test_prefix_posterior_in_one_update_equals_token_by_token_updates():
     # router_log_weights multiplies the likelihoods of the whole prefix in one
     # posterior_update; the ensemble renormalises after every token: same weights
-    import torch
-
-    from ddfm.mixture import posterior_update
     rng = np.random.default_rng(0)
     token_logp = np.log(rng.dirichlet(np.ones(5), size=(30, 3))[..., 0])       # (T, K)
     shares = np.array([0.5, 0.3, 0.2])
     doc = th.DocumentEval(np.zeros(31, np.int64), 0, shares)
-    one_shot = th.router_log_weights("prefix-posterior", doc, shares, token_logp, token_logp)
+    one_shot = th.router_log_weights("posterior", doc, shares, token_logp, token_logp)
     w = torch.log(torch.as_tensor(shares, dtype=torch.float64))[None]
     for t in range(30):
         assert torch.allclose(one_shot[t], w[0], atol=1e-12)
@@ -283,6 +320,6 @@ def test_full_theory_command_on_all_python_docs():
     r = result["text"]["routers"]
     assert result["text"]["setup"]["algorithm"] == "balanced-kmeans"
     assert r["context-posterior"]["max_abs_diff"] < TOL
-    assert r["centroid-top1"]["gap"] > 0          # the paper's router departs from central
-    assert r["prefix-posterior"]["kl"] > 1e-3 and r["prefix-posterior"]["seq_mixture_dll"] < 1e-8
-    assert result["finite"]["decomposition"] < TOL and result["routers"]["prompt"]["tv"] > 1e-3
+    assert r["top-1"]["gap"] > 0          # the paper's router departs from central
+    assert r["posterior"]["kl"] > 1e-3 and r["posterior"]["seq_mixture_dll"] < 1e-8
+    assert result["finite"]["decomposition"] < TOL and result["routers"]["soft"]["tv"] > 1e-3
