@@ -43,6 +43,7 @@ from ddfm.runtime.progress import progress
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_FAILURES = 20
+AUTO, IMAGE_DEFAULT, TEXT_DEFAULT = "auto", "efficientnet-lite0", "minilm"
 
 
 @dataclass
@@ -50,8 +51,9 @@ class EmbedConfig:
     """``ddfm embed``: features of every unique image (or text record) of the data files."""
 
     data: list[str] = arg("one or more canonical data files (JSONL or LLaVA JSON list)", positional=True)
-    encoder: str = arg("encoder spec: efficientnet-lite0[@RES], clip:PATH, tower:PATH, minilm, pixels[@S]",
-                       default="efficientnet-lite0")
+    encoder: str = arg("encoder spec: efficientnet-lite0[@RES], clip:PATH, tower:PATH, minilm, pixels[@S]; "
+                       f"{AUTO}: {IMAGE_DEFAULT} when any record has an image, else {TEXT_DEFAULT} (a text-only "
+                       "corpus)", default=AUTO)
     out: str = arg("output directory (features.npy, keys.json, embed.json); also the cache", default="runs/embed")
     batch_size: int = arg("items per encoder call", default=64)
     device: str = arg(DEVICE_HELP, default="auto")
@@ -74,7 +76,15 @@ class EmbedConfig:
             if self.merge:
                 raise ValueError("shard: --shard embeds one slice, --merge merges finished ones; give one of them")
         check_device(self.device)
-        parse_spec(self.encoder)  # an unknown name fails before any model loads
+        if self.encoder != AUTO:
+            parse_spec(self.encoder)  # an unknown name fails before any model loads
+
+
+def default_encoder(records: list[tuple[Path, Record]]) -> str:
+    """``--encoder auto``: the image encoder when any record has an image (the paper
+    clusters unique images; ``ddfm partition`` spreads a mixed corpus's text-only records
+    equally over the clusters), else the text encoder (the records themselves are clustered)."""
+    return IMAGE_DEFAULT if any(r.image for _, r in records) else TEXT_DEFAULT
 
 
 def embed(cfg: EmbedConfig) -> Path:
@@ -91,7 +101,7 @@ def embed(cfg: EmbedConfig) -> Path:
         records += [(Path(f), r) for r in load_records(f, check_images=False).records]
     part = parts.part_of_run(cfg.shard)
     t0 = time.perf_counter()
-    encoder = get_encoder(cfg.encoder, device=cfg.device)
+    encoder = get_encoder(default_encoder(records) if cfg.encoder == AUTO else cfg.encoder, device=cfg.device)
     load_s = time.perf_counter() - t0
     items = collect_items(records, encoder.modality)
     key = cache_key(cfg.data, encoder, items)
@@ -117,8 +127,8 @@ def embed(cfg: EmbedConfig) -> Path:
                 return where
             n_rows = parts.merge(out, done, count)["count"]
     if not n_rows and items.n_without:
-        log.warning("embed: none of the %d records has an image; for a text-only corpus use --encoder minilm",
-                    items.n_without)
+        log.warning("embed: none of the %d records has an image; for a text-only corpus use --encoder %s "
+                    "(the default, auto, picks it)", items.n_without, TEXT_DEFAULT)
     return out
 
 
