@@ -21,7 +21,7 @@ same round's loop) and the median and best over rounds are printed. Each side us
 torch thread. Everything is bounded (``--rounds`` x ``--requests`` per row) and stays on
 loopback.
 
-``--soak`` runs the server under hostile load instead (issue 16): ``--soak-requests``
+``--soak`` runs the server under hostile load instead: ``--soak-requests``
 (2,000) requests at concurrency 32, 65 % valid (chat with and without an image, streams,
 completions, prompt scoring), 30 % invalid (each a 4xx: bad JSON, unknown model, bad
 fields, a missing or wrong key, ...) and 5 % hostile (idle sockets, a half-sent header, an
