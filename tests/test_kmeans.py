@@ -430,7 +430,7 @@ def test_scores_are_the_same_whichever_product_the_thread_count_picks():
     """`_scores` multiplies tall-skinny on several threads and wide on one: same (K, N) matrix."""
     import torch
 
-    from ddfm.kmeans import _scores
+    from ddfm.kmeans.scores import _scores
 
     gen = torch.Generator().manual_seed(0)
     X, C = torch.randn(1000, 24, generator=gen), torch.randn(5, 24, generator=gen)
@@ -451,7 +451,7 @@ def test_scores_in_tall_blocks_and_of_gathered_rows():
     """More rows than one tall block (4,096) and gathered rows: the same scores as one product."""
     import torch
 
-    from ddfm.kmeans import _BlockScores, _scores, _scores_of
+    from ddfm.kmeans.scores import _BlockScores, _scores, _scores_of
 
     gen = torch.Generator().manual_seed(1)
     X, C = torch.randn(9000, 16, generator=gen), torch.randn(6, 16, generator=gen)
@@ -468,36 +468,74 @@ def test_scores_in_tall_blocks_and_of_gathered_rows():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_scores_in_onednn_blocks_match_the_blas_and_gathered_rows(threads, monkeypatch):
-    """K ≥ 8 runs oneDNN's product (this torch has it): the scores of one pass equal the BLAS
-    product's up to float32 rounding, and gathered rows get bit for bit the scores a full
-    pass gave them (the bounds of BalancedKMeans compare the two)."""
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+def test_scores_at_eight_clusters_or_more_with_and_without_onednn(onednn, threads, monkeypatch):
+    """K ≥ 8 multiplies by oneDNN's product where torch has it, else by the BLAS (a torch
+    without it, by monkeypatch): either way one pass gives the float64 product's scores up to
+    float32 rounding, oneDNN computes them when it is there, and gathered rows get bit for
+    bit the scores a full pass gave them (the bounds of BalancedKMeans compare the two)."""
     import torch
 
-    from ddfm import kmeans
+    from ddfm.kmeans import scores
 
-    assert kmeans._onednn_linear() is not None, "this torch build has no oneDNN linear: K >= 8 runs the BLAS"
+    op = scores._onednn_linear()
+    if onednn and op is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    calls = []
+
+    def counted(x, w):
+        calls.append(len(x))
+        return op(x, w)
+
+    monkeypatch.setattr(scores, "_onednn_linear", lambda: counted if onednn else None)
     gen = torch.Generator().manual_seed(4)
     X, C = torch.randn(9000, 64, generator=gen), torch.randn(12, 64, generator=gen)
     rows = torch.randperm(9000, generator=gen)[:5000].sort().values
+    want = (C.double() @ X.double().T).float()  # (K, N)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        assert kmeans._BlockScores(C, 9000).onednn is not None and kmeans._BlockScores(C[:7], 9000).onednn is None
-        full = kmeans._scores(C, X, spherical=True, chunk_size=8192)
-        torch.testing.assert_close(full, C @ X.T, rtol=1e-5, atol=1e-5)
-        assert torch.equal(kmeans._scores_of(C, X, rows), full[:, rows])
-        monkeypatch.setattr(kmeans, "_onednn_linear", lambda: None)  # a torch without it: the BLAS
-        assert kmeans._BlockScores(C, 9000).onednn is None
-        torch.testing.assert_close(kmeans._scores(C, X, spherical=True, chunk_size=8192), full, rtol=1e-5, atol=1e-5)
+        block = scores._BlockScores(C, 9000)
+        assert (block.onednn is not None) == onednn and block.tall == (threads > 1 and not onednn)
+        assert scores._BlockScores(C[:7], 9000).onednn is None  # K < 8: the BLAS either way
+        full = scores._scores(C, X, spherical=True, chunk_size=8192)
+        torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5)
+        assert sum(calls) == (9000 if onednn else 0)  # every row, once, by oneDNN when it is there
+        euclidean = scores._scores(C, X, spherical=False, chunk_size=5000)
+        torch.testing.assert_close(euclidean, 2 * want - (C * C).sum(1)[:, None], rtol=1e-5, atol=1e-4)
+        assert torch.equal(scores._scores_of(C, X, rows), full[:, rows])
     finally:
         torch.set_num_threads(before)
+
+
+def test_onednn_linear_is_the_product_or_none_when_onednn_is_unavailable(monkeypatch):
+    """The probe returns oneDNN's x @ w.T where torch has it, and None (the BLAS then) where
+    oneDNN is unavailable or the op is missing."""
+    import torch
+
+    from ddfm.kmeans import scores
+
+    probe = scores._onednn_linear.__wrapped__  # uncached
+    op = probe()
+    if op is not None:
+        x, w = torch.randn(50, 16), torch.randn(9, 16)
+        torch.testing.assert_close(op(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert probe() is None
+    monkeypatch.undo()
+
+    class NoMkldnn:
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", NoMkldnn())
+    assert probe() is None
 
 
 def test_cluster_sums_split_over_threads_are_float64_sums():
     import torch
 
-    from ddfm.kmeans import _cluster_sums
+    from ddfm.kmeans.scores import _cluster_sums
 
     gen = torch.Generator().manual_seed(2)
     X, labels = torch.randn(70_000, 8, generator=gen), torch.randint(0, 5, (70_000,), generator=gen)
@@ -529,7 +567,7 @@ def test_far_off_start_sampled_newton_chords_exact_and_gap_bounds(tolerance):
     # gaps handed to BalancedKMeans's bounds are lower bounds of the true ones
     import torch
 
-    from ddfm.kmeans import _assign
+    from ddfm.kmeans.assign import _assign
 
     X, _ = blobs([9000, 4000, 2500, 1000], d=8, spread=0.5, seed=3)
     C = unit(np.random.default_rng(3).normal(size=(4, 8)))
@@ -551,7 +589,7 @@ def test_working_set_gap_bounds_after_the_repair():
     # every point (exact on the working set, lowered by the price moves elsewhere)
     import torch
 
-    from ddfm.kmeans import _assign
+    from ddfm.kmeans.assign import _assign
 
     rng = np.random.default_rng(4)
     S = (unit(rng.normal(size=(6, 5))) @ unit(rng.normal(size=(10_000, 5))).T).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The compiled per-point kernels of ddfm.kmeans against plain numpy references: bit for bit,
+"""The compiled kernels of ddfm/kmeans/kernels.py against plain numpy references: bit for bit,
 on random scores with ties, one cluster, a few points, and ranges split over threads."""
 
 import bisect
@@ -7,24 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from ddfm.kmeans import (
-    _cheapest_moves,
-    _kmeans_pp,
+from ddfm.kmeans.assign import _repair, _Uncertain
+from ddfm.kmeans.estimators import _kmeans_pp
+from ddfm.kmeans.kernels import _cheapest_moves, _pp_kernel, _relax, _repair_kernel, _select_threshold
+from ddfm.kmeans.prices import (
     _kth_smallest,
     _label_gaps,
     _Limits,
     _locked_room,
     _near_boundary,
-    _pp_kernel,
     _price_sweep,
-    _relax,
-    _repair,
-    _repair_kernel,
-    _select_threshold,
     _top2,
-    _Uncertain,
-    _update_sums,
 )
+from ddfm.kmeans.scores import _update_sums
 
 CASES = [(1, 50), (2, 7), (3, 1000), (16, 70_000), (64, 3000)]  # (K, n); 70,000: two threads' ranges
 
