@@ -17,9 +17,16 @@ row repeats concurrency 32 with identical ``max_tokens`` (``--same-max-tokens``)
 setting of the figure before continuous batching. Rows are measured in interleaved rounds
 (direct, c=1, c=8, c=32, ..., direct, ...) so that load from other processes on a shared
 machine falls on all of them alike; the ratio of each row is taken per round (against the
-same round's loop) and the median and best over rounds are printed. Each side uses one
-torch thread. Everything is bounded (``--rounds`` x ``--requests`` per row) and stays on
-loopback.
+same round's loop) and its median over rounds is the headline, with the min–max over
+rounds beside it. Each side uses one torch thread. Everything is bounded (``--rounds`` x
+``--requests`` per row) and stays on loopback; ``--json PATH`` also writes every row's
+numbers (per round too) with the run's provenance (commit, versions, CPU, threads, date).
+
+At concurrency 1 the server has nothing to batch: a lone request starts at once (the
+batcher waits for companions only while more requests are in flight), so the gap to the
+loop is what a client-server round trip costs: HTTP and JSON on both sides, the image
+sent as a PNG data URL and decoded again, and the wake-ups of the threads and processes
+on the request's path, none of which the loop has.
 
 ``--soak`` runs the server under hostile load instead: ``--soak-requests``
 (2,000) requests at concurrency 32, 65 % valid (chat with and without an image, streams,
@@ -51,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from common import fmnist_images, write_image_records  # noqa: E402
+from common import fmnist_images, write_image_records, write_results  # noqa: E402
 
 
 def build_tiny_ensemble(root: Path, images) -> tuple[list[str], str]:
@@ -170,22 +177,29 @@ def chat_bodies(images, lengths: list[int]) -> list[dict]:
             for i, n in enumerate(lengths)]
 
 
-def report(rows: dict[str, list], args, n_experts: int) -> None:
-    """Per row: requests/s and latency over all rounds, and the ratio to the same round's loop."""
+def report(rows: dict[str, list], args, n_experts: int) -> dict[str, dict]:
+    """Per row: requests/s and latency over all rounds, and the ratio to the same round's
+    loop (median over rounds, with the min and max); returns the numbers printed."""
     print(f"\n{args.rounds} rounds x {args.requests} requests per row, greedy, max_tokens cycling "
           f"{args.max_tokens} (mixed) unless marked, {n_experts} experts (top-1), 1 torch thread per side, "
           f"{os.cpu_count()} CPU cores, loopback; wall time from the first request to the last answer")
-    print(f"{'':38s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'tokens':>7s}   {'ratio: median':>13s} {'best':>6s}")
+    print(f"{'':44s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'tokens':>7s}   "
+          f"{'ratio to the loop: median (min-max)':>35s}")
+    results: dict[str, dict] = {}
     for name, rounds in rows.items():
         lat = [x for r in rounds for x in r[0]]
         s = summary(lat, sum(r[1] for r in rounds))
-        tokens = rounds[0][2]
-        line = f"{name:38s} {s['rps']:7.2f} {s['p50_ms']:8.1f} {s['p99_ms']:8.1f} {tokens:7d}"
+        row = {**s, "tokens": rounds[0][2], "round_wall_s": [r[1] for r in rounds]}
+        line = f"{name:44s} {s['rps']:7.2f} {s['p50_ms']:8.1f} {s['p99_ms']:8.1f} {row['tokens']:7d}"
         ref = rows["direct" if "same" not in name else "direct, same max_tokens"]
         if rounds is not ref:
             ratios = [ref_r[1] / r[1] for r, ref_r in zip(rounds, ref)]  # same requests: time ratio = rps ratio
-            line += f"   {float(np.median(ratios)):12.2f}x {max(ratios):5.2f}x"
+            row.update(ratio_median=float(np.median(ratios)), ratio_min=min(ratios), ratio_max=max(ratios),
+                       ratios=ratios)
+            line += f"   {row['ratio_median']:20.2f}x ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
+        results[name] = row
         print(line)
+    return results
 
 
 # ----------------------------------------------------------------------------- the soak
@@ -443,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak", action="store_true", help="hostile load instead of the throughput comparison")
     p.add_argument("--soak-requests", type=int, default=2000)
     p.add_argument("--soak-concurrency", type=int, default=32)
+    p.add_argument("--json", default=None, help="also write the comparison's results here (with provenance)")
     args = p.parse_args(argv)
     if args.soak:
         return soak(args, fmnist_images(32))
@@ -480,7 +495,11 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    report(rows, args, len(experts))
+    results = report(rows, args, len(experts))
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("rounds", "requests", "max_tokens", "same_max_tokens",
+                                                  "concurrency", "max_batch_size")}
+        write_results(args.json, {"settings": {**settings, "experts": len(experts)}, "rows": results})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers.data import real_images
 from PIL import Image
 
 from ddfm.data import DataError, Record, load_records, open_image, write_records
@@ -171,8 +172,6 @@ def test_open_image_decodes_to_rgb_and_names_bad_files(tmp_path):
 
 def _real_png(path, index=0):
     """A real Fashion-MNIST training image (sklearn digits if the Debian package is absent)."""
-    from test_embed import real_images
-
     path.parent.mkdir(parents=True, exist_ok=True)
     real_images(index + 1)[0][index].save(path)
     return path

@@ -1,6 +1,5 @@
 """The embed stage on real Fashion-MNIST images: every encoder, dedup, cache, failures, CLI."""
 
-import gzip
 import json
 import logging
 import os
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.data import real_images
 from PIL import Image
 
 from ddfm.cli import main
@@ -16,22 +16,6 @@ from ddfm.embed import EmbedConfig, embed
 from ddfm.features.registry import ENCODERS, get_encoder, parse_spec
 from ddfm.features.store import load_features, record_key
 from ddfm.io import read_json
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def real_images(n: int, offset: int = 0) -> tuple[list[Image.Image], np.ndarray]:
-    """The first ``n`` Fashion-MNIST test images (28x28 grey) and labels; sklearn digits if absent."""
-    if (FMNIST / "t10k-images-idx3-ubyte.gz").is_file():
-        x = np.frombuffer(gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
-        y = np.frombuffer(gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
-        x = x.reshape(-1, 28, 28)[offset:offset + n]
-        return [Image.fromarray(a, "L") for a in x], y[offset:offset + n]
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images[offset:offset + n] * 255 / 16).astype(np.uint8)
-    return [Image.fromarray(a, "L") for a in x], d.target[offset:offset + n]
 
 
 def rec(rid, image, question="What is this?", answer="A shirt."):

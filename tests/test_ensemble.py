@@ -9,15 +9,11 @@ same real images, so they share one tokenizer); the router comes from the real
 import json
 import re
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.data import make_data
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_models import make_data  # noqa: E402
 
 from ddfm.embed import EmbedConfig, embed  # noqa: E402
 from ddfm.ensemble import Ensemble, EnsembleConfig, GenerateConfig, Request  # noqa: E402

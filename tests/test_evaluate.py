@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers.data import make_data
 
 from ddfm.data import Record
 from ddfm.evaluate import aggregate, chance_levels, exact_match, markdown_report, normalize_answer
@@ -117,12 +118,9 @@ def _text(i, question, answer, **extra):
 
 
 @pytest.fixture(scope="module")
-def docs_passages():
+def docs_passages(python_docs):
     """Real text: test passages of the Python docs as ``ddfm prepare python-docs`` cuts them."""
-    from ddfm.prepare import build_source
-
-    _, test = build_source("python-docs", seed=0, max_words=60)
-    return test
+    return python_docs[1]
 
 
 def test_chance_comes_only_from_prepare_json(tmp_path):
@@ -192,10 +190,8 @@ def test_source_and_task_fall_back_when_absent(tmp_path, docs_passages):
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, python_docs):
     """A real tiny-llava checkpoint trained a few steps on real images, and a test file."""
-    from test_models import make_data
-
     from ddfm.init import InitConfig, init
     from ddfm.train import TrainConfig, train
 
@@ -204,9 +200,7 @@ def tiny_run(tmp_path_factory):
     test = make_data(root / "test", n_fashion=6, n_digits=4, n_text=2, offset=100, name="test.jsonl")
     # real text passages (with prepare's source/task) and a user's records without source/task:
     # text arithmetic, an image question, a passage
-    from ddfm.prepare import build_source
-
-    docs = build_source("python-docs", seed=0, max_words=60)[1][:2]
+    docs = python_docs[1][:2]
     first = json.loads(test.read_text().splitlines()[0])
     user = [{"id": "u-sum", "image": None, "conversations": [{"from": "human", "value": "What is 12+7?"},
                                                             {"from": "gpt", "value": "19"}]},

@@ -1,7 +1,7 @@
 """Every VLM family ddfm supports, end to end on real images, in the default environment.
 
 Tiny random-weight checkpoints of LLaVA-1.5, LLaVA-OneVision, InternVL, Qwen2-VL,
-Qwen2.5-VL, Idefics3 and SmolVLM are built offline (``family_checkpoints.py``: the
+Qwen2.5-VL, Idefics3 and SmolVLM are built offline (``helpers/checkpoints.py``: the
 family's transformers config and model class, a BPE tokenizer trained here, the family's
 image processor and processor class, a chat template in the family's format). The
 images are real: Fashion-MNIST at 28x28 and scikit-learn digits at 56x28, so every family
@@ -18,22 +18,20 @@ ensemble with the shared-encoder router (token for token against the family's ow
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import checkpoints
+from helpers.checkpoints import conversations, hf_messages
+from helpers.servers import LiveServer
 
-sys.path.insert(0, str(Path(__file__).parent))
-import family_checkpoints  # noqa: E402
-from family_checkpoints import conversations, hf_messages  # noqa: E402
-
-from ddfm.data import load_records, open_image  # noqa: E402
+from ddfm.data import load_records, open_image
 from ddfm.model.chat import encode_conversation, expand_image
-from ddfm.model.checkpoint import load_model  # noqa: E402
-from ddfm.model.families import FAMILIES, family_of, part_of, tower_of  # noqa: E402
+from ddfm.model.checkpoint import load_model
+from ddfm.model.families import FAMILIES, family_of, part_of, tower_of
 
-NAMES = list(family_checkpoints.FAMILIES)
+NAMES = list(checkpoints.FAMILIES)
 
 # each family's answer markers, written from its chat template: an answer starts after
 # HEADER and ends with END (included: the model learns to stop)
@@ -54,17 +52,12 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return family_checkpoints.family_data(tmp_path_factory.mktemp("families"))
-
-
-_BUILT: dict = {}
+def data(family_data):
+    return family_data
 
 
 def checkpoint(family: str, data) -> Path:
-    if family not in _BUILT:
-        _BUILT[family] = family_checkpoints.build(family, data["records"], data["root"] / "hf" / family)
-    return _BUILT[family]
+    return checkpoints.built(family, data)
 
 
 def _find(seq: list[int], sub: list[int], start: int = 0) -> int:
@@ -217,7 +210,6 @@ def test_family_end_to_end(family, data, tmp_path):
     """init --from, train (each recipe), embed tower:, partition, generate (shared-encoder
     router; token for token against the family's generate), rows joining, eval, serve."""
     import httpx
-    from test_serve import LiveServer
 
     from ddfm.embed import EmbedConfig, embed
     from ddfm.ensemble import DecodeBatch, Ensemble, EnsembleConfig, Sampling

@@ -15,7 +15,6 @@ processor and its config included, as a released checkpoint has it) and checks t
   processor files are the initial checkpoint's, video settings included).
 """
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,8 @@ import torch
 
 pytest.importorskip("torchvision", reason="the full processors need torchvision: make venv-full / make test-full")
 
-sys.path.insert(0, str(Path(__file__).parent))
-import family_checkpoints  # noqa: E402
-from family_checkpoints import conversations, hf_messages  # noqa: E402
+from helpers import checkpoints  # noqa: E402
+from helpers.checkpoints import conversations, hf_messages  # noqa: E402
 
 from ddfm.model.chat import encode_conversation  # noqa: E402
 from ddfm.model.families import load_processor, processor_class  # noqa: E402
@@ -35,7 +33,7 @@ VIDEO = ["llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "smolvlm"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return family_checkpoints.family_data(tmp_path_factory.mktemp("families-full"))
+    return checkpoints.family_data(tmp_path_factory.mktemp("families-full"))
 
 
 def full_checkpoint(family: str, data, out: Path) -> Path:
@@ -44,7 +42,7 @@ def full_checkpoint(family: str, data, out: Path) -> Path:
     from transformers import AutoConfig
     from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
-    path = family_checkpoints.build(family, data["records"], out)
+    path = checkpoints.build(family, data["records"], out)
     config = AutoConfig.from_pretrained(path)
     images_only = load_processor(path, config)
     name = VIDEO_PROCESSOR_MAPPING_NAMES[config.model_type]
@@ -107,6 +105,6 @@ def test_processors_without_a_video_processor_use_the_pil_backend_here_too(famil
     PIL, so experts encode images the same in both environments."""
     from transformers import AutoConfig
 
-    path = family_checkpoints.build(family, data["records"], tmp_path / family)
+    path = checkpoints.build(family, data["records"], tmp_path / family)
     processor = load_processor(path, AutoConfig.from_pretrained(path))
     assert type(processor.image_processor).__name__.endswith("Pil")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import checkpoints
+from helpers.data import make_data
 from safetensors.torch import load_file
-from test_models import make_data
 
 from ddfm.init import InitConfig, init
 from ddfm.train import IGNORE, Example, TrainConfig, ballast_example, rank_groups, sample_order, train
@@ -41,6 +42,11 @@ def _losses(out):
 def _cfg(init_dir, data, out, **kw):
     kw = {"steps": 6, "batch_size": 8, "lr": 3e-3, "warmup": 2, "save_every": 0, **kw}
     return TrainConfig(init=str(init_dir), data=str(data), out=str(out), **kw)
+
+
+def _small_cfg(init_dir, data, out, **kw):
+    """The one-process tests' config: batches of 4, half the two-rank runs' (the same code paths in half the time)."""
+    return _cfg(init_dir, data, out, **{"batch_size": 4, **kw})
 
 
 def _same_weights(a, b, atol=0.0):
@@ -72,12 +78,13 @@ def test_fsdp_ranks_run_the_same_forwards_each_with_an_image():
 
 @pytest.fixture(scope="module")
 def plain_run(init_dir, data, tmp_path_factory):
-    return train(_cfg(init_dir, data, tmp_path_factory.mktemp("plain") / "run", eval_data=[str(data)], eval_every=3))
+    return train(_small_cfg(init_dir, data, tmp_path_factory.mktemp("plain") / "run", eval_data=[str(data)],
+                            eval_every=3))
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(init_dir, data, tmp_path_factory):
-    return train(_cfg(init_dir, data, tmp_path_factory.mktemp("fsdp") / "run", fsdp=True, save_every=2,
+    return train(_small_cfg(init_dir, data, tmp_path_factory.mktemp("fsdp") / "run", fsdp=True, save_every=2,
                       eval_data=[str(data)], eval_every=3))
 
 
@@ -101,9 +108,9 @@ def test_fsdp_in_one_process_matches_plain_training(plain_run, fsdp_run):
 
 def test_sharded_and_plain_resume_states_are_not_mixed(init_dir, data, plain_run, fsdp_run):
     with pytest.raises(ValueError, match="written by a run with --fsdp; resume it with --fsdp"):
-        train(_cfg(init_dir, data, fsdp_run, resume=True))
+        train(_small_cfg(init_dir, data, fsdp_run, resume=True))
     with pytest.raises(ValueError, match="written by a run without --fsdp; resume it without --fsdp"):
-        train(_cfg(init_dir, data, plain_run, fsdp=True, resume=True))
+        train(_small_cfg(init_dir, data, plain_run, fsdp=True, resume=True))
 
 
 def test_fsdp_in_one_process_resumes_exactly(init_dir, data, fsdp_run, tmp_path, monkeypatch):
@@ -118,10 +125,10 @@ def test_fsdp_in_one_process_resumes_exactly(init_dir, data, fsdp_run, tmp_path,
 
     monkeypatch.setattr(TrainLog, "write", interrupt_after_5)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(init_dir, data, tmp_path / "run", fsdp=True, save_every=2))
+        train(_small_cfg(init_dir, data, tmp_path / "run", fsdp=True, save_every=2))
     monkeypatch.setattr(TrainLog, "write", write)
     assert torch.load(tmp_path / "run" / "resume" / "state.pt", weights_only=True)["step"] == 4
-    out = train(_cfg(init_dir, data, tmp_path / "run", fsdp=True, save_every=2, resume=True))
+    out = train(_small_cfg(init_dir, data, tmp_path / "run", fsdp=True, save_every=2, resume=True))
     assert _losses(out) == _losses(fsdp_run)  # bit for bit
     assert _same_weights(out, fsdp_run)
     meta = json.loads((out / "ddfm.json").read_text())["compute"]
@@ -146,9 +153,9 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init
         return set_trainable(model, parts)
 
     monkeypatch.setattr(train_mod, "set_trainable", count_decoder_calls)
-    plain = train(_cfg(init_dir, data, tmp_path / "plain", steps=2))
+    plain = train(_small_cfg(init_dir, data, tmp_path / "plain", steps=2))
     n_plain, calls["n"] = calls["n"], 0
-    ac = train(_cfg(init_dir, data, tmp_path / "ac", steps=2, activation_checkpointing=True))
+    ac = train(_small_cfg(init_dir, data, tmp_path / "ac", steps=2, activation_checkpointing=True))
     n_dry = 4  # the dry run's forward (no gradient, nothing to recompute) through the 4 decoder blocks
     assert n_plain > n_dry and calls["n"] - n_dry == 2 * (n_plain - n_dry)
     assert calls["use_cache"] == {False}
@@ -171,9 +178,9 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(init_dir, data
             block.register_forward_pre_hook(lambda m, _: seen.update(p.dtype for p in m.parameters()))
 
     monkeypatch.setattr(fsdp_mod, "shard_model", record_dtypes)
-    out = train(_cfg(init_dir, data, tmp_path / "bf16", steps=3, fsdp=True, bf16=True))
+    out = train(_small_cfg(init_dir, data, tmp_path / "bf16", steps=3, fsdp=True, bf16=True))
     assert seen == {torch.bfloat16}
-    fp32 = train(_cfg(init_dir, data, tmp_path / "fp32", steps=3, fsdp=True))
+    fp32 = train(_small_cfg(init_dir, data, tmp_path / "fp32", steps=3, fsdp=True))
     assert torch.float32 in seen
     assert _losses(out) == pytest.approx(_losses(fp32), rel=2e-2) and _losses(out) != _losses(fp32)
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
@@ -191,7 +198,7 @@ def test_fsdp_keeps_fp32_master_weights_of_a_half_precision_checkpoint(init_dir,
     model = AutoModelForImageTextToText.from_pretrained(init_dir, dtype=torch.bfloat16)
     model.save_pretrained(half)
     assert {t.dtype for t in load_file(half / "model.safetensors").values()} == {torch.bfloat16}
-    out = train(_cfg(half, data, tmp_path / "run", steps=1, fsdp=True))
+    out = train(_small_cfg(half, data, tmp_path / "run", steps=1, fsdp=True))
     memory = json.loads((out / "ddfm.json").read_text())["compute"]["memory_per_rank"]
     assert memory["parameters"] == [4 * sum(p.numel() for p in model.parameters())]
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
@@ -359,18 +366,8 @@ def test_two_rank_fsdp_trains_everything_with_activation_checkpointing(init_dir,
 
 # ------------------------------------------------------------------ the VLM families
 
-@pytest.fixture(scope="module")
-def family_data(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parent))
-    import family_checkpoints
-
-    return family_checkpoints.family_data(tmp_path_factory.mktemp("families"))
-
-
 def _family(name, family_data):
-    import family_checkpoints
-
-    return family_checkpoints.build(name, family_data["records"], family_data["root"] / "hf" / name)
+    return checkpoints.built(name, family_data)
 
 
 FAMILY_NAMES = ["llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]

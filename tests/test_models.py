@@ -4,12 +4,11 @@ The tiny data file is built from real Fashion-MNIST and scikit-learn digits imag
 offline sources of ASSETS.md) plus a few text-only records.
 """
 
-import gzip
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers.data import make_data
 
 from ddfm.data import load_records, open_image
 from ddfm.init import InitConfig, init
@@ -17,46 +16,6 @@ from ddfm.model.build import BUILDERS
 from ddfm.model.chat import encode_conversation, render_prompt, to_chat_messages
 from ddfm.model.checkpoint import load_model
 from ddfm.model.presets import PRESETS
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-FM_NAMES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def make_data(out: Path, n_fashion: int = 40, n_digits: int = 20, n_text: int = 10,
-              offset: int = 0, name: str = "train.jsonl") -> Path:
-    """A small canonical JSONL file of real images (Fashion-MNIST, digits) + text records."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    digits = load_digits()
-    rows = []
-    for i in range(offset, offset + n_fashion):
-        path = f"images/f{i}.png"
-        Image.fromarray(images[i]).save(out / path)
-        rows.append({"id": f"f{i}", "image": path, "source": "fashion-mnist", "task": "name",
-                     "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
-                                       {"from": "gpt", "value": f"A {FM_NAMES[labels[i]]}."}]})
-    for i in range(offset, offset + n_digits):
-        path = f"images/d{i}.png"
-        pixels = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).resize((28, 28)).save(out / path)
-        rows.append({"id": f"d{i}", "image": path, "source": "digits", "task": "digit",
-                     "conversations": [{"from": "human", "value": "<image>\nWhich digit is this?"},
-                                       {"from": "gpt", "value": DIGITS[digits.target[i]]}]})
-    for i in range(offset, offset + n_text):
-        a, b = i % 7, (i * 3) % 5
-        rows.append({"id": f"t{i}", "image": None, "source": "arithmetic", "task": "sum",
-                     "conversations": [{"from": "human", "value": f"What is {a} plus {b}?"},
-                                       {"from": "gpt", "value": f"{a + b}"}]})
-    path = out / name
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -395,6 +395,7 @@ def test_features_are_memory_mapped_and_gathered_at_most_once(tmp_path):
     np.testing.assert_array_equal(gathered, x[shuffled])
 
 
+@pytest.mark.slow
 def test_partition_of_memory_mapped_features_makes_no_full_copy(tmp_path):
     """The whole stage on 20,000 x 1,024 features (82 MB): the numpy memory it allocates at
     its peak stays below one copy of the features (before: the loaded array, the gathered

@@ -180,8 +180,8 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert {r.image for r in a} == {r.image for r in b}
 
 
-def test_python_docs_text_records_split_by_file(tmp_path):
-    train, test = P.build_source("python-docs", seed=0, max_words=60)
+def test_python_docs_text_records_split_by_file(tmp_path, python_docs):
+    train, test = python_docs
     assert len(train) > 10000 and len(test) > 1000
     for r in train[:2000] + test[:500]:
         assert r.image is None and r.source == "python-docs" and r.task == "docs-" + r.extra["section"]
@@ -296,6 +296,31 @@ def test_default_mix_has_demo_size(tmp_path):
     assert not {r.image for r in train if r.image} & {r.image for r in test if r.image}
 
 
+def _splits(out):
+    return {s: load_records(out / f"{s}.jsonl").records for s in ("train", "test", "val", "align", "pretrain")}
+
+
+def test_val_align_and_pretrain_splits_are_disjoint(tmp_path):
+    """The splits of the paper's regime, small: val (every image task) and align (a caption per
+    image) from train-split images that neither train nor test took; pretrain is python-docs text
+    from the train files only (the slow test below runs digits out)."""
+    out = P.prepare(P.PrepareConfig(source="mix", out=str(tmp_path / "m"), train_size=60, test_size=30,
+                                    val_size=60, align_size=30, pretrain_size=10, text_share=0.05))
+    splits = _splits(out)
+    images = {s: {str(r.image_path) for r in recs if r.has_image} for s, recs in splits.items()}
+    assert len(images["train"]) == 60 and len(images["align"]) == 30
+    for s in ("val", "align"):
+        assert not images[s] & images["train"] and not images[s] & images["test"], s
+    assert not images["align"] & images["val"]
+    assert {r.task.split("-")[1] for r in splits["align"]} == {"caption"}
+    assert {r.task for r in splits["val"]} == {r.task for r in splits["train"] if r.has_image}
+    assert all(not r.has_image and r.source == "python-docs" for r in splits["pretrain"]) and len(splits["pretrain"]) == 10
+    test_docs = {r.extra["doc"] for r in splits["test"] if not r.has_image}
+    assert not {r.extra["doc"] for r in splits["pretrain"]} & test_docs
+    assert set(read_json(out / "prepare.json")["files"]) == {"train", "test", "val", "align", "pretrain"}
+
+
+@pytest.mark.slow
 def test_val_align_and_pretrain_splits_are_disjoint_where_images_last(tmp_path):
     """The splits of the paper's regime: val (held out, every task) and align (a caption
     per image) from train-split images that train did not take; digits (1,437 images)
@@ -303,7 +328,7 @@ def test_val_align_and_pretrain_splits_are_disjoint_where_images_last(tmp_path):
     the train files only."""
     out = P.prepare(P.PrepareConfig(source="mix", out=str(tmp_path / "m"), train_size=3000, test_size=60,
                                     val_size=120, align_size=1800, pretrain_size=40, text_share=0.05))
-    splits = {s: load_records(out / f"{s}.jsonl").records for s in ("train", "test", "val", "align", "pretrain")}
+    splits = _splits(out)
     images = {s: {str(r.image_path) for r in recs if r.has_image} for s, recs in splits.items()}
     assert not images["val"] & images["train"] and not images["val"] & images["test"]
     assert not images["align"] & images["val"] and not images["align"] & images["test"]

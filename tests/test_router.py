@@ -1,15 +1,11 @@
 """ddfm.router: eq. 29 on the partition's own router files, real images, clear errors."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_models import make_data  # noqa: E402
+from helpers.data import make_data
 
 from ddfm.embed import EmbedConfig, embed
 from ddfm.features.store import load_features  # noqa: E402

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import gzip
 import io
 import json
 import random
-import re
 import socket
 import threading
 import time
@@ -23,76 +21,31 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from PIL import Image
+from helpers.data import real_images
+from helpers.servers import (
+    ERROR_KEYS,
+    NAMES,
+    LiveServer,
+    assert_error,
+    data_url,
+    make_assets,
+    make_ensemble,
+    metric,
+    serve_config,
+    user_message,
+)
 
 from ddfm.ensemble import EnsembleConfig
 from ddfm.serve import ApiError, LocalBackend, Metrics, ServeConfig, create_app, sse
 from ddfm.serve.chat import chat_job
-from ddfm.serve.connections import uvicorn_config
 from ddfm.serve.errors import from_validation
 from ddfm.serve.protocol import ChatCompletionRequest
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-ERROR_KEYS = {"message", "type", "param", "code"}
-
-
 # ----------------------------------------------------------------------------- fixtures
-
-def fmnist_images(n: int) -> tuple[list[Image.Image], list[int]]:
-    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    return [Image.fromarray(images[i]) for i in range(n)], [int(x) for x in labels[:n]]
-
-
-def data_url(img: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def write_router(out: Path, centroid_images: list[Image.Image], temperature: float = 20.0) -> Path:
-    """A router file in the partition stage's format, centroids = pixel features of real images."""
-    from safetensors.numpy import save_file
-
-    from ddfm.features.registry import get_encoder
-
-    enc = get_encoder("pixels")
-    centroids = enc.encode(centroid_images).astype(np.float32)  # (K, D) unit rows
-    k = len(centroid_images)
-    save_file({"centroids": centroids}, str(out / "router.safetensors"))
-    (out / "router.json").write_text(json.dumps({
-        "k": k, "temperature": temperature, "top_k": 1, "encoder": enc.spec, "modality": "image",
-        "dim": int(centroids.shape[1]), "centroids": "router.safetensors", "cluster_shares": [1 / k] * k,
-        "algorithm": {"name": "test-fixture"}}))
-    return out / "router.json"
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return make_assets(tmp_path_factory.mktemp("serve"))
-
-
-def make_assets(root: Path) -> dict:
-    """Two tiny-llava experts (ddfm init, seeds 0 and 1), a K=2 router, the images."""
-    from ddfm.init import InitConfig, init
-
-    images, labels = fmnist_images(24)
-    (root / "images").mkdir()
-    rows = []
-    for i, (img, y) in enumerate(zip(images, labels)):
-        img.save(root / "images" / f"{i:03d}.png")
-        rows.append({"id": f"fm-{i}", "image": f"images/{i:03d}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"},
-            {"from": "gpt", "value": f"A {NAMES[y].lower()}."}]})
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    experts = [init(InitConfig(preset="tiny-llava", data=str(root / "train.jsonl"), out=str(root / f"expert-{s}"),
-                               seed=s, vocab_size=300)) for s in (0, 1)]
-    # images 0 and 1 are an ankle boot and a pullover: far apart in pixel space
-    router = write_router(root, [images[0], images[1]])
-    return {"root": root, "experts": [str(e) for e in experts], "router": str(router), "images": images}
 
 
 @pytest.fixture(scope="module")
@@ -100,73 +53,11 @@ def ensemble(assets):
     return make_ensemble(assets)
 
 
-def make_ensemble(assets: dict):
-    from ddfm.ensemble import Ensemble
-
-    return Ensemble.from_pretrained(assets["experts"], assets["router"], mode="centroid", top_k=1)
-
-
-class LiveServer:
-    """A real uvicorn server in a thread on a free loopback port, configured as ``ddfm serve``
-    configures it (:func:`ddfm.serve.connections.uvicorn_config`)."""
-
-    def __init__(self, app):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn_config(app, app.state.ddfm.cfg))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-def serve_config(assets, *, experts=None, router="default", **overrides) -> ServeConfig:
-    ens = EnsembleConfig(experts=assets["experts"] if experts is None else experts,
-                         router=assets["router"] if router == "default" else router)
-    defaults = dict(ensemble=ens, max_output_tokens=16, default_max_tokens=4,
-                    max_image_pixels=64 * 64, max_prompt_tokens=200, max_body_bytes=64 * 1024,
-                    batch_window_ms=20, max_batch_size=8, log_level="warning")
-    return ServeConfig(**{**defaults, **overrides})
-
-
 @pytest.fixture(scope="module")
 def server(assets, ensemble):
     live = LiveServer(create_app(serve_config(assets), ensemble=ensemble))
     yield live
     live.close()
-
-
-def user_message(text: str, img: Image.Image | None = None) -> list[dict]:
-    parts = [{"type": "text", "text": text}]
-    if img is not None:
-        parts.append({"type": "image_url", "image_url": {"url": data_url(img)}})
-    return [{"role": "user", "content": parts}]
-
-
-def assert_error(resp: httpx.Response, status: int, *, code: str | None = None, mentions: str = "",
-                 param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    err = body["error"]
-    assert isinstance(err["message"], str) and err["message"], body
-    if code is not None:
-        assert err["code"] == code, body
-    if param is not None:
-        assert err["param"] == param, body
-    assert mentions.lower() in err["message"].lower(), body
-    return err
 
 
 # ----------------------------------------------------------------------------- protocol units
@@ -187,7 +78,7 @@ def parse_chat_request(body: dict, cfg: ServeConfig = CFG):
 
 
 def test_parse_chat_request_maps_openai_messages_to_prompt_history_and_image():
-    img = fmnist_images(1)[0][0]
+    img = real_images(1)[0][0]
     body = {"model": "ddfm", "max_tokens": 5, "temperature": 0, "stop": "\n", "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -548,12 +439,6 @@ def test_concurrency_limit_answers_429_and_recovers(assets, ensemble):
         live.close()
 
 
-def metric(text: str, name: str) -> float:
-    """A sample's value in Prometheus exposition text (0 when absent)."""
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_batcher_decodes_concurrent_requests_together_grouped_by_expert(server, assets):
     before = httpx.get(server.url + "/metrics").text
     bodies = [{"model": "ddfm", "messages": user_message("What is this?", assets["images"][i % 2]),
@@ -775,10 +660,10 @@ def test_requests_with_different_parameters_share_the_batch_and_answer_as_alone(
     images = assets["images"]
     bodies = [{"model": "ddfm", "messages": user_message("What is this?", images[i % 6]),
                "max_tokens": [2, 5, 9, 16][i % 4], "temperature": [0, 0.9][i % 2], "seed": 10 + i,
-               "top_p": [1.0, 0.8][(i // 2) % 2], "stop": [[], ["e"]][(i // 4) % 2]} for i in range(12)]
+               "top_p": [1.0, 0.8][(i // 2) % 2], "stop": [[], ["e"]][(i // 4) % 2]} for i in range(8)]
     alone = [_post(server, b).json() for b in bodies]
     before = httpx.get(server.url + "/metrics").text
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda b: _post(server, b).json(), bodies))
     after = httpx.get(server.url + "/metrics").text
     for a, t, b in zip(alone, together, bodies):
@@ -900,10 +785,10 @@ def test_gateway_upstream_down_or_silent_gives_503_not_a_hang(assets, upstreams)
     silent.listen(8)  # accepts connections, never answers
     gw = LiveServer(create_app(serve_config(
         assets, experts=[], upstream=[f"0={upstreams[0].url}", f"1=http://127.0.0.1:{dead_port}/v1"],
-        upstream_timeout=1.5, upstream_connect_timeout=1.0)))
+        upstream_timeout=0.75, upstream_connect_timeout=1.0)))
     gw_silent = LiveServer(create_app(serve_config(
         assets, experts=[], upstream=[f"0=http://127.0.0.1:{silent.getsockname()[1]}", f"1={upstreams[1].url}"],
-        upstream_timeout=1.5, upstream_connect_timeout=1.0)))
+        upstream_timeout=0.75, upstream_connect_timeout=1.0)))
     try:
         to = lambda k, stream=False: {"model": "ddfm", "max_tokens": 2, "stream": stream,  # noqa: E731
                                       "messages": user_message("What is this?", assets["images"][k])}
@@ -941,7 +826,8 @@ def test_gateway_config_must_cover_every_expert(assets):
 
 # ----------------------------------------------------------------------------- load
 
-def test_load_200_requests_at_concurrency_16_mixed_valid_and_invalid(server, assets):
+@pytest.mark.parametrize("n, concurrency", [(40, 8), pytest.param(200, 16, marks=pytest.mark.slow)])
+def test_load_of_mixed_valid_and_invalid_requests_in_parallel(server, assets, n, concurrency):
     rng = random.Random(0)
     valid = lambda i: {"model": "ddfm", "max_tokens": rng.choice([1, 2, 4]), "temperature": rng.choice([0, 0.8]),  # noqa: E731
                        "stream": i % 5 == 0, "messages": user_message("What is this?", assets["images"][i % 24])}
@@ -953,7 +839,7 @@ def test_load_200_requests_at_concurrency_16_mixed_valid_and_invalid(server, ass
         {"body": {"model": "ddfm", "messages": user_message("x"), "max_tokens": 99999}},
     ]
     jobs = [("valid", {"body": valid(i)}) if i % 2 == 0 else ("invalid", invalid[i % len(invalid)])
-            for i in range(200)]
+            for i in range(n)]
     rng.shuffle(jobs)
 
     def run(job):
@@ -963,7 +849,7 @@ def test_load_200_requests_at_concurrency_16_mixed_valid_and_invalid(server, ass
             return kind, r.status_code, r.text
 
     t0 = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(run, jobs))
     elapsed = time.monotonic() - t0
     assert not [r for r in results if r[1] >= 500], "5xx under load"
@@ -978,7 +864,7 @@ def test_load_200_requests_at_concurrency_16_mixed_valid_and_invalid(server, ass
             assert 400 <= status < 500
             assert set(json.loads(text)["error"]) == ERROR_KEYS
     assert httpx.get(server.url + "/health").json()["in_flight"] == 0
-    print(f"load test: 200 requests at concurrency 16 in {elapsed:.1f} s")
+    print(f"load test: {n} requests at concurrency {concurrency} in {elapsed:.1f} s")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`ddfm serve` under hostile input and load (issue 16): each attack on a real server on loopback.
+"""`ddfm serve` under hostile input and load: each attack on a real server on loopback.
 
 Every test here reproduces one way a single cheap client took the server down or made it
 misbehave before, in a bounded loop that stops by itself, and checks the fix:
@@ -23,6 +23,7 @@ import concurrent.futures
 import io
 import json
 import resource
+import select
 import socket
 import threading
 import time
@@ -30,10 +31,8 @@ import time
 import httpx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
-from test_serve import (
+from helpers import checkpoints
+from helpers.servers import (
     ERROR_KEYS,
     LiveServer,
     assert_error,
@@ -44,6 +43,9 @@ from test_serve import (
     serve_config,
     user_message,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
 from ddfm.ensemble import Request
 from ddfm.serve import ApiError, LocalBackend, Metrics, ServeConfig, create_app
@@ -94,6 +96,12 @@ def _open_files(n: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < n:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+
+
+def _still_open(socks: list[socket.socket], within: float) -> bool:
+    """Whether the server closed none of ``socks`` (nor sent anything) within ``within`` seconds, all watched at once."""
+    readable, _, _ = select.select(socks, [], [], within)
+    return not readable
 
 
 def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
@@ -163,7 +171,7 @@ def test_beyond_max_connections_the_longest_idle_is_closed(assets, ensemble):
         assert httpx.get(live.url + "/health", timeout=5).status_code == 200
         first, last = idle[:20], idle[-20:]
         assert all(_closed_by_server(s, within=10) == b"" for s in first)  # the oldest went first
-        assert all(_closed_by_server(s, within=0.2) is None for s in last)  # the newest are still open
+        assert _still_open(last, within=0.2)  # the newest are still open
     finally:
         for s in idle:
             s.close()
@@ -406,7 +414,8 @@ def _fuzz(server, path: str, body) -> None:
     _assert_answered_without_5xx(_post(server, content=raw, path=path, headers={"Content-Type": "application/json"}))
 
 
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+# a few examples in the default run; the slow test below runs 600
+FUZZ = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 
 
@@ -511,19 +520,17 @@ def test_text_only_experts_and_the_posterior_router_see_plain_text_too(tmp_path)
 
 @pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_vl", "qwen2_5_vl", "idefics3",
                                     "smolvlm"])
-def test_every_family_reads_typed_control_tokens_as_text(family, tmp_path):
+def test_every_family_reads_typed_control_tokens_as_text(family, family_data):
     """Each VLM family's own control tokens (``<|im_end|>``, ``<end_of_utterance>``, its
     image placeholder) typed in user text: the prompt's control tokens are the template's
     own (as many of each as with harmless text), the typed text is spelled out, and on
     harmless text the plain-text encoding and the families' one agree token for token."""
-    import family_checkpoints
-
     from ddfm.ensemble.prompts import PromptEncoder
     from ddfm.model.chat import encode_chat, encode_prompt, render_prompt
     from ddfm.model.checkpoint import load_model
 
-    data = family_checkpoints.family_data(tmp_path)
-    _, processor = load_model(family_checkpoints.build(family, data["records"], tmp_path / family))
+    data = family_data
+    _, processor = load_model(checkpoints.built(family, data))
     tok = processor.tokenizer
     control = {tok.convert_tokens_to_ids(t) for t in tok.added_tokens_encoder if t.strip()}
     image = Image.open(data["records"][0].image_path).convert("RGB")

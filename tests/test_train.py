@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.data import make_data
 from safetensors.torch import load_file
-from test_models import make_data
 
 from ddfm.init import InitConfig, init
 from ddfm.model.checkpoint import load_model
@@ -154,6 +154,7 @@ def _ddfm(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_cli_output_has_no_weight_loading_bars(init_dir, data, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
     run = subprocess.run([sys.executable, "-m", "ddfm", "train", "--init", init_dir, "--data", data, "--steps", "1",
@@ -284,7 +285,7 @@ def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_p
     step once (steps 5-7 of the lost work are dropped) and time keeps counting from step 4."""
     from ddfm.train.state import TrainLog
 
-    ref = _log(train(_cfg(init_dir, data, tmp_path / "ref", steps=10, save_every=4)))
+    ref = _log(train(_cfg(init_dir, data, tmp_path / "ref", steps=10, save_every=4, batch_size=4)))
     write = TrainLog.write
 
     def interrupt_after_7(self, row):
@@ -295,12 +296,12 @@ def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_p
 
     monkeypatch.setattr(TrainLog, "write", interrupt_after_7)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4))
+        train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4, batch_size=4))
     monkeypatch.setattr(TrainLog, "write", write)
     first = _log(tmp_path / "run")
     assert [r["step"] for r in first] == list(range(1, 8))
     t0 = time.perf_counter()
-    out = train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4, resume=True))
+    out = train(_cfg(init_dir, data, tmp_path / "run", steps=10, save_every=4, batch_size=4, resume=True))
     resumed_wall = time.perf_counter() - t0
     rows = _log(out)
     meta = json.loads((out / "ddfm.json").read_text())
@@ -409,20 +410,20 @@ def test_held_out_loss_is_logged_and_leaves_training_unchanged(init_dir, data, t
     """--eval-data: the answer loss of held-out records before training, every N steps and
     at the end (log.jsonl eval_loss), computed without touching the training run."""
     held = make_data(tmp_path / "held", n_fashion=8, n_digits=4, n_text=2, offset=500, name="val.jsonl")
-    plain = train(_cfg(init_dir, data, tmp_path / "plain"))
-    out = train(_cfg(init_dir, data, tmp_path / "eval", eval_data=[str(held)], eval_every=5))
+    plain = train(_cfg(init_dir, data, tmp_path / "plain", steps=7))
+    out = train(_cfg(init_dir, data, tmp_path / "eval", steps=7, eval_data=[str(held)], eval_every=3))
     rows = _log(out)
     assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in _log(plain)]
     evals = {r["step"]: r["eval_loss"]["val"] for r in rows if "eval_loss" in r}
-    assert sorted(evals) == [0, 5, 10, 12]
-    assert evals[12] < evals[0]  # it learns something that carries to unseen records
+    assert sorted(evals) == [0, 3, 6, 7]
+    assert evals[7] < evals[0]  # it learns something that carries to unseen records
     # the number itself: the mean answer NLL of the held-out records under the final model
     from ddfm.train import encode_shard, held_out_loss
 
     model, proc = load_model(out)
     examples, pixels, _ = encode_shard(str(held), proc, model)
     assert held_out_loss(model, examples, pixels, proc.tokenizer.pad_token_id, "cpu",
-                         torch.autocast("cpu", enabled=False)) == pytest.approx(evals[12], rel=1e-5)
+                         torch.autocast("cpu", enabled=False)) == pytest.approx(evals[7], rel=1e-5)
 
 
 def test_half_precision_checkpoint_trains_with_fp32_master_weights(init_dir, data, tmp_path):

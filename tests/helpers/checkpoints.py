@@ -18,6 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+from PIL import Image
+
+from ddfm.data import load_records, open_image
+from ddfm.model.build import corpus_text
+from ddfm.model.chat import to_chat_messages
+from ddfm.model.families import images_only
+from helpers.data import make_data
+
 # ------------------------------------------------------------------ chat templates
 # In each family's own format (shortened from the released checkpoints' templates: the
 # same role markers, placeholders and end-of-turn tokens; no tool or video branches).
@@ -121,8 +130,6 @@ def tokenizer(texts, specials: list[str], *, bos: str | None, eos: str, pad: str
 
 
 def _texts(records):
-    from ddfm.model.build import corpus_text
-
     return list(corpus_text(records)) + [CHATML_SYSTEM, "USER: ASSISTANT: User: Assistant: user assistant system"]
 
 
@@ -169,8 +176,6 @@ def llava_onevision(records):
         SiglipVisionConfig,
     )
 
-    from ddfm.model.families import images_only
-
     tok = tokenizer(_texts(records), ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
                     bos=None, eos="<|im_end|>", pad="<|endoftext|>", template=ONEVISION_TEMPLATE,
                     extra={"image_token": "<image>", "video_token": "<video>"})
@@ -198,8 +203,6 @@ def internvl(records):
         InternVLVisionConfig,
     )
 
-    from ddfm.model.families import images_only
-
     names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
              "video_token": "<video>"}
     tok = tokenizer(_texts(records), ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *names.values()], bos=None,
@@ -219,8 +222,6 @@ def internvl(records):
 def _qwen_vl(records, version: str):
     import transformers
     from transformers import Qwen2VLImageProcessorPil
-
-    from ddfm.model.families import images_only
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -258,8 +259,6 @@ def qwen2_5_vl(records):
 
 def _idefics3_like(records, prefix: str):
     import transformers
-
-    from ddfm.model.families import images_only
 
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
     specials = ["<|endoftext|>", "<|begin_of_text|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
@@ -305,12 +304,7 @@ DIGIT_SIZE = (56, 28)  # width, height: a wide image, unlike Fashion-MNIST's squ
 
 
 def family_data(root: Path) -> dict:
-    """Real training and test records (test_models.make_data), the digits made wide."""
-    from PIL import Image
-    from test_models import make_data
-
-    from ddfm.data import load_records
-
+    """Real training and test records (:func:`helpers.data.make_data`), the digits made wide."""
     path = make_data(root, n_fashion=10, n_digits=10, n_text=4)
     test = make_data(root, n_fashion=4, n_digits=4, n_text=2, offset=100, name="test.jsonl")
     for f in (root / "images").glob("d*.png"):
@@ -321,8 +315,6 @@ def family_data(root: Path) -> dict:
 def conversations(data) -> list[tuple[list[dict], list]]:
     """(conversation, images): a Fashion-MNIST record, a digits one, a text one, and a
     three-turn conversation about one image."""
-    from ddfm.data import open_image
-
     recs = data["records"]
     fm, dg, tx = recs[0], next(r for r in recs if r.id.startswith("d")), recs[-1]
     multi = fm.conversations + [{"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Grey."}]
@@ -332,8 +324,6 @@ def conversations(data) -> list[tuple[list[dict], list]]:
 
 def hf_messages(conversation: list[dict], images: list) -> list[dict]:
     """Chat messages with the PIL images in their image parts (for apply_chat_template)."""
-    from ddfm.model.chat import to_chat_messages
-
     msgs, it = to_chat_messages(conversation), iter(images)
     return [{**m, "content": [{"type": "image", "image": next(it)} if p["type"] == "image" else p
                               for p in m["content"]]} for m in msgs]
@@ -341,8 +331,6 @@ def hf_messages(conversation: list[dict], images: list) -> list[dict]:
 
 def build(family: str, records, out: Path, seed: int = 0) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` to ``out`` (HF files only, no ddfm.json)."""
-    import torch
-
     torch.manual_seed(seed)
     model, processor = FAMILIES[family](records)
     out = Path(out)
@@ -350,3 +338,15 @@ def build(family: str, records, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+_BUILT: dict[Path, Path] = {}
+
+
+def built(family: str, data: dict) -> Path:
+    """:func:`build` of ``family`` on ``data`` (from :func:`family_data`) into ``data["root"]/hf/family``,
+    once per process: the tests only read these checkpoints."""
+    out = data["root"] / "hf" / family
+    if out not in _BUILT:
+        _BUILT[out] = build(family, data["records"], out)
+    return _BUILT[out]
