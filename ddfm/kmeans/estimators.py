@@ -86,6 +86,16 @@ class _CentroidModel(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterM
 
     spherical = True  # a parameter of BalancedKMeans; TwoStageKMeans is spherical only
 
+    def _check_shared_params(self, n_samples: int) -> None:
+        """The hyper-parameters both estimators have, checked at fit with the names and
+        messages of scikit-learn's ``check_scalar`` and ``KMeans``."""
+        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1)
+        if n_samples < self.n_clusters:
+            raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
+        check_scalar(self.max_iter, "max_iter", numbers.Integral, min_val=1)
+        check_scalar(self.tol, "tol", numbers.Real, min_val=0)
+        check_scalar(self.chunk_size, "chunk_size", numbers.Integral, min_val=1)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]  # transform keeps X's dtype
@@ -220,12 +230,7 @@ class BalancedKMeans(_CentroidModel):
     def _check_params(self, n_samples: int, n_features: int) -> None:
         """Hyper-parameters checked at fit (``__init__`` only stores them), with the names
         and messages of scikit-learn's ``check_scalar`` and ``KMeans``."""
-        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1)
-        if n_samples < self.n_clusters:
-            raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
-        check_scalar(self.max_iter, "max_iter", numbers.Integral, min_val=1)
-        check_scalar(self.tol, "tol", numbers.Real, min_val=0)
-        check_scalar(self.chunk_size, "chunk_size", numbers.Integral, min_val=1)
+        self._check_shared_params(n_samples)
         check_scalar(self.max_sweeps, "max_sweeps", numbers.Integral, min_val=0)
         if self.algorithm not in ("bounds", "full"):
             raise ValueError(f"algorithm: must be 'bounds' or 'full', got {self.algorithm!r}")

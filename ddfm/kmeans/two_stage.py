@@ -160,15 +160,10 @@ class TwoStageKMeans(_CentroidModel):
         self.chunk_size = chunk_size
 
     def _check_params(self, n_samples: int) -> None:
-        check_scalar(self.n_clusters, "n_clusters", numbers.Integral, min_val=1)
-        if n_samples < self.n_clusters:
-            raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
+        self._check_shared_params(n_samples)
         check_scalar(self.n_fine, "n_fine", numbers.Integral, min_val=self.n_clusters)
         check_scalar(self.min_fine_size, "min_fine_size", numbers.Integral, min_val=1)
         check_scalar(self.fine_iter, "fine_iter", numbers.Integral, min_val=1)
-        check_scalar(self.max_iter, "max_iter", numbers.Integral, min_val=1)
-        check_scalar(self.tol, "tol", numbers.Real, min_val=0)
-        check_scalar(self.chunk_size, "chunk_size", numbers.Integral, min_val=1)
         if self.balance_by not in ("samples", "centroids"):
             raise ValueError(f"balance_by: must be 'samples' or 'centroids', got {self.balance_by!r}")
 
