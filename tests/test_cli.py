@@ -47,6 +47,7 @@ def _ddfm(*args: str) -> str:
     return run.stderr
 
 
+@pytest.mark.slow
 def test_partition_in_its_own_process_writes_only_its_own_lines_to_stderr(tmp_path):
     """faiss's AVX512/AVX2 loading messages used to reach stderr on every run (one process: partition)."""
     data = make_data(tmp_path, n_fashion=12, n_digits=0, n_text=4)

@@ -51,6 +51,7 @@ def _main_table(out: Path) -> str:
     return (out / "REPORT.md").read_text().split("## ", 2)[1]
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_report_tables_and_plots(quick_run, capsys):
     out, report = quick_run
     assert report == out / "REPORT.md"
@@ -101,6 +102,7 @@ def _predictions(out: Path, routing: str) -> list[dict]:
     return [json.loads(line) for line in (out / f"eval-{routing}" / "predictions.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_demo_report_explains_the_gap(quick_run):
     """The gap's diagnostics in REPORT.md: dense vs the routed expert per cluster, the
     router-only baseline, routes leaving the feature cluster, held-out curves."""
@@ -128,6 +130,7 @@ def test_demo_report_explains_the_gap(quick_run):
     assert [r for r in logs if "eval_loss" in r][0]["eval_loss"].keys() == {"cluster-1"}
 
 
+@pytest.mark.slow
 def test_demo_resume_skips_finished_stages(quick_run):
     out, _ = quick_run
     before, numbers = _markers(out), _numbers(out)
@@ -199,6 +202,7 @@ def _documented_formats() -> dict[str, list[tuple[str, list[str]]]]:
     return formats
 
 
+@pytest.mark.slow
 def test_architecture_doc_matches_a_demo_run(quick_run):
     """Every file ARCHITECTURE.md lists for a stage directory exists in a real run, with the
     JSON keys it documents (a JSON file's top level, a JSON Lines file's longest row)."""

@@ -440,6 +440,7 @@ def test_bf16_experts_mix_on_the_cpu_in_float32(world):
         assert res["nll"] > 0 and res["n_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_experts_from_different_inits_are_mixed_with_a_warning(world, tmp_path, caplog):
     from ddfm.ensemble.core import warn_different_inits
     from ddfm.train import TrainConfig, train

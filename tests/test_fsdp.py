@@ -113,6 +113,7 @@ def test_sharded_and_plain_resume_states_are_not_mixed(init_dir, data, plain_run
         train(_small_cfg(init_dir, data, plain_run, fsdp=True, resume=True))
 
 
+@pytest.mark.slow
 def test_fsdp_in_one_process_resumes_exactly(init_dir, data, fsdp_run, tmp_path, monkeypatch):
     from ddfm.train.state import TrainLog
 
@@ -135,6 +136,7 @@ def test_fsdp_in_one_process_resumes_exactly(init_dir, data, fsdp_run, tmp_path,
     assert meta["resumes"] == 1 and meta["steps_redone"] == 1
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init_dir, data, tmp_path, monkeypatch):
     """With --activation-checkpointing each decoder block runs its forward twice per group
     (forward, then again in backward), and the run is the same bit for bit."""
@@ -164,6 +166,7 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(init
     assert json.loads((ac / "ddfm.json").read_text())["config"]["activation_checkpointing"] is True
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(init_dir, data, tmp_path, monkeypatch):
     """On CPU too, --fsdp --bf16 is FSDP's MixedPrecisionPolicy: blocks see bf16 weights,
     the master weights and the saved checkpoint stay fp32."""
@@ -186,6 +189,7 @@ def test_fsdp_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(init_dir, data
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_fsdp_keeps_fp32_master_weights_of_a_half_precision_checkpoint(init_dir, data, tmp_path):
     """Real checkpoints come in fp16/bf16 (LLaVA-1.5-7B: fp16) and transformers loads them so;
     under --fsdp the sharded master weights, gradients and AdamW state are fp32."""

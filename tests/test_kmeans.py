@@ -141,6 +141,7 @@ def test_warmup_steps_also_skip_the_points_that_cannot_move():
     np.testing.assert_allclose(full.fit_info_["objective"], info["objective"], rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_warmup_steps_then_exact_steps():
     X, _ = blobs([9000, 7000, 4000], d=24, spread=0.7, seed=6)
     warm = BalancedKMeans(8, random_state=1).fit(X)
@@ -584,6 +585,7 @@ def test_far_off_start_sampled_newton_chords_exact_and_gap_bounds(tolerance):
         assert S.astype(np.float64)[labels, np.arange(S.shape[1])].sum() == pytest.approx(lp_optimum(S), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_working_set_gap_bounds_after_the_repair():
     # a warm start near the optimum: a working set, the repair, and the gaps returned for
     # every point (exact on the working set, lowered by the price moves elsewhere)

@@ -109,6 +109,7 @@ def test_prepare_json_counts_and_chance_levels(mix_dir):
     assert all(v["kind"] == "text" and "answers" not in v for k, v in tasks.items() if k.startswith("docs-"))
 
 
+@pytest.mark.slow
 def test_determinism_same_seed_same_bytes_other_seed_differs(tmp_path, mix_dir):
     again = _prepare(tmp_path / "again", "mix", seed=3, **SMALL)
     for f in ("train.jsonl", "test.jsonl"):

@@ -118,6 +118,7 @@ def _closed_by_server(sock: socket.socket, within: float) -> bytes | None:
     return data
 
 
+@pytest.mark.slow
 def test_idle_and_half_sent_connections_neither_lock_out_nor_linger(assets, ensemble):
     """Before: 144 idle sockets made every request a 503 (uvicorn's ``limit_concurrency``
     counted connections) for as long as they stayed open, and half a header stayed open for
@@ -161,6 +162,7 @@ def test_an_oversized_request_head_is_refused(assets, ensemble):
         live.close()
 
 
+@pytest.mark.slow
 def test_beyond_max_connections_the_longest_idle_is_closed(assets, ensemble):
     live = LiveServer(create_app(serve_config(assets, max_connections=50, header_timeout=60.0), ensemble=ensemble))
     idle = []
@@ -180,6 +182,7 @@ def test_beyond_max_connections_the_longest_idle_is_closed(assets, ensemble):
 
 # ----------------------------------------------------------------------------- 2. prompt size
 
+@pytest.mark.slow
 def test_an_8mb_prompt_is_refused_from_its_bytes_and_nobody_waits(assets, ensemble):
     """Before: the 8 MB prompt was tokenized in full under a global lock: 35 s to refuse,
     2.36 GB peak, and a 2-token request sent meanwhile waited 36 s instead of 1.1 s. Bounds
@@ -608,6 +611,7 @@ def _wait_for(live, name: str, value: float, within: float = 30) -> str:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_client_leaving_mid_answer_stops_its_generation_and_is_counted(assets, ensemble):
     """Before: the work went on to max_tokens for nobody and no metric showed it. A stream
     left after its first events, and a non-streaming request left before its answer: each

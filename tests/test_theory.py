@@ -234,6 +234,7 @@ def text_result(theory_run):
     return theory_run[0]["text"]
 
 
+@pytest.mark.slow
 def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result):
     r = text_result["routers"]
     assert text_result["setup"]["test_samples"] >= 3 and r["central"]["tokens"] > 2000
@@ -246,6 +247,7 @@ def test_ngram_ensemble_reproduces_centralised_model_on_python_docs(text_result)
     assert sum(text_result["setup"]["samples_per_cluster"]) == text_result["setup"]["train_samples"]
 
 
+@pytest.mark.slow
 def test_context_posterior_is_exact_for_ngrams_and_prefix_posterior_for_sequences(text_result):
     r = text_result["routers"]
     ctx, pre = r["context-posterior"], r["posterior"]          # posterior: given the whole prefix
@@ -265,6 +267,7 @@ def test_context_posterior_is_exact_for_ngrams_and_prefix_posterior_for_sequence
     assert exact["posterior"]["residual"] == pre["seq_mixture_dll"]
 
 
+@pytest.mark.slow
 def test_report_says_which_router_is_exact_and_prints_the_other_error(theory_run):
     data, printed = theory_run
     pre = data["text"]["routers"]["posterior"]

@@ -280,6 +280,7 @@ def _check_log_after_resume(rows, steps, meta):
     assert c["elapsed_s"] >= rows[-1]["elapsed"] and c["cpu_s"] >= rows[-1]["cpu_s"]
 
 
+@pytest.mark.slow
 def test_resume_truncates_the_log_and_carries_elapsed_time(init_dir, data, tmp_path, monkeypatch):
     """Interrupted after step 7 with a checkpoint at step 4: the resumed run's log holds each
     step once (steps 5-7 of the lost work are dropped) and time keeps counting from step 4."""
@@ -376,6 +377,7 @@ def _walk(obj):
         yield obj
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_shard_that_changed_and_names_a_finished_run(init_dir, data, tmp_path, monkeypatch):
     """The resume state belongs to the examples it was trained on: a shard rewritten in
     between (here: one record fewer, same path, same options) would silently continue on
@@ -406,6 +408,7 @@ def test_resume_refuses_a_shard_that_changed_and_names_a_finished_run(init_dir, 
     assert "unfinished" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_held_out_loss_is_logged_and_leaves_training_unchanged(init_dir, data, tmp_path):
     """--eval-data: the answer loss of held-out records before training, every N steps and
     at the end (log.jsonl eval_loss), computed without touching the training run."""
