@@ -15,10 +15,12 @@ DEB_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/sh
 # Installs come from lock files with hashes (requirements/*.txt, made by `make lock` with uv from
 # pyproject.toml and requirements/*.in) and are exact: --no-deps, --require-hashes, no resolving.
 # uv gets the package index pip is configured with (pip.conf: these machines' local wheels).
+# --compile-bytecode: as pip does, so the first import of torch and transformers is not a compile
+# (uv skips it by default; under PYTHONDONTWRITEBYTECODE nothing would ever be cached).
 REQ := requirements
 UV := $(BIN)/uv
 UV_INDEX = $(shell $(PY) $(REQ)/lock.py uv-index) --index-strategy unsafe-best-match
-UV_INSTALL = $(UV) pip install -q --no-deps --require-hashes $(UV_INDEX)
+UV_INSTALL = $(UV) pip install -q --no-deps --require-hashes --compile-bytecode $(UV_INDEX)
 UV_EDITABLE = $(UV) pip install -q --no-deps --no-build-isolation -e .
 TORCH_CPU := $(shell sed -n 's/^torch==//p' $(REQ)/torch-cpu.in)
 LOCKS := $(REQ)/uv.txt $(REQ)/torch-cpu.txt $(REQ)/cpu.txt $(REQ)/nodeps.txt \
