@@ -402,32 +402,68 @@ def plot_scale(path: Path, scale: dict) -> None:
 
 
 def study_seeds(p, preset: dict, names: dict) -> dict:
-    """The whole demo at other seeds (each in ``ablate/seed-S``): the headline row's spread."""
-    import statistics
-
-    runs = {p.seed: {n: _acc(_eval(d)) for n, d in names["evals"].items()}}
+    """The whole demo at other seeds (each in ``ablate/seed-S``): the spread of the overall
+    row and of every task's row (:func:`seed_summary`)."""
+    evals = {p.seed: {n: _eval(d) for n, d in names["evals"].items()}}
     for s in preset["studies"]["seeds"]:
         child = Pipeline(p.root / "ablate" / f"seed-{s}", s, device=p.device)
-        runs[s] = {n: _acc(_eval(d)) for n, d in run_core(child, preset)["evals"].items()}
-    summary = {}
-    for n in runs[p.seed]:
-        vals = [r[n] for r in runs.values() if r.get(n) is not None]
-        gaps = [r["dense"] - r[n] for r in runs.values() if n != "dense" and r.get(n) is not None]
-        summary[n] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                      "gap_mean": statistics.fmean(gaps) if gaps else None,
-                      "gap_sd": statistics.stdev(gaps) if len(gaps) > 1 else None}
-    return {"runs": {str(s): r for s, r in runs.items()}, "summary": summary}
+        evals[s] = {n: _eval(d) for n, d in run_core(child, preset)["evals"].items()}
+    return seed_summary(evals)
+
+
+def seed_summary(evals: dict[int, dict[str, dict]]) -> dict:
+    """``{seed: {routing: eval.json}}`` (the dense baseline first) -> per seed the overall
+    accuracy of each routing (``runs``) and of each task (``tasks``), and over seeds the
+    mean and sample sd of each routing's accuracy and of its gap Δ = routing − dense
+    (``summary``; per task: ``task_summary``). Accuracies are fractions in [0, 1]."""
+    import statistics
+
+    def spread(vals: list[float]) -> dict[str, float | None]:
+        return {"mean": statistics.fmean(vals) if vals else None,
+                "sd": statistics.stdev(vals) if len(vals) > 1 else None}
+
+    def stats(per_seed: list[dict[str, float | None]]) -> dict[str, dict]:
+        out = {}
+        for n in per_seed[0]:
+            vals = [r[n] for r in per_seed if r.get(n) is not None]
+            gaps = [r[n] - r["dense"] for r in per_seed if n != "dense" and r.get(n) is not None
+                    and r.get("dense") is not None]
+            g = spread(gaps)
+            out[n] = {**spread(vals), "gap_mean": g["mean"], "gap_sd": g["sd"]}
+        return out
+
+    runs = {s: {n: _acc(e) for n, e in by_name.items()} for s, by_name in evals.items()}
+    tasks = sorted({t for by_name in evals.values() for e in by_name.values() for t, g in e["by_task"].items()
+                    if g.get("accuracy") is not None})
+    per_task = {s: {t: {n: e["by_task"].get(t, {}).get("accuracy") for n, e in by_name.items()} for t in tasks}
+                for s, by_name in evals.items()}
+    return {"runs": {str(s): r for s, r in runs.items()},
+            "tasks": {str(s): r for s, r in per_task.items()},
+            "summary": stats(list(runs.values())),
+            "task_summary": {t: stats([per_task[s][t] for s in evals]) for t in tasks}}
 
 
 def seeds_markdown(seeds: dict) -> list[str]:
     names = list(seeds["summary"])
+    head = ["| " + " | ".join(names) + " |", " ---: |" * len(names)]
     lines = [f"## Over {len(seeds['runs'])} seeds (the whole demo at each)", "",
-             "| seed | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+             "Accuracy % overall, each seed, then the mean ± sample sd over seeds, and Δ = routing − "
+             "dense (mean ± sd of the per-seed gaps).", "",
+             "| seed " + head[0], "| ---: |" + head[1]]
     for s, r in seeds["runs"].items():
         lines.append(f"| {s} | " + " | ".join(fmt(r.get(n), True) for n in names) + " |")
-    sm = seeds["summary"]
-    lines.append("| mean ± sd | " + " | ".join(f"{fmt(sm[n]['mean'], True)} ± {fmt(sm[n]['sd'], True)}"
-                                              for n in names) + " |")
-    lines.append("| dense − it | – | " + " | ".join(
-        f"{fmt(sm[n]['gap_mean'], True, signed=True)} ± {fmt(sm[n]['gap_sd'], True)}" for n in names[1:]) + " |")
+    lines += [_mean_sd_row("mean ± sd", seeds["summary"], names), _gap_row("Δ (− dense)", seeds["summary"], names)]
+    if seeds.get("task_summary"):
+        lines += ["", f"Each task, mean ± sd over the {len(seeds['runs'])} seeds:", "",
+                  "| task " + head[0], "| --- |" + head[1]]
+        lines += [_mean_sd_row(t, sm, names) for t, sm in seeds["task_summary"].items()]
     return lines + [""]
+
+
+def _mean_sd_row(label: str, sm: dict, names: list[str]) -> str:
+    return f"| {label} | " + " | ".join(f"{fmt(sm[n]['mean'], True)} ± {fmt(sm[n]['sd'], True)}" for n in names) + " |"
+
+
+def _gap_row(label: str, sm: dict, names: list[str]) -> str:
+    return f"| {label} | – | " + " | ".join(
+        f"{fmt(sm[n]['gap_mean'], True, signed=True)} ± {fmt(sm[n]['gap_sd'], True)}" for n in names[1:]) + " |"

@@ -45,3 +45,29 @@ def test_ablate_quick_end_to_end(tmp_path):
         assert c["steps"] == dense["steps"] and 4 * c["batch_size"] == dense["batch_size"]
     with Image.open(tmp_path / "run" / "ablate" / "ablate.png") as im:
         im.verify()
+
+
+def test_seed_summary_spreads_the_overall_and_every_task_row():
+    from ddfm.ablate import seed_summary, seeds_markdown
+
+    def ev(overall, tasks):  # the fields of eval.json the summary reads
+        return {"overall": {"accuracy": overall}, "by_task": {t: {"accuracy": a} for t, a in tasks.items()}}
+
+    evals = {0: {"dense": ev(0.5, {"a": 0.4, "b": 0.6}), "top-1": ev(0.6, {"a": 0.5, "b": 0.7})},
+             1: {"dense": ev(0.7, {"a": 0.6, "b": 0.8}), "top-1": ev(0.6, {"a": 0.7, "b": None})},
+             2: {"dense": ev(0.6, {"a": 0.8, "b": 0.7}), "top-1": ev(0.9, {"a": 0.6, "b": 0.5})}}
+    s = seed_summary(evals)
+    assert s["runs"]["1"] == {"dense": 0.7, "top-1": 0.6}
+    assert s["summary"]["dense"]["mean"] == pytest.approx(0.6) and s["summary"]["dense"]["sd"] == pytest.approx(0.1)
+    top1 = s["summary"]["top-1"]
+    assert top1["mean"] == pytest.approx(0.7) and top1["sd"] == pytest.approx(0.17320508)
+    # the gap is Δ = routing − dense per seed (+0.1, −0.1, +0.3), then its mean and sd
+    assert top1["gap_mean"] == pytest.approx(0.1) and top1["gap_sd"] == pytest.approx(0.2)
+    a, b = s["task_summary"]["a"], s["task_summary"]["b"]
+    assert a["dense"]["mean"] == pytest.approx(0.6) and a["top-1"]["mean"] == pytest.approx(0.6)
+    # a seed without the task's accuracy is left out of that task's mean and gap only
+    assert b["top-1"]["mean"] == pytest.approx(0.6) and b["top-1"]["gap_mean"] == pytest.approx(-0.05)
+    text = "\n".join(seeds_markdown(s))
+    assert "| mean ± sd | 60.0 ± 10.0 | 70.0 ± 17.3 |" in text
+    assert "| Δ (− dense) | – | +10.0 ± 20.0 |" in text
+    assert "| a | 60.0 ± 20.0 | 60.0 ± 10.0 |" in text
