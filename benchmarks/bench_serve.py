@@ -61,15 +61,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from common import fmnist_images, write_image_records, write_results  # noqa: E402
 
 
-def build_tiny_ensemble(root: Path, images) -> tuple[list[str], str]:
-    """Two untrained tiny-llava experts (ddfm init) and a K=2 pixel-feature router."""
+def build_ensemble(root: Path, images, preset: str = "tiny-llava") -> tuple[list[str], str]:
+    """Two untrained experts of ``preset`` (ddfm init) and a K=2 pixel-feature router."""
     from safetensors.numpy import save_file
 
     from ddfm.features.registry import get_encoder
     from ddfm.init import InitConfig, init
 
     data = write_image_records(root, images)
-    experts = [str(init(InitConfig(preset="tiny-llava", data=str(data),
+    experts = [str(init(InitConfig(preset=preset, data=str(data),
                                    out=str(root / f"expert-{s}"), seed=s, vocab_size=300))) for s in (0, 1)]
     enc = get_encoder("pixels")
     save_file({"centroids": enc.encode(images[:2]).astype(np.float32)}, str(root / "router.safetensors"))
@@ -181,7 +181,8 @@ def report(rows: dict[str, list], args, n_experts: int) -> dict[str, dict]:
     """Per row: requests/s and latency over all rounds, and the ratio to the same round's
     loop (median over rounds, with the min and max); returns the numbers printed."""
     print(f"\n{args.rounds} rounds x {args.requests} requests per row, greedy, max_tokens cycling "
-          f"{args.max_tokens} (mixed) unless marked, {n_experts} experts (top-1), 1 torch thread per side, "
+          f"{args.max_tokens} (mixed) unless marked, {n_experts} experts (top-1"
+          f"{', ' + args.preset if not args.experts else ''}), 1 torch thread per side, "
           f"{os.cpu_count()} CPU cores, loopback; wall time from the first request to the last answer")
     print(f"{'':44s} {'req/s':>7s} {'p50 ms':>8s} {'p99 ms':>8s} {'tokens':>7s}   "
           f"{'ratio to the loop: median (min-max)':>35s}")
@@ -381,7 +382,7 @@ def soak(args, images) -> None:
     warm = [(c, k, j) for c, ks in kinds.items() for k, jobs in ks.items() for j in jobs[:1]]
     plan = soak_plan(kinds, args.soak_requests)
     with tempfile.TemporaryDirectory() as tmp:
-        experts, router = (args.experts, args.router) if args.experts else build_tiny_ensemble(Path(tmp), images)
+        experts, router = (args.experts, args.router) if args.experts else build_ensemble(Path(tmp), images)
         port = free_port()
         proc = start_server(experts, router, port, args.max_batch_size, env={"DDFM_API_KEY": SOAK_KEY},
                             max_concurrent=64)
@@ -446,6 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", nargs="*", default=None, help="expert directories (default: build tiny ones)")
     p.add_argument("--router", default=None, help="router.json (with --experts)")
+    p.add_argument("--preset", default="tiny-llava", help="preset of the two experts built here (without "
+                   "--experts): tiny-llava (~30 ms a request here) or small-llava (109 MB each, several times "
+                   "slower a request), to see the server's fixed cost per request against more model time")
     p.add_argument("--requests", type=int, default=128, help="requests per row and round (4 times the largest "
                    "concurrency: a steady state, not only the first wave and its tail)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all rows")
@@ -474,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     same = [args.same_max_tokens] * args.requests
     rows: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        experts, router = (args.experts, args.router) if args.experts else build_tiny_ensemble(Path(tmp), images)
+        experts, router = (args.experts, args.router) if args.experts else build_ensemble(Path(tmp), images, args.preset)
         ens = Ensemble.from_pretrained(experts, router, mode="centroid", top_k=1)
         ens.generate(Request(prompt="What is this?", image=images[0]), max_new_tokens=4)  # warm-up
         port = free_port()
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
             proc.wait(30)
     results = report(rows, args, len(experts))
     if args.json:
-        settings = {k: getattr(args, k) for k in ("rounds", "requests", "max_tokens", "same_max_tokens",
+        settings = {k: getattr(args, k) for k in ("preset", "rounds", "requests", "max_tokens", "same_max_tokens",
                                                   "concurrency", "max_batch_size")}
         write_results(args.json, {"settings": {**settings, "experts": len(experts)}, "rows": results})
 
