@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import fmnist_images, write_image_records  # noqa: E402
+from common import fmnist_images, paired_summary, write_image_records, write_results  # noqa: E402
 
 from ddfm.embed import EmbedConfig, embed  # noqa: E402
 
@@ -70,6 +69,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--json", default=None, help="also write the results here (with provenance)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,13 +84,13 @@ def main() -> None:
             np.testing.assert_allclose(np.load(tmp / "ddfm" / "features.npy"), np.load(tmp / "plain.npy"), atol=1e-5)
             print(f"round {r + 1}: plain forward {plain[-1][0]:6.1f} images/s ({plain[-1][1]:6.1f} per CPU-s)   "
                   f"ddfm embed {ours[-1][0]:6.1f} images/s ({ours[-1][1]:6.1f} per CPU-s)", flush=True)
-    for i, unit in enumerate(("images/s (wall)", "images/CPU-s")):
-        p_med, o_med = statistics.median(x[i] for x in plain), statistics.median(x[i] for x in ours)
-        paired = statistics.median(o[i] / q[i] for o, q in zip(ours, plain))
-        print(f"{unit:16s} plain encoder forward {p_med:7.1f}   ddfm embed {o_med:7.1f}   ratio of medians "
-              f"{o_med / p_med:.3f}   median of paired ratios {paired:.3f}  (target >= 0.9; {args.images} images "
-              f"at {args.resolution} px, batch {args.batch_size}, {args.threads} threads, {args.rounds} rounds)")
-
+    results = paired_summary(plain, ours, ("images/s (wall)", "images/CPU-s"),
+                             ("plain encoder forward", "ddfm embed"),
+                             f"target >= 0.9; {args.images} images at {args.resolution} px, batch "
+                             f"{args.batch_size}, {args.threads} threads, {args.rounds} rounds")
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("images", "resolution", "batch_size", "rounds", "threads")}
+        write_results(args.json, {"settings": settings, **results})
 
 if __name__ == "__main__":
     main()

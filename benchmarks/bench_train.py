@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import paired_summary, write_results  # noqa: E402
 
-from ddfm.init import InitConfig, init
+from ddfm.init import InitConfig, init  # noqa: E402
 from ddfm.model.checkpoint import load_model  # noqa: E402
 from ddfm.train import TrainConfig, collate, encode_shard, sample_order, train  # noqa: E402
 
@@ -121,6 +121,7 @@ def main() -> None:
     p.add_argument("--with-text", action="store_true",
                    help="keep the mix's text-only passages (shows the gain of length grouping)")
     p.add_argument("--data", default=None, help="training JSONL (default: ddfm prepare mix, small)")
+    p.add_argument("--json", default=None, help="also write the results here (with provenance)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,13 +134,11 @@ def main() -> None:
             ours.append(ddfm_loop(init_dir, data, tmp / f"run{r}", args.steps, args.batch_size, 1e-3, args.skip))
             print(f"round {r + 1}: plain {plain[-1][0]:7.0f} tok/s ({plain[-1][1]:7.0f} per CPU-s)   "
                   f"ddfm train {ours[-1][0]:7.0f} tok/s ({ours[-1][1]:7.0f} per CPU-s)", flush=True)
-    for i, unit in enumerate(("tokens/s (wall)", "tokens/CPU-s")):
-        p_med, o_med = statistics.median(x[i] for x in plain), statistics.median(x[i] for x in ours)
-        paired = statistics.median(o[i] / q[i] for o, q in zip(ours, plain))
-        print(f"{unit:16s} plain PyTorch loop {p_med:8.0f}   ddfm train {o_med:8.0f}   "
-              f"ratio of medians {o_med / p_med:.3f}   median of paired ratios {paired:.3f}"
-              f"  (target >= 0.95; {args.rounds} rounds)")
-
+    results = paired_summary(plain, ours, ("tokens/s (wall)", "tokens/CPU-s"), ("plain PyTorch loop", "ddfm train"),
+                             f"target >= 0.95; {args.rounds} rounds")
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("steps", "batch_size", "rounds", "skip", "threads", "with_text")}
+        write_results(args.json, {"settings": {**settings, "data": args.data or "ddfm prepare mix"}, **results})
 
 if __name__ == "__main__":
     main()

@@ -43,3 +43,26 @@ def write_results(path: str | Path, results) -> None:
     from ddfm.runtime.provenance import provenance
 
     write_json(Path(path), {"results": results, "provenance": provenance()})
+
+
+def paired_summary(reference: list[tuple[float, ...]], ours: list[tuple[float, ...]], units: tuple[str, ...],
+                   names: tuple[str, str], note: str) -> dict[str, dict]:
+    """Print and return, per unit (a rate: higher is better), both sides' medians over rounds,
+    their ratio, and the median and min–max of the per-round ratios ours / reference.
+
+    ``reference[r][i]`` and ``ours[r][i]``: round ``r``'s rate in ``units[i]``; ``names``:
+    how the two sides are printed; ``note``: the setting, printed after each line."""
+    import statistics
+
+    out = {}
+    for i, unit in enumerate(units):
+        ref_med, our_med = statistics.median(x[i] for x in reference), statistics.median(x[i] for x in ours)
+        paired = [o[i] / q[i] for o, q in zip(ours, reference)]
+        out[unit] = {"reference_median": ref_med, "ours_median": our_med, "ratio_of_medians": our_med / ref_med,
+                     "ratio_median": statistics.median(paired), "ratio_min": min(paired), "ratio_max": max(paired),
+                     "reference": [x[i] for x in reference], "ours": [x[i] for x in ours]}
+        r = out[unit]
+        print(f"{unit:16s} {names[0]} {ref_med:8.1f}   {names[1]} {our_med:8.1f}   ratio of medians "
+              f"{r['ratio_of_medians']:.3f}   per-round ratio: median {r['ratio_median']:.3f} "
+              f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f})  ({note})")
+    return out
