@@ -105,7 +105,7 @@ def hf_two_interleaved(models, enc, n: int, turns: bool = True) -> None:
     """Both experts decode n greedy tokens with plain transformers forwards, taking turns per
     token as a per-token mixture must (each keeps its own KV cache; no mixing), or with
     ``turns=False`` the same forwards one expert after the other."""
-    from ddfm.ensemble import _cache_argument
+    from ddfm.ensemble.experts import _cache_argument
 
     def greedy(model, out):
         return model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True,
