@@ -145,3 +145,36 @@ def test_smollm2_preset_is_the_real_pretrained_language_model(data, tmp_path):
     conv = encode_conversation(processor, record.conversations, [open_image(record.image_path)])
     assert sum(t == model.config.image_token_id for t in conv.ids) == 16
     assert tok.decode([t for t, m in zip(conv.ids, conv.mask) if m]) == record.answer() + "<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_smollm2_dinov2_preset_has_both_halves_pretrained(data, tmp_path):
+    """smollm2-dinov2: DINOv2-small's pretrained weights as the tower, SmolLM2 as the
+    language model, a fresh projector; a plain HF directory that transformers' Auto
+    classes load and generate with; 64 image tokens per 112-pixel image."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ddfm.model.dinov2 import load_dinov2_small
+
+    out = init(InitConfig(preset="smollm2-dinov2", data=str(data), out=str(tmp_path / "sd")))
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model.model.vision_tower).__name__ == "Dinov2Model"
+    tower = load_dinov2_small().state_dict()
+    for name, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, tower[name]), name
+    record = load_records(data).records[0]
+    conv = encode_conversation(processor, record.conversations, [open_image(record.image_path)])
+    assert sum(t == model.config.image_token_id for t in conv.ids) == 64
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    enc = processor(images=[open_image(record.image_path).convert("RGB")],
+                    text=[processor.apply_chat_template(chat, add_generation_prompt=True)], return_tensors="pt")
+    with torch.inference_mode():
+        new = model.generate(**enc, max_new_tokens=6, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    # ddfm's decoding of the same checkpoint gives transformers' greedy tokens
+    from ddfm.ensemble import Ensemble, Request
+
+    ens = Ensemble.from_pretrained([str(out)], mode="uniform")
+    [gen] = ens.generate(Request("What is this?", image=open_image(record.image_path)), max_new_tokens=6)
+    assert gen.text == processor.tokenizer.decode(new, skip_special_tokens=True)

@@ -5,7 +5,8 @@
 ``tiny-llava`` / ``small-llava`` are a ``LlavaForConditionalGeneration`` (a small CLIP vision
 tower, the LLaVA MLP projector, a small Llama) with a tokenizer trained on the records' text;
 ``tiny-lm`` a ``LlamaForCausalLM``; ``smollm2-llava`` puts the same tower and projector on the
-pretrained SmolLM2-135M-Instruct (GGUF), with its own tokenizer and chat template.
+pretrained SmolLM2-135M-Instruct (GGUF), with its own tokenizer and chat template;
+``smollm2-dinov2`` puts the pretrained DINOv2-small tower and a fresh projector on it.
 """
 
 from __future__ import annotations
@@ -63,15 +64,23 @@ def _build_llava(preset: dict, tokenizer) -> tuple[Any, Any]:
 
 
 def _llava(preset: dict, tokenizer, text, chat_template: str) -> tuple[Any, Any]:
-    """A LLaVA of the preset's vision tower and projector around the language config ``text``."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    try:  # transformers 5: the PIL backend, no torchvision needed
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # transformers 4: the slow processor is the PIL one
-        from transformers import CLIPImageProcessor as ImageProcessor
+    """A LLaVA of the preset's vision tower and projector around the language config ``text``:
+    a fresh CLIP tower of ``preset["vision"]``, or DINOv2-small with its pretrained weights
+    (``preset["vision_tower"] == "dinov2-small"``, :mod:`ddfm.model.dinov2`)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     size = preset["image_size"]
-    vision = CLIPVisionConfig(image_size=size, **preset["vision"])
+    pretrained = preset.get("vision_tower")
+    if pretrained == "dinov2-small":
+        from ddfm.model.dinov2 import dinov2_small_config, load_dinov2_small
+
+        vision, image_processor = dinov2_small_config(), _image_processor("bit", size)
+    elif pretrained is None:
+        from transformers import CLIPVisionConfig
+
+        vision, image_processor = CLIPVisionConfig(image_size=size, **preset["vision"]), _image_processor("clip", size)
+    else:
+        raise ValueError(f"vision_tower {pretrained!r}: known pretrained towers: dinov2-small")
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          projector_hidden_act=preset["projector_hidden_act"],
@@ -79,13 +88,23 @@ def _llava(preset: dict, tokenizer, text, chat_template: str) -> tuple[Any, Any]
                          vision_feature_select_strategy=preset["vision_feature_select_strategy"],
                          tie_word_embeddings=text.tie_word_embeddings)
     model = LlavaForConditionalGeneration(config)
-    image_processor = ImageProcessor(size={"shortest_edge": size},
-                                     crop_size={"height": size, "width": size})
+    if pretrained == "dinov2-small":
+        model.model.vision_tower.load_state_dict(load_dinov2_small().state_dict())
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=vision.patch_size, chat_template=chat_template,
                                vision_feature_select_strategy=preset["vision_feature_select_strategy"],
-                               num_additional_image_tokens=1)  # CLIP's CLS token
+                               num_additional_image_tokens=1)  # the tower's CLS token
     return model, processor
+
+
+def _image_processor(kind: str, size: int):
+    """The tower's own image processor at ``size`` pixels, resized and centre-cropped (PIL
+    backend of transformers 5: no torchvision); ``bit`` is DINOv2's (ImageNet mean and sd)."""
+    import transformers
+
+    name = {"clip": "CLIPImageProcessor", "bit": "BitImageProcessor"}[kind]
+    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)  # transformers 4: slow = PIL
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def _build_lm(preset: dict, tokenizer) -> tuple[Any, Any]:
@@ -114,8 +133,8 @@ def gguf_path(preset: dict) -> Path:
 
 def _build_llava_gguf(preset: dict, tokenizer=None) -> tuple[Any, Any]:
     """A LLaVA whose language model is a pretrained GGUF causal LM (dequantised by
-    transformers, ``gguf`` package) with its own tokenizer + ``<image>``; the vision tower
-    and projector are freshly initialised."""
+    transformers, ``gguf`` package) with its own tokenizer + ``<image>``; the projector is
+    freshly initialised, the vision tower too unless the preset names a pretrained one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

