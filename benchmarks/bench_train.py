@@ -2,8 +2,12 @@
 
     python benchmarks/bench_train.py [--steps 60] [--batch-size 16] [--rounds 3] [--data TRAIN.jsonl]
 
-Both sides train the same ``tiny-llava`` model (vision tower frozen, the ``llava``
-recipe) on the same batches of real images (Fashion-MNIST + scikit-learn digits, with
+Both sides train the same ``tiny-llava`` model with the same parts learning, one
+``--modes`` entry at a time: ``full`` (vision tower frozen, projector and language model
+trained: the ``llava`` recipe), ``lora`` (the same, but the language model through rank
+``--lora`` adapters of peft on its attention and MLP projections, the plain side building
+them with ``peft.get_peft_model`` as its documentation shows) and ``projector`` (only the
+projector learns: ``--train projector``), on the same batches of real images (Fashion-MNIST + scikit-learn digits, with
 ``ddfm prepare`` when it is available) in one process. The plain loop is forward with
 ``labels``, backward, AdamW step. ``ddfm train`` adds everything it does for real
 (global token-normalised loss, gradient clipping, lr schedule, JSON Lines log).
@@ -73,15 +77,28 @@ def real_data(out: Path, n: int = 400, with_text: bool = False) -> Path:
     return path
 
 
-def plain_loop(init_dir: Path, data: Path, steps: int, batch_size: int, lr: float, skip: int) -> tuple[float, float]:
-    """Minimal loop: forward(labels) -> backward -> AdamW.step, on ddfm's batches.
+def plain_loop(init_dir: Path, data: Path, steps: int, batch_size: int, lr: float, skip: int,
+               mode: str = "full", rank: int = 8) -> tuple[float, float]:
+    """Minimal loop: forward(labels) -> backward -> AdamW.step, on ddfm's batches, with
+    ``mode``'s parts learning (see the module docstring).
 
     Returns tokens per wall second and per CPU second of this process."""
     model, processor = load_model(init_dir)
     examples, pixels, _ = encode_shard(str(data), processor, model)
     pad = processor.tokenizer.pad_token_id
+    learns = {"full": ("multi_modal_projector", "language_model", "lm_head"), "lora": ("multi_modal_projector",),
+              "projector": ("multi_modal_projector",)}[mode]
     for name, p in model.named_parameters():
-        p.requires_grad_("vision_tower" not in name)  # the same llava recipe
+        p.requires_grad_(any(part in name for part in learns))
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "language_model" in n
+                   and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj")]
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, target_modules=targets))
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad or "multi_modal_projector" in name)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     tokens, t0, c0 = 0, 0.0, 0.0
@@ -99,10 +116,13 @@ def plain_loop(init_dir: Path, data: Path, steps: int, batch_size: int, lr: floa
 
 
 def ddfm_loop(init_dir: Path, data: Path, out: Path, steps: int, batch_size: int, lr: float,
-              skip: int) -> tuple[float, float]:
-    """``ddfm.train.train`` itself; tokens per wall / CPU second from its own log, same steps."""
+              skip: int, mode: str = "full", rank: int = 8) -> tuple[float, float]:
+    """``ddfm.train.train`` itself with ``mode``'s options; tokens per wall / CPU second
+    from its own log, same steps (the final merge and save are not timed, as on the plain side)."""
+    options = {"full": {"train": "llava"}, "lora": {"train": "llava", "lora": rank, "lora_alpha": 16.0},
+               "projector": {"train": "projector"}}[mode]
     train(TrainConfig(init=str(init_dir), data=str(data), out=str(out), steps=steps, batch_size=batch_size,
-                      lr=lr, save_every=0, seed=0))
+                      lr=lr, save_every=0, seed=0, **options))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     timed = rows[skip:]
     tokens = sum(r["tokens"] for r in timed)
@@ -122,23 +142,33 @@ def main() -> None:
                    help="keep the mix's text-only passages (shows the gain of length grouping)")
     p.add_argument("--data", default=None, help="training JSONL (default: ddfm prepare mix, small)")
     p.add_argument("--json", default=None, help="also write the results here (with provenance)")
+    p.add_argument("--modes", nargs="+", choices=["full", "lora", "projector"], default=["full", "lora", "projector"],
+                   help="what learns (module docstring)")
+    p.add_argument("--lora", type=int, default=8, help="LoRA rank of the lora mode")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = Path(args.data) if args.data else real_data(tmp / "data", with_text=args.with_text)
         init_dir = init(InitConfig(preset="tiny-llava", data=str(data), out=str(tmp / "init")))
-        plain, ours = [], []
-        for r in range(args.rounds):
-            plain.append(plain_loop(init_dir, data, args.steps, args.batch_size, 1e-3, args.skip))
-            ours.append(ddfm_loop(init_dir, data, tmp / f"run{r}", args.steps, args.batch_size, 1e-3, args.skip))
-            print(f"round {r + 1}: plain {plain[-1][0]:7.0f} tok/s ({plain[-1][1]:7.0f} per CPU-s)   "
-                  f"ddfm train {ours[-1][0]:7.0f} tok/s ({ours[-1][1]:7.0f} per CPU-s)", flush=True)
-    results = paired_summary(plain, ours, ("tokens/s (wall)", "tokens/CPU-s"), ("plain PyTorch loop", "ddfm train"),
-                             f"target >= 0.95; {args.rounds} rounds")
+        for mode in args.modes:
+            print(f"== {mode}", flush=True)
+            plain, ours = [], []
+            for r in range(args.rounds):
+                plain.append(plain_loop(init_dir, data, args.steps, args.batch_size, 1e-3, args.skip, mode, args.lora))
+                ours.append(ddfm_loop(init_dir, data, tmp / f"{mode}-{r}", args.steps, args.batch_size, 1e-3,
+                                      args.skip, mode, args.lora))
+                print(f"round {r + 1}: plain {plain[-1][0]:7.0f} tok/s ({plain[-1][1]:7.0f} per CPU-s)   "
+                      f"ddfm train {ours[-1][0]:7.0f} tok/s ({ours[-1][1]:7.0f} per CPU-s)", flush=True)
+            results[mode] = paired_summary(plain, ours, ("tokens/s (wall)", "tokens/CPU-s"),
+                                           ("plain PyTorch loop", "ddfm train"),
+                                           f"{mode}; target >= 0.95; {args.rounds} rounds")
     if args.json:
-        settings = {k: getattr(args, k) for k in ("steps", "batch_size", "rounds", "skip", "threads", "with_text")}
+        settings = {k: getattr(args, k) for k in ("steps", "batch_size", "rounds", "skip", "threads", "with_text",
+                                                  "modes", "lora")}
         write_results(args.json, {"settings": {**settings, "data": args.data or "ddfm prepare mix"}, **results})
+
 
 if __name__ == "__main__":
     main()

@@ -489,3 +489,59 @@ def test_every_family_recipe_names_only_parts_it_has():
     given = TrainConfig(init="x", data="y", out="z", train="align")
     assert resolve_recipe(given, None) is given and given.parts == ("projector",)
     assert TrainConfig(init="x", data="y", out="z").train is None  # resolved once the model is loaded
+
+
+def test_lora_trains_low_rank_deltas_of_the_language_model_and_merges_them(init_dir, data, tmp_path):
+    """--lora 4: every adapted weight moves by a matrix of rank <= 4, the language model's
+    other weights and the frozen tower stay, the projector trains every weight; the result
+    is a plain checkpoint (no adapter names) that transformers loads."""
+    out = train(_cfg(init_dir, data, tmp_path / "lora", lora=4, lora_alpha=8.0, lr=1e-2))
+    rows = _log(out)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+    before = load_file(Path(init_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert after.keys() == before.keys() and not any("lora" in k for k in after)
+    targets = [k for k in before if "language_model" in k and k.endswith(("q_proj.weight", "down_proj.weight"))]
+    assert targets
+    for k in targets:
+        delta = (after[k] - before[k]).double()
+        assert 0 < torch.linalg.matrix_rank(delta, atol=1e-7).item() <= 4, k
+    still = [k for k in before if "language_model" in k and ("norm" in k or "embed_tokens" in k)]
+    assert still and all(torch.equal(before[k], after[k]) for k in still)
+    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    assert all(not torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" in k)
+    meta = json.loads((out / "ddfm.json").read_text())
+    assert meta["trainable"]["parameters"]["lora_adapters"] > 0 and meta["config"]["lora"] == 4
+    from transformers import AutoModelForImageTextToText
+
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "LlavaForConditionalGeneration"
+
+
+@pytest.mark.slow
+def test_lora_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
+    common = ["--init", init_dir, "--data", data, "--steps", 40, "--batch-size", 4, "--lr", 3e-3,
+              "--save-every", 5, "--seed", 7, "--lora", 4]
+    ref = _ddfm(*common, "--out", tmp_path / "ref")
+    assert ref.wait() == 0, ref.stdout.read()
+    killed = _ddfm(*common, "--out", tmp_path / "run")
+    log = tmp_path / "run" / "log.jsonl"
+    while killed.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 13):
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = _ddfm(*common, "--out", tmp_path / "run", "--resume")
+    assert resumed.wait() == 0, resumed.stdout.read()
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "run" / "ddfm.json").read_text())["compute"]["resumes"] == 1
+
+
+def test_lora_option_errors_name_the_problem(init_dir, data, tmp_path):
+    with pytest.raises(ValueError, match="--lora must be >= 0"):
+        _cfg(init_dir, data, tmp_path / "x", lora=-1)
+    with pytest.raises(ValueError, match="does not train it"):
+        _cfg(init_dir, data, tmp_path / "x", lora=4, train="align")
+    with pytest.raises(ValueError, match="--fsdp"):
+        _cfg(init_dir, data, tmp_path / "x", lora=4, fsdp=True)
+    with pytest.raises(ValueError, match="no linear layer of the language model"):
+        train(_cfg(init_dir, data, tmp_path / "y", lora=4, lora_targets=["nope_proj"], steps=1))

@@ -14,6 +14,8 @@ from ddfm.runtime import DEVICE_HELP, check_device
 # the trainable parts; which parameters each holds is written per family in
 # ddfm/model/families.py (FAMILIES[model_type].parts)
 PARTS = ("vision", "projector", "language")
+# ``--lora-targets``' default: the Llama / Qwen / Mistral names of the attention and MLP projections
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # named recipes: LLaVA trains projector + LM with a frozen vision tower, InternVL everything,
 # "align" is LLaVA's first stage (projector only).
 RECIPES: dict[str, tuple[str, ...]] = {
@@ -47,6 +49,13 @@ class TrainConfig:
                                "language (default: the model family's recipe: internvl for InternVL, "
                                "language for a causal LM, llava for the other VLMs)",
                                default=None)
+    lora: int = arg("train the language model through LoRA adapters of this rank (peft; merged into its "
+                    "weights at the end: the checkpoint stays a plain one); 0: every weight of --train's parts",
+                    default=0)
+    lora_alpha: float = arg("LoRA scale numerator: the adapter adds (alpha / rank) * B A", default=16.0)
+    lora_dropout: float = arg("dropout on the adapters' input", default=0.0)
+    lora_targets: list[str] = arg("last names of the language model's linear layers that get adapters",
+                                  default_factory=lambda: list(LORA_TARGETS))
     match: str | None = arg("compute-match a dense run: dense:STEPS,BATCH,K -> STEPS steps at BATCH/K",
                             default=None)
     cluster: int | None = arg("cluster id of the shard (default: from a shard-XX file name)", default=None)
@@ -90,6 +99,14 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--warmup, --save-every and --eval-every must be >= 0")
+        if self.lora < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora must be >= 0 (got {self.lora}), --lora-alpha > 0 (got {self.lora_alpha}) "
+                             f"and --lora-dropout in [0, 1) (got {self.lora_dropout})")
+        if self.lora and self.fsdp:
+            raise ValueError("--lora with --fsdp is not supported: the adapters are small, train them with DDP "
+                             "(torchrun without --fsdp)")
+        if self.lora and self.parts and "language" not in self.parts:
+            raise ValueError(f"--lora adapts the language model, but --train {self.train} does not train it")
         check_device(self.device)
 
 

@@ -24,7 +24,7 @@ from ddfm.model.checkpoint import load_model, read_meta, save_checkpoint
 from ddfm.model.families import family_of, is_vision_language, part_of
 from ddfm.runtime import is_main_process, local_rank, rank, resolve_device, world_size
 from ddfm.runtime.provenance import versions
-from ddfm.train import fsdp
+from ddfm.train import fsdp, lora
 from ddfm.train.config import PARTS, TrainConfig, cluster_id, resolve_recipe
 from ddfm.train.data import (
     IGNORE,
@@ -55,6 +55,11 @@ def train(cfg: TrainConfig) -> Path:
     cfg = resolve_recipe(cfg, model.config)  # --train not given: the family's recipe
     examples, pixels, skipped, held_out = encode_data(cfg, processor, model)
     part_sizes = set_trainable(model, cfg.parts)
+    if cfg.lora:  # the language part learns through adapters (ddfm/train/lora.py)
+        if "language" not in cfg.parts:
+            raise ValueError(f"--lora adapts the language model, but --train {'+'.join(cfg.parts)} does not train it")
+        model = lora.add_adapters(model, cfg.lora, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        part_sizes = {**part_sizes, "lora_adapters": lora.adapter_parameters(model)}
     params = place_model(model, cfg, device, world)
     pad_id = pad_token_id(processor)
     _dry_run(model, collate(examples[:1], pixels, pad_id), device, cfg.data)
@@ -116,6 +121,8 @@ def train(cfg: TrainConfig) -> Path:
     run.finish()
     run.save(model, optimizer, scheduler, step)
     weights = fsdp.full_state_dict(model) if cfg.fsdp else None  # the whole model, on rank 0's CPU
+    if cfg.lora:
+        model = lora.merge_adapters(model)  # a plain checkpoint of the original class
     if is_main_process():
         meta = _metadata(cfg, world, run.counters, part_sizes, len(examples), skipped, memory)
         save_checkpoint(model, processor, cfg.out, meta=meta, processor_files=cfg.init, state_dict=weights)
