@@ -545,3 +545,22 @@ def test_lora_option_errors_name_the_problem(init_dir, data, tmp_path):
         _cfg(init_dir, data, tmp_path / "x", lora=4, fsdp=True)
     with pytest.raises(ValueError, match="no linear layer of the language model"):
         train(_cfg(init_dir, data, tmp_path / "y", lora=4, lora_targets=["nope_proj"], steps=1))
+
+
+def test_loss_on_all_labels_every_token_but_the_image_placeholders(init_dir, data):
+    from ddfm.model.checkpoint import load_model
+    from ddfm.train.data import IGNORE, encode_shard
+
+    model, processor = load_model(init_dir)
+    answers, _, _ = encode_shard(str(data), processor, model)
+    every, _, _ = encode_shard(str(data), processor, model, loss_on="all")
+    image_id = model.config.image_token_id
+    for a, e in zip(answers, every):
+        assert a.input_ids == e.input_ids
+        # every answer token stays in the loss, and so does every other token but the image's
+        assert all(le == t for la, le, t in zip(a.labels, e.labels, e.input_ids) if la != IGNORE)
+        assert [t for t, le in zip(e.input_ids, e.labels) if le == IGNORE] == [t for t in e.input_ids
+                                                                              if t == image_id]
+        assert e.n_loss > a.n_loss
+    with pytest.raises(ValueError, match="--loss-on"):
+        _cfg(init_dir, data, "/tmp/x", loss_on="questions")

@@ -14,6 +14,8 @@ from ddfm.runtime import DEVICE_HELP, check_device
 # the trainable parts; which parameters each holds is written per family in
 # ddfm/model/families.py (FAMILIES[model_type].parts)
 PARTS = ("vision", "projector", "language")
+# ``--loss-on``: the assistant's tokens (LLaVA's convention) or every token but the image's
+LOSS_ON = ("answers", "all")
 # ``--lora-targets``' default: the Llama / Qwen / Mistral names of the attention and MLP projections
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # named recipes: LLaVA trains projector + LM with a frozen vision tower, InternVL everything,
@@ -49,6 +51,9 @@ class TrainConfig:
                                "language (default: the model family's recipe: internvl for InternVL, "
                                "language for a causal LM, llava for the other VLMs)",
                                default=None)
+    loss_on: str = arg("tokens in the loss: answers (the assistant's, LLaVA's convention) or all (every token of "
+                       "the conversation but the image placeholders: experts that model whole conversations, "
+                       "which the exact posterior router scores)", default="answers", choices=list(LOSS_ON))
     lora: int = arg("train the language model through LoRA adapters of this rank (peft; merged into its "
                     "weights at the end: the checkpoint stays a plain one); 0: every weight of --train's parts",
                     default=0)
@@ -99,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--warmup, --save-every and --eval-every must be >= 0")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"--loss-on {self.loss_on!r}: one of {', '.join(LOSS_ON)}")
         if self.lora < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora must be >= 0 (got {self.lora}), --lora-alpha > 0 (got {self.lora_alpha}) "
                              f"and --lora-dropout in [0, 1) (got {self.lora_dropout})")

@@ -16,6 +16,7 @@ import torch
 from ddfm.data import FailedImage, load_records, open_image
 from ddfm.model.chat import encode_conversation, expand_image, get_tokenizer, image_token
 from ddfm.model.families import stack_vision
+from ddfm.train.config import LOSS_ON
 
 IGNORE = -100  # label of tokens outside the loss
 
@@ -32,8 +33,13 @@ class Example:
     token_types: dict = field(default_factory=dict)  # per-token inputs (Qwen2-VL's mm_token_type_ids), each (T,)
 
 
-def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, Any], list[FailedImage]]:
+def encode_shard(path: str, processor, model, loss_on: str = "answers") -> tuple[list[Example], dict[str, Any],
+                                                                                list[FailedImage]]:
     """Load, encode and check a shard against the init checkpoint; raise before training.
+
+    ``loss_on``: the tokens that carry labels, ``"answers"`` (the assistant's, LLaVA's
+    convention) or ``"all"`` (every token of the conversation except the image
+    placeholders, which the model never predicts: they become image features).
 
     Returns the examples, a dict of each image's processor inputs keyed by path
     (``pixel_values`` and whatever else the family returns, the image on dim 0; every
@@ -59,6 +65,9 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
     config = model.config
     vocab = config.get_text_config().vocab_size
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on {loss_on!r}: one of {', '.join(LOSS_ON)}")
+    image_id = tokenizer.convert_tokens_to_ids(placeholder) if placeholder else None
     examples, too_long, expanded, unreadable = [], [], {}, {}
     for r in records:
         key = str(r.image_path) if r.has_image else None
@@ -79,6 +88,8 @@ def encode_shard(path: str, processor, model) -> tuple[list[Example], dict[str, 
                              f"{vocab}: the checkpoint's tokenizer does not match its model")
         if context and len(ids) > context:
             too_long.append(f"{r.id} ({len(ids)} tokens)")
+        if loss_on == "all":
+            mask = [t != image_id for t in ids]
         labels = [t if m else IGNORE for t, m in zip(ids, mask)]
         examples.append(Example(r.id, ids, labels, key, sum(x != IGNORE for x in labels[1:]),
                                 {k: v.tolist() for k, v in enc.token_types.items()}))

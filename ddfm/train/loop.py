@@ -170,12 +170,12 @@ def encode_data(cfg: TrainConfig, processor, model) -> tuple[list[Example], dict
     """The shard's examples, every image's processor inputs (shard and held-out files), the
     shard's records left out (failed images, listed in ddfm.json) and the held-out examples
     of each ``--eval-data`` file by its stem. Rank 0 logs what was left out."""
-    examples, pixels, skipped = encode_shard(cfg.data, processor, model)
+    examples, pixels, skipped = encode_shard(cfg.data, processor, model, cfg.loss_on)
     if is_main_process():
         log_failed_images(f"train {cfg.data}", skipped, f"{cfg.out}/ddfm.json")
     held_out = {}
     for path in cfg.eval_data:
-        ex, px, failed = encode_shard(path, processor, model)
+        ex, px, failed = encode_shard(path, processor, model, cfg.loss_on)
         if is_main_process():
             log_failed_images(f"train --eval-data {path}", failed, f"{cfg.out}/log.jsonl")
         held_out[Path(path).stem] = ex
