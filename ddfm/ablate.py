@@ -26,6 +26,10 @@ Beyond the paper's tables, the groups that explain the gap between dense and exp
     scale-base  the gap as the shared base grows: fractions of the alignment stage's steps
                 (0 = the experts start from the pretrained LM, or from init)
     seeds       the whole demo again at other seeds: the spread of the headline row
+    loss        the experts retrained with the loss on every token of the conversation
+                (``--loss-on all``) against the demo's (answers only), each under top-1,
+                soft and the exact posterior routers: does the posterior, which scores
+                the experts on the prompt, catch up with top-1 once they model it?
 
 Every stage runs through :class:`~ddfm.pipeline.Pipeline`, as the demo's do, so finished stages
 (the demo's own and earlier ablation rows) are never redone. Output: ``OUT/ablate/``
@@ -75,7 +79,7 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
 
 
 # the studies (their sizes are the preset's "studies" entry): name -> runner
-STUDIES = ("diagnostics", "scale-data", "scale-base", "seeds")
+STUDIES = ("diagnostics", "scale-data", "scale-base", "seeds", "loss")
 GROUPS = (*ABLATIONS, *STUDIES)
 
 
@@ -240,6 +244,9 @@ def run_studies(p, preset: dict, names: dict, studies: list[str], out: Path) -> 
     if "seeds" in studies:
         results["seeds"] = study_seeds(p, preset, names)
         lines += seeds_markdown(results["seeds"])
+    if "loss" in studies:
+        results["loss"] = study_loss(p, preset, names)
+        lines += loss_markdown(results["loss"])
     write_json(out / "studies.json", results)
     return lines
 
@@ -399,6 +406,43 @@ def plot_scale(path: Path, scale: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path)
+
+
+LOSS_ROUTINGS = ("top-1", "soft", "posterior", "posterior-answers")
+
+
+def study_loss(p, preset: dict, names: dict) -> dict:
+    """The demo's experts (loss on answers) and experts retrained with the loss on every
+    token (``ablate/loss-all/``), each under :data:`LOSS_ROUTINGS`: overall accuracy and
+    answer perplexity per routing, per loss."""
+    k, part = preset["k"], names["partition"]
+    experts = stage_experts(p, preset, part, k, prefix="ablate/loss-all/", train_options={"loss_on": "all"})
+    routings = [r for r in LOSS_ROUTINGS if r in names["evals"]]
+    evals = {"answers": {r: _eval(names["evals"][r]) for r in routings},
+             "all": {r: _eval(stage_eval(p, preset, f"ablate/loss-all/eval-{r}", experts, part, ROUTINGS[r]))
+                     for r in routings}}
+    dense = _eval(names["evals"]["dense"])["overall"]
+    return {"dense": {"accuracy": dense.get("accuracy"), "perplexity": dense.get("perplexity")},
+            "experts": {"answers": names["experts"], "all": experts},
+            "rows": {loss: {r: {"accuracy": e["overall"].get("accuracy"), "perplexity": e["overall"].get("perplexity")}
+                            for r, e in by.items()} for loss, by in evals.items()}}
+
+
+def loss_markdown(res: dict) -> list[str]:
+    routings = list(next(iter(res["rows"].values())))
+    lines = ["## The exact posterior router on experts that model the whole conversation", "",
+             "Overall accuracy % (answer perplexity) of the K experts' ensemble, the experts trained with the loss "
+             "on the answers only (the demo's) or on every token of the conversation but the image "
+             "(`--loss-on all`), both compute-matched to the same dense baseline "
+             f"({fmt(res['dense']['accuracy'], True)} %, perplexity {fmt(res['dense']['perplexity'])}).", "",
+             "| experts' loss | " + " | ".join(routings) + " | posterior − top-1 |",
+             "| --- |" + " ---: |" * (len(routings) + 1)]
+    for loss, row in res["rows"].items():
+        cells = [f"{fmt(row[r]['accuracy'], True)} ({fmt(row[r]['perplexity'])})" for r in routings]
+        acc = {r: row.get(r, {}).get("accuracy") for r in ("posterior", "top-1")}
+        gap = acc["posterior"] - acc["top-1"] if None not in acc.values() else None
+        lines.append(f"| {loss} | " + " | ".join(cells) + f" | {fmt(gap, True, signed=True)} |")
+    return lines + [""]
 
 
 def study_seeds(p, preset: dict, names: dict) -> dict:

@@ -225,12 +225,14 @@ def stage_partition(p: Pipeline, preset: dict, *, encoder: str, k: int, algorith
 
 
 def stage_experts(p: Pipeline, preset: dict, part: str, k: int, prefix: str = "",
-                  val: list[Path] | None = None, *, source: str = "data", base: str = "align") -> list[str]:
+                  val: list[Path] | None = None, *, source: str = "data", base: str = "align",
+                  train_options: dict | None = None) -> list[str]:
     """K experts from checkpoint ``base``, compute-matched (--match) to the dense run on
-    stage ``source``'s training records."""
+    stage ``source``'s training records; ``train_options``: more ``TrainConfig`` fields
+    for the experts only (e.g. ``{"loss_on": "all"}``)."""
     dense = train_steps(preset["dense"], _records(p.path(source) / "train.jsonl"))
     match = f"dense:{dense['steps']},{dense['batch_size']},{k}"
-    opts = {n: v for n, v in dense.items() if n not in ("steps", "batch_size")}
+    opts = {n: v for n, v in dense.items() if n not in ("steps", "batch_size")} | (train_options or {})
     every = _eval_every(preset, dense["steps"])
     names = []
     for j in range(k):

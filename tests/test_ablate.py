@@ -71,3 +71,33 @@ def test_seed_summary_spreads_the_overall_and_every_task_row():
     assert "| mean ± sd | 60.0 ± 10.0 | 70.0 ± 17.3 |" in text
     assert "| Δ (− dense) | – | +10.0 ± 20.0 |" in text
     assert "| a | 60.0 ± 20.0 | 60.0 ± 10.0 |" in text
+
+
+@pytest.mark.slow
+def test_the_loss_study_retrains_the_experts_on_every_token(tmp_path):
+    report = ablate(AblateConfig(out=str(tmp_path / "run"), quick=True, groups=["loss"]))
+    assert "## The exact posterior router on experts that model the whole conversation" in report.read_text()
+    studies = json.loads((tmp_path / "run" / "ablate" / "studies.json").read_text())["loss"]
+    for j, name in enumerate(studies["experts"]["all"]):
+        meta = json.loads((tmp_path / "run" / name / "ddfm.json").read_text())
+        assert meta["config"]["loss_on"] == "all" and meta["cluster"] == j
+        demo = json.loads((tmp_path / "run" / studies["experts"]["answers"][j] / "ddfm.json").read_text())
+        assert demo["config"]["loss_on"] == "answers"
+        assert meta["compute"]["steps"] == demo["compute"]["steps"]  # the same compute
+        assert meta["compute"]["loss_tokens_seen"] > demo["compute"]["loss_tokens_seen"]
+    top1 = json.loads((tmp_path / "run" / "eval-top-1" / "eval.json").read_text())["overall"]["accuracy"]
+    assert studies["rows"]["answers"]["top-1"]["accuracy"] == top1
+
+
+def test_loss_markdown_puts_the_posterior_gap_last():
+    from ddfm.ablate import loss_markdown
+
+    res = {"dense": {"accuracy": 0.5, "perplexity": 2.0},
+           "rows": {"answers": {"top-1": {"accuracy": 0.6, "perplexity": 1.5},
+                                "posterior": {"accuracy": 0.4, "perplexity": 3.0}},
+                    "all": {"top-1": {"accuracy": 0.55, "perplexity": 1.6},
+                            "posterior": {"accuracy": 0.58, "perplexity": 1.7}}}}
+    text = "\n".join(loss_markdown(res))
+    assert "| answers | 60.0 (1.500) | 40.0 (3.000) | -20.0 |" in text
+    assert "| all | 55.0 (1.600) | 58.0 (1.700) | +3.0 |" in text
+    assert "(50.0 %, perplexity 2.000)" in text
