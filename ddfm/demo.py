@@ -108,6 +108,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "metric": "accuracy",
         "studies": {"data": [0.25, 0.5, 1], "base": [0, 0.25, 1], "base_data": 0.25, "seeds": [1, 2]},
     },
+    # both halves pretrained (ddfm/model/dinov2.py, SmolLM2 GGUF): only the projector is new.
+    # The base is LLaVA's stage 1 (the projector alone, on image-caption pairs); instruction
+    # tuning trains the projector and the language model through LoRA adapters (merged at
+    # the end). Sized for about an hour on 2 CPU cores (~250 training tokens/s with LoRA).
+    "pretrained": {
+        "help": "both halves pretrained: DINOv2-small tower + SmolLM2-135M (preset smollm2-dinov2), "
+                "projector aligned by ddfm, LoRA experts; Fashion-MNIST + digits, accuracy (about an hour)",
+        "prepare": {"source": "mix", "train_size": 500, "test_size": 75, "val_size": 40, "align_size": 1000,
+                    "text_share": 0.05, "max_words": 24},
+        "model": "smollm2-dinov2",
+        "encoder": "efficientnet-lite0",
+        "k": 2,
+        "algorithm": "balanced",
+        "fine_clusters": 64,
+        "pretrain": None,
+        "align": {"data": "align", "train": "align", "epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup": 10},
+        "dense": {"train": "llava", "lora": 16, "lora_alpha": 32.0, "epochs": 1, "batch_size": 16, "lr": 5e-4,
+                  "warmup": 10},
+        "eval_points": 4,
+        "routings": ["top-1", "soft", "posterior", "posterior-answers"],
+        "eval": {"batch_size": 16, "max_new_tokens": 8, "limit": None},
+        "metric": "accuracy",
+        "studies": {"data": [0.5, 1], "base": [0, 1], "base_data": 0.5, "seeds": [1, 2]},
+    },
     "text": {
         "help": "python-docs passages, minilm encoder, tiny-lm experts, perplexity",
         "prepare": {"source": "python-docs", "train_size": 1500, "test_size": 150, "max_words": 60},
@@ -139,6 +163,9 @@ QUICK: dict[str, dict[str, Any]] = {
     "image": {**_QUICK_IMAGE, "prepare": {**_QUICK_IMAGE["prepare"], "pretrain_size": 12},
               "pretrain": {"epochs": 1, "batch_size": 4}},
     "image-small": {**_QUICK_IMAGE, "align": {"steps": 2, "batch_size": 8}, "dense": {"steps": 4, "batch_size": 8}},
+    "pretrained": {**_QUICK_IMAGE, "prepare": {**_QUICK_IMAGE["prepare"], "train_size": 8, "align_size": 8},
+                   "align": {"steps": 2, "batch_size": 4}, "dense": {"steps": 2, "batch_size": 4},
+                   "eval": {"batch_size": 8, "max_new_tokens": 2, "limit": 8}},
     "text": {"prepare": {"train_size": 40, "test_size": 6, "max_words": 30}, "fine_clusters": 8,
              "align": {"steps": 2, "batch_size": 4}, "dense": {"steps": 4, "batch_size": 4},
              "eval": {"batch_size": 8, "max_new_tokens": 3, "limit": 6}},

@@ -222,3 +222,25 @@ def test_architecture_doc_matches_a_demo_run(quick_run):
                 assert not missing, f"{directory}/{name} lacks the documented keys {sorted(missing)}"
     for stage in STAGES:  # the demo run directory: one DONE.json marker per stage, with its key
         assert {"stage", "key", "config"} <= set(json.loads((out / stage / "DONE.json").read_text()))
+
+
+@pytest.mark.slow
+def test_demo_pretrained_preset_quick(tmp_path):
+    """The pretrained preset end to end at toy sizes: the base has DINOv2-small's and
+    SmolLM2's weights, alignment trains the projector only, the dense run and the experts
+    learn through LoRA (merged: plain checkpoints), every routing is evaluated."""
+    import torch
+    from safetensors.torch import load_file
+
+    report = demo(DemoConfig(out=str(tmp_path / "p"), preset="pretrained", quick=True))
+    text = report.read_text()
+    assert "preset pretrained" in text and "posterior-answers" in text
+    root = tmp_path / "p"
+    init, align = load_file(root / "init" / "model.safetensors"), load_file(root / "align" / "model.safetensors")
+    changed = {k for k in init if not torch.equal(init[k], align[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed)  # LLaVA's stage 1
+    assert any("vision_tower" in k and ".encoder.layer." in k for k in init)  # DINOv2's names (CLIP's: .layers.)
+    for run in ("dense", "expert-0", "expert-1"):
+        meta = json.loads((root / run / "ddfm.json").read_text())
+        assert meta["config"]["lora"] == 16 and meta["trainable"]["parameters"]["lora_adapters"] > 0
+        assert not any("lora" in k for k in load_file(root / run / "model.safetensors"))

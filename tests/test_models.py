@@ -178,3 +178,17 @@ def test_smollm2_dinov2_preset_has_both_halves_pretrained(data, tmp_path):
     ens = Ensemble.from_pretrained([str(out)], mode="uniform")
     [gen] = ens.generate(Request("What is this?", image=open_image(record.image_path)), max_new_tokens=6)
     assert gen.text == processor.tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_a_gguf_preset_checkpoint_is_a_plain_float_one_that_trains_and_saves(data, tmp_path):
+    """The GGUF file's quantization_config must not follow the dequantised weights into the
+    checkpoint: transformers would then refuse to save the trained model."""
+    from ddfm.train import TrainConfig, train
+
+    out = init(InitConfig(preset="smollm2-llava", data=str(data), out=str(tmp_path / "smol")))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "quantization_config" not in config["text_config"]
+    trained = train(TrainConfig(init=str(out), data=str(data), out=str(tmp_path / "t"), steps=1, batch_size=2,
+                                save_every=0))
+    assert (trained / "model.safetensors").is_file()

@@ -11,6 +11,7 @@ pretrained SmolLM2-135M-Instruct (GGUF), with its own tokenizer and chat templat
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -145,7 +146,12 @@ def _build_llava_gguf(preset: dict, tokenizer=None) -> tuple[Any, Any]:
     tokenizer.chat_template = preset["chat_template"]
     lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # + <image> (its row is never read)
-    model, processor = _llava(preset, tokenizer, lm.config, preset["chat_template"])
+    text = copy.deepcopy(lm.config)
+    # the weights are dequantised float tensors from here on: a GGUF quantization_config left in
+    # the config would make transformers treat the saved checkpoint as quantised and refuse to save it
+    if getattr(text, "quantization_config", None) is not None:
+        del text.quantization_config
+    model, processor = _llava(preset, tokenizer, text, preset["chat_template"])
     missing, unexpected = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path.name}: the language model's weights do not fit LLaVA's ({missing or unexpected})")
