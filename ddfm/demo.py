@@ -111,10 +111,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # both halves pretrained (ddfm/model/dinov2.py, SmolLM2 GGUF): only the projector is new.
     # The base is LLaVA's stage 1 (the projector alone, on image-caption pairs); instruction
     # tuning trains the projector and the language model through LoRA adapters (merged at
-    # the end). Sized for about an hour on 2 CPU cores (~250 training tokens/s with LoRA).
+    # the end). The sizes are an estimate for 2 CPU cores, not yet timed at full size.
     "pretrained": {
         "help": "both halves pretrained: DINOv2-small tower + SmolLM2-135M (preset smollm2-dinov2), "
-                "projector aligned by ddfm, LoRA experts; Fashion-MNIST + digits, accuracy (about an hour)",
+                "projector aligned by ddfm, LoRA experts; Fashion-MNIST + digits, accuracy",
         "prepare": {"source": "mix", "train_size": 500, "test_size": 75, "val_size": 40, "align_size": 1000,
                     "text_share": 0.05, "max_words": 24},
         "model": "smollm2-dinov2",
