@@ -165,18 +165,24 @@ def test_cli_output_has_no_weight_loading_bars(init_dir, data, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
-    common = ["--init", init_dir, "--data", data, "--steps", 60, "--batch-size", 4, "--lr", 3e-3,
-              "--save-every", 5, "--seed", 7]
+def _reference_then_killed(common: list, tmp_path, rows: int) -> None:
+    """``common`` run to the end in tmp_path/ref, and again in tmp_path/run SIGKILLed once
+    its log has ``rows`` rows (after a --save-every checkpoint, before the end)."""
     ref = _ddfm(*common, "--out", tmp_path / "ref")
     assert ref.wait() == 0, ref.stdout.read()
     killed = _ddfm(*common, "--out", tmp_path / "run")
     log = tmp_path / "run" / "log.jsonl"
-    while killed.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 23):
+    while killed.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= rows):
         time.sleep(0.005)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
+    common = ["--init", init_dir, "--data", data, "--steps", 60, "--batch-size", 4, "--lr", 3e-3,
+              "--save-every", 5, "--seed", 7]
+    _reference_then_killed(common, tmp_path, 23)
     assert not (tmp_path / "run" / "ddfm.json").exists()
     again = _ddfm(*common, "--out", tmp_path / "run")  # without --resume: refused
     assert again.wait() == 2 and "--resume" in again.stdout.read()
@@ -521,14 +527,7 @@ def test_lora_trains_low_rank_deltas_of_the_language_model_and_merges_them(init_
 def test_lora_sigkill_then_resume_is_bitwise_identical(init_dir, data, tmp_path):
     common = ["--init", init_dir, "--data", data, "--steps", 40, "--batch-size", 4, "--lr", 3e-3,
               "--save-every", 5, "--seed", 7, "--lora", 4]
-    ref = _ddfm(*common, "--out", tmp_path / "ref")
-    assert ref.wait() == 0, ref.stdout.read()
-    killed = _ddfm(*common, "--out", tmp_path / "run")
-    log = tmp_path / "run" / "log.jsonl"
-    while killed.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 13):
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    _reference_then_killed(common, tmp_path, 13)
     resumed = _ddfm(*common, "--out", tmp_path / "run", "--resume")
     assert resumed.wait() == 0, resumed.stdout.read()
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
