@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ddfm.data import IMAGE_TOKEN
+from ddfm.model.dinov2 import dinov2_small_config, load_dinov2_small
 from ddfm.model.presets import BOS, CHAT_TEMPLATE, EOS, PAD, PRESETS, ROLE_TOKENS
 
 
@@ -73,8 +74,6 @@ def _llava(preset: dict, tokenizer, text, chat_template: str) -> tuple[Any, Any]
     size = preset["image_size"]
     pretrained = preset.get("vision_tower")
     if pretrained == "dinov2-small":
-        from ddfm.model.dinov2 import dinov2_small_config, load_dinov2_small
-
         vision, image_processor = dinov2_small_config(), _image_processor("bit", size)
     elif pretrained is None:
         from transformers import CLIPVisionConfig
