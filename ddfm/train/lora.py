@@ -39,19 +39,22 @@ def lora_targets(model, names: tuple[str, ...] | list[str]) -> list[str]:
 
 def add_adapters(model, rank: int, alpha: float, dropout: float, targets: tuple[str, ...] | list[str]) -> Any:
     """``model`` wrapped by peft with rank-``rank`` adapters on :func:`lora_targets`; the
-    parameters that were trainable before stay so (peft would freeze them), the targeted
-    layers' own weights are frozen. Returns the ``PeftModel``."""
+    trainable parameters outside the language model stay so (peft would freeze them), and
+    every weight of the language model is frozen: it learns through the adapters alone.
+    Returns the ``PeftModel``."""
     from peft import LoraConfig, get_peft_model
 
     modules = lora_targets(model, targets)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    family = family_of(model.config)
+    language = {n for n, _ in model.named_parameters() if part_of(family, n) == "language"}
+    keep = {n for n, p in model.named_parameters() if p.requires_grad and n not in language}
     for name, param in model.named_parameters():  # the adapted language model itself is frozen
-        if part_of(family_of(model.config), name) == "language":
+        if name in language:
             param.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none")
     wrapped = get_peft_model(model, config)
     for name, param in model.named_parameters():  # get_peft_model froze every non-adapter weight
-        if name in trainable and part_of(family_of(model.config), name) != "language":
+        if name in keep:
             param.requires_grad_(True)
     return wrapped
 
